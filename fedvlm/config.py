@@ -1,0 +1,284 @@
+"""Typed configuration: dataclass schemas, recipe YAML merged over defaults, then CLI overrides.
+
+``OmegaConf.structured`` turns the schemas below into a config that rejects unknown keys and
+values of the wrong type, naming the key. A recipe (``recipes/<name>.yaml``) is a small diff over
+these defaults, and ``key=value`` overrides from the command line are merged last. The fully
+resolved config is saved into every run directory so that a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedvlm.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+CONFIG_FILE_NAME = "config.yaml"
+
+
+@dataclass
+class PartitionConfig:
+    """How the training pool is split across clients (see ``fedvlm.data.partition``)."""
+
+    name: str = "dirichlet"
+    alpha: float = 0.5
+    min_size: int = 0
+    max_size: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    """Parameters of the seeded synthetic generator (``data.format=synthetic``)."""
+
+    n: int = 5400
+    num_sites: int = 10
+    positive_fraction: float = 0.55
+    p_ambiguous_image: float = 0.25
+    p_report_omits_values: float = 0.35
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split.
+
+    ``format`` is ``synthetic``, ``auto`` (recognise the layout under ``root``) or a layout name
+    (``manifest``, ``all_idb1``, ``all_idb2``, ``cnmc``).
+    """
+
+    format: str = "synthetic"
+    root: str | None = None
+    reports: str | None = None
+    image_size: int = 64
+    max_text_length: int = 96
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class EncoderConfig:
+    """An image or text encoder from the registry.
+
+    ``pretrained`` is a hub id or a local path (file or folder), or null for random init.
+    ``options`` are passed to the underlying factory (timm ``create_model`` keyword arguments,
+    or ``transformers`` config fields), e.g. ``{depth: 2}``.
+    """
+
+    name: str = "vit_micro"
+    pretrained: str | None = None
+    tokenizer: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The multimodal model: encoders, fusion, heads and loss weights."""
+
+    image_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("vit_micro"))
+    text_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("bert_micro"))
+    modality: str = "fused"
+    fusion: str = "concat"
+    fusion_dim: int = 128
+    dropout: float = 0.1
+    num_stages: int = 4
+    stage_loss_weight: float = 1.0
+    module_class: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Local optimiser; ``lr`` decays over rounds when ``lr_schedule=linear``."""
+
+    name: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "linear"
+    min_lr_fraction: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """Passed through to ``lightning.Trainer`` on each client (and the centralized run)."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    batch_size: int = 32
+    local_epochs: int = 1
+    num_workers: int = 0
+    gradient_clip_val: float | None = None
+    deterministic: bool = True
+
+
+@dataclass
+class FederationConfig:
+    """The federated round loop.
+
+    ``mode`` is ``simulation`` (Flower simulation on Ray), ``local`` (the same ServerApp and
+    ClientApp run in-process, one client after another) or ``centralized`` (one client holding
+    the pooled training data: the paper's centralized baseline, through the same code).
+    """
+
+    mode: str = "simulation"
+    strategy: str = "fedavg"
+    rounds: int = 20
+    num_clients: int = 10
+    clients_per_round: int = 0
+    min_clients: int = 1
+    proximal_mu: float = 0.01
+    freeze_encoders_rounds: int = 0
+    convergence_tol: float = 0.0
+    round_timeout: float = 3600.0
+    update_codec: str = "none"
+    evaluate_clients: bool = True
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    faults: list[str] = field(default_factory=list)
+    """Injected client failures for resilience drills: ``"PID@ROUND"`` raises in that round."""
+
+
+@dataclass
+class Config:
+    """The root of a fedvlm run configuration."""
+
+    recipe: str = "custom"
+    task: str = "leukemia"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("leukemia",),
+    "model.modality": ("fused", "image", "text"),
+    "model.fusion": ("concat", "gated"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.lr_schedule": ("linear", "constant"),
+    "federation.mode": ("simulation", "local", "centralized"),
+}
+
+
+def list_recipes(recipes_dir: Path = RECIPES_DIR) -> dict[str, str]:
+    """Recipe names mapped to the first line of their leading comment."""
+    recipes: dict[str, str] = {}
+    for path in sorted(recipes_dir.glob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        recipes[path.stem] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    return recipes
+
+
+def recipe_path(recipe: str, recipes_dir: Path = RECIPES_DIR) -> Path:
+    """Resolve a recipe name (``leukemia_demo``) or a YAML path.
+
+    Raises:
+        ConfigError: If no such recipe exists; lists the known recipes.
+    """
+    candidate = Path(recipe)
+    if candidate.suffix in {".yaml", ".yml"} and candidate.is_file():
+        return candidate
+    path = recipes_dir / f"{recipe}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_recipes(recipes_dir)) or "(none)"
+        raise ConfigError(f"unknown recipe {recipe!r}; known recipes: {known}")
+    return path
+
+
+def load_config(
+    recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> DictConfig:
+    """Build a run configuration: defaults ← recipe YAML ← ``key=value`` overrides.
+
+    Args:
+        recipe: A recipe name, a path to a recipe or saved ``config.yaml``, or None for defaults.
+        overrides: Dotted ``key=value`` strings, e.g. ``["federation.rounds=5"]``.
+
+    Returns:
+        The merged, validated config (a structured ``DictConfig``: unknown keys still raise).
+
+    Raises:
+        ConfigError: Naming the unknown key, the wrongly typed value or the invalid choice.
+
+    Example:
+        >>> cfg = load_config(None, ["federation.rounds=3", "federation.strategy=fedprox"])
+        >>> cfg.federation.rounds, cfg.federation.strategy
+        (3, 'fedprox')
+        >>> load_config(None, ["federation.roundz=3"])
+        Traceback (most recent call last):
+        ...
+        fedvlm.errors.ConfigError: federation.roundz=3: Key 'roundz' not in 'FederationConfig'
+    """
+    cfg = OmegaConf.structured(Config)
+    if recipe is not None:
+        path = recipe_path(str(recipe))
+        try:
+            recipe_cfg = OmegaConf.load(path)
+            cfg = OmegaConf.merge(cfg, recipe_cfg)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {_reason(err)}") from None
+        if "recipe" not in recipe_cfg:
+            cfg.recipe = path.stem
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{override}: {_reason(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check choices and ranges the type system cannot express.
+
+    Raises:
+        ConfigError: Naming the offending key.
+    """
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    positive = {
+        "federation.rounds": cfg.federation.rounds,
+        "federation.num_clients": cfg.federation.num_clients,
+        "federation.min_clients": cfg.federation.min_clients,
+        "trainer.batch_size": cfg.trainer.batch_size,
+        "trainer.local_epochs": cfg.trainer.local_epochs,
+        "model.num_stages": cfg.model.num_stages,
+        "data.image_size": cfg.data.image_size,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if not 0.0 < cfg.data.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must be in (0, 1)")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    if cfg.federation.clients_per_round > cfg.federation.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round={cfg.federation.clients_per_round} exceeds "
+            f"federation.num_clients={cfg.federation.num_clients}"
+        )
+    if cfg.federation.proximal_mu < 0:
+        raise ConfigError(f"federation.proximal_mu={cfg.federation.proximal_mu} must be >= 0")
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the fully resolved config as YAML (reloadable with :func:`load_config`)."""
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _reason(err: OmegaConfBaseException) -> str:
+    return str(err).splitlines()[0]

@@ -1,0 +1,1 @@
+"""Metrics and evaluation: torchmetrics collections whose state can be merged across clients."""

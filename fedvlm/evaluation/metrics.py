@@ -1,0 +1,162 @@
+"""Leukemia metrics as torchmetrics, with state that merges across clients.
+
+Across clients we **merge metric state, we don't average numbers**: the mean of per-site AUROCs
+is not the pooled AUROC. Every metric here has sum-reduced state (confusion counts, binned ROC
+counts), so a client can send its state — counts, never per-sample values — and the server sums
+the states and computes the pooled value exactly as if it had seen all the data
+(:func:`export_state`, :func:`merge_states`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryConfusionMatrix,
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+AUROC_BINS = 200
+"""Thresholds of the binned AUROC whose state is mergeable (a ``[bins, 2, 2]`` count tensor)."""
+
+MATRIX_METRICS = ("confusion_matrix", "stage_confusion_matrix")
+
+
+class LeukemiaMetrics(torch.nn.Module):
+    """Detection and staging metrics of Fed-MMX.
+
+    Detection (leukemia yes/no): accuracy, AUROC, F1, confusion matrix. Staging: macro F1,
+    macro precision, macro recall, accuracy and confusion matrix of the stage head, computed on
+    the true positives with a known stage (the stage head's task is to stage a leukemia case).
+
+    Args:
+        num_stages: Number of clinical stages ``K``.
+        auroc_bins: Thresholds of the binned AUROC (mergeable state). ``None`` keeps every
+            score (exact AUROC; only for data that stays in one place, e.g. the server's test set).
+
+    Example:
+        >>> metrics = LeukemiaMetrics(num_stages=2)
+        >>> metrics.update(torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 1]),
+        ...                torch.tensor([[0.8, 0.2], [0.5, 0.5], [0.1, 0.9]]), torch.tensor([0, -1, 1]))
+        >>> {k: round(v, 3) for k, v in metrics.compute_scalars().items()}["stage_macro_f1"]
+        1.0
+    """
+
+    def __init__(self, num_stages: int, auroc_bins: int | None = AUROC_BINS) -> None:
+        super().__init__()
+        self.num_stages = num_stages
+        self.detection = MetricCollection(
+            {
+                "accuracy": BinaryAccuracy(),
+                "auroc": BinaryAUROC(thresholds=auroc_bins),
+                "f1": BinaryF1Score(),
+                "confusion_matrix": BinaryConfusionMatrix(),
+            },
+            compute_groups=False,  # every metric keeps its own state, so states merge one by one
+        )
+        self.staging = MetricCollection(
+            {
+                "stage_macro_f1": MulticlassF1Score(num_stages, average="macro"),
+                "stage_macro_precision": MulticlassPrecision(num_stages, average="macro"),
+                "stage_macro_recall": MulticlassRecall(num_stages, average="macro"),
+                "stage_accuracy": MulticlassAccuracy(num_stages, average="micro"),
+                "stage_confusion_matrix": MulticlassConfusionMatrix(num_stages),
+            },
+            compute_groups=False,
+        )
+
+    def update(
+        self,
+        leukemia_prob: torch.Tensor,
+        leukemia: torch.Tensor,
+        stage_prob: torch.Tensor,
+        stage: torch.Tensor,
+    ) -> None:
+        """Add a batch.
+
+        Args:
+            leukemia_prob: ``[B]`` predicted probability of leukemia.
+            leukemia: ``[B]`` true label (0/1).
+            stage_prob: ``[B, K]`` predicted stage probabilities.
+            stage: ``[B]`` true 0-based stage, ``-1`` for negatives and unknown stages.
+        """
+        self.detection.update(leukemia_prob, leukemia.long())
+        staged = stage >= 0
+        if staged.any():
+            self.staging.update(stage_prob[staged], stage[staged].long())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """All metric values, confusion matrices included (NaN-free: empty staging gives 0)."""
+        values = dict(self.detection.compute())
+        if self._has_stage_updates():
+            values.update(self.staging.compute())
+        else:
+            values.update({name: torch.tensor(0.0) for name in self.staging.keys() if name not in MATRIX_METRICS})
+            values["stage_confusion_matrix"] = torch.zeros(self.num_stages, self.num_stages, dtype=torch.long)
+        return values
+
+    def compute_scalars(self) -> dict[str, float]:
+        """The scalar metrics as floats (what goes into ``metrics.jsonl``)."""
+        return {k: float(v) for k, v in self.compute().items() if k not in MATRIX_METRICS}
+
+    def reset(self) -> None:
+        self.detection.reset()
+        self.staging.reset()
+
+    def _has_stage_updates(self) -> bool:
+        return bool(self.staging["stage_accuracy"].update_count)  # type: ignore[index]
+
+
+def export_state(metrics: torch.nn.Module) -> dict[str, list[float]]:
+    """Flatten every torchmetrics state inside ``metrics`` into ``{"name.state": values}``.
+
+    Only counts leave: a metric whose state is not sum-reduced (e.g. an exact AUROC holding
+    every score) is refused, because it would carry per-sample values.
+
+    Raises:
+        ValueError: Naming the metric whose state is not mergeable by summation.
+    """
+    exported: dict[str, list[float]] = {}
+    for name, metric in _metrics(metrics):
+        for state_name, reduce in metric._reductions.items():
+            value = getattr(metric, state_name)
+            if getattr(reduce, "__name__", "") != "dim_zero_sum" or isinstance(value, list):
+                raise ValueError(
+                    f"metric {name!r} state {state_name!r} is not sum-reduced counts and cannot "
+                    "leave a client (use binned thresholds)"
+                )
+            exported[f"{name}.{state_name}"] = value.detach().flatten().double().tolist()
+        exported[f"{name}.update_count"] = [float(metric._update_count)]
+    return exported
+
+
+def merge_states(metrics: torch.nn.Module, states: Sequence[Mapping[str, Sequence[float]]]) -> None:
+    """Add the exported states of several clients into ``metrics`` (which may hold data already).
+
+    Raises:
+        KeyError: If a state is missing from one of ``states``.
+    """
+    for name, metric in _metrics(metrics):
+        for state in states:
+            count = int(state[f"{name}.update_count"][0])
+            if count == 0:
+                continue
+            for state_name in metric._reductions:
+                current = getattr(metric, state_name)
+                incoming = torch.tensor(state[f"{name}.{state_name}"], dtype=torch.float64)
+                setattr(metric, state_name, current + incoming.reshape(current.shape).to(current.dtype))
+            metric._update_count += count
+            metric._computed = None
+
+
+def _metrics(module: torch.nn.Module) -> list[tuple[str, Metric]]:
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, Metric)]

@@ -1,0 +1,95 @@
+"""The Lightning callback that connects a LightningModule to a federated round.
+
+At fit start it loads the global weights sent by the server; during training it applies the
+FedProx proximal term; at fit end it captures the local weights to send back. The user's
+LightningModule never learns that Flower exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from fedvlm.errors import FederationError
+
+
+class FederatedRoundCallback(L.Callback):
+    """Swap weights with the server around one round of local training.
+
+    Args:
+        global_state: The global weights of this round (all keys, or the subset that travels).
+        proximal_mu: FedProx μ. The local objective becomes ``F_k(w) + μ/2 ‖w − w_global‖²``
+            (Li et al. 2020, Eq. 2); its gradient ``μ (w − w_global)`` is added to every
+            trainable parameter's gradient after backward, before the optimiser step.
+
+    Attributes:
+        local_state: After ``fit``, the trained values of the keys that travel this round
+            (the trainable parameters and the floating buffers), on CPU.
+    """
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], proximal_mu: float = 0.0) -> None:
+        super().__init__()
+        self.global_state = dict(global_state)
+        self.proximal_mu = proximal_mu
+        self.local_state: dict[str, torch.Tensor] = {}
+        self._anchors: dict[str, torch.Tensor] = {}
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        load_global_state(pl_module, self.global_state)
+        if self.proximal_mu > 0:
+            self._anchors = {
+                name: param.detach().clone()
+                for name, param in pl_module.named_parameters()
+                if param.requires_grad
+            }
+
+    @override
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._anchors:
+            return
+        with torch.no_grad():
+            for name, param in pl_module.named_parameters():
+                if param.grad is not None and name in self._anchors:
+                    param.grad.add_(param - self._anchors[name], alpha=self.proximal_mu)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.local_state = {
+            key: value.detach().cpu().clone()
+            for key, value in pl_module.state_dict().items()
+            if key in travelling_keys(pl_module)
+        }
+
+
+def travelling_keys(module: torch.nn.Module) -> set[str]:
+    """State-dict keys that leave a client this round: trainable parameters and float buffers.
+
+    Frozen parameters (e.g. encoders during the first rounds) do not change, so they do not
+    travel; this is what makes the encoder-freeze rounds cheap on the wire.
+    """
+    keys = {name for name, param in module.named_parameters() if param.requires_grad}
+    persistent = set(module.state_dict())
+    keys |= {name for name, buf in module.named_buffers() if buf.is_floating_point() and name in persistent}
+    return keys
+
+
+def load_global_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``module``; every key must exist in the module with the same shape.
+
+    Raises:
+        FederationError: Naming keys that the module does not have or whose shapes differ.
+    """
+    own = module.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise FederationError(f"global weights carry keys the model does not have: {unknown[:5]}")
+    mismatched = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise FederationError(f"global weights have the wrong shape for: {mismatched[:5]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)

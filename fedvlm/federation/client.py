@@ -1,0 +1,164 @@
+"""The Flower ClientApp: local training and evaluation of one site's data.
+
+Each message is handled with what the site has on disk (its shard of the run directory) and
+the config the server sends; the LightningModule is trained by a per-round ``lightning.Trainer``
+with :class:`~fedvlm.federation.callback.FederatedRoundCallback` attached. Only weights and
+scalar metrics (or sum-reduced metric counts) leave the site.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig
+
+from fedvlm.config import CONFIG_FILE_NAME, load_config
+from fedvlm.data.prepared import bundle_size, make_loader
+from fedvlm.evaluation.metrics import export_state
+from fedvlm.federation import keys
+from fedvlm.federation.callback import FederatedRoundCallback, load_global_state
+from fedvlm.federation.codecs import update_codecs
+from fedvlm.tasks import Task, get_task
+
+for _name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+@cache
+def _run_config(run_dir: str) -> DictConfig:
+    return load_config(Path(run_dir) / CONFIG_FILE_NAME)
+
+
+@cache
+def _client_data(run_dir: str, partition_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    cfg = _run_config(run_dir)
+    return get_task(cfg.task).load_client(Path(run_dir), partition_id)
+
+
+def make_trainer(cfg: DictConfig, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
+    """A quiet ``lightning.Trainer`` with the recipe's accelerator/devices/strategy/precision."""
+    trainer_cfg = cfg.trainer
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        strategy=trainer_cfg.strategy,
+        precision=trainer_cfg.precision,
+        gradient_clip_val=trainer_cfg.gradient_clip_val,
+        deterministic=trainer_cfg.deterministic,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def train_locally(
+    task: Task, cfg: DictConfig, run_dir: Path, partition_id: int, global_state: dict[str, torch.Tensor],
+    round_config: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+    """One client's round: load global weights, train ``local-epochs``, return the local state.
+
+    Returns:
+        ``(local_state, num_examples, metrics)``: the travelling keys after training, the number
+        of local training examples, and scalar metrics (``train-loss``, ``train-seconds``).
+    """
+    started = time.perf_counter()
+    train_bundle, _ = _client_data(str(run_dir), partition_id)
+    round_seed = int(round_config[keys.ROUND_SEED]) + partition_id
+    L.seed_everything(round_seed, workers=True, verbose=False)
+    module = task.build_module(cfg, run_dir)
+    module.set_encoders_frozen(bool(round_config[keys.FREEZE_ENCODERS]))  # type: ignore[operator]
+    module.learning_rate = float(round_config[keys.LEARNING_RATE])  # type: ignore[assignment]
+    callback = FederatedRoundCallback(global_state, float(round_config.get(keys.PROXIMAL_MU, 0.0)))
+    trainer = make_trainer(cfg, [callback], int(round_config[keys.LOCAL_EPOCHS]))
+    loader = make_loader(
+        train_bundle, cfg.trainer.batch_size, shuffle=True, seed=round_seed, num_workers=cfg.trainer.num_workers
+    )
+    trainer.fit(module, loader)
+    train_loss = trainer.callback_metrics.get("train/loss")
+    metrics = {
+        keys.TRAIN_LOSS: float(train_loss) if train_loss is not None else float("nan"),
+        keys.TRAIN_SECONDS: time.perf_counter() - started,
+    }
+    return callback.local_state, bundle_size(train_bundle), metrics
+
+
+def make_client_app(run_dir: Path) -> ClientApp:
+    """The ClientApp for a prepared run directory.
+
+    In simulation every SuperNode sees the same ``run_dir`` and picks its shard by the
+    ``partition-id`` Flower puts in its node config.
+    """
+    app = ClientApp()
+    run_dir_str = str(run_dir)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        partition_id = int(context.node_config[keys.PARTITION_ID])
+        train_bundle, val_bundle = _client_data(run_dir_str, partition_id)
+        return Message(
+            RecordDict({keys.METRICS: MetricRecord({
+                keys.PARTITION_ID: partition_id, keys.NUM_EXAMPLES: bundle_size(train_bundle),
+            })}),
+            reply_to=msg,
+        )
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = _run_config(run_dir_str)
+        partition_id = int(context.node_config[keys.PARTITION_ID])
+        round_config = dict(msg.content[keys.CONFIG])
+        _maybe_fail(cfg, partition_id, int(round_config[keys.SERVER_ROUND]))
+        global_state = msg.content[keys.ARRAYS].to_torch_state_dict()
+        local_state, num_examples, metrics = train_locally(
+            get_task(cfg.task), cfg, Path(run_dir_str), partition_id, dict(global_state), round_config
+        )
+        codec = update_codecs.create(str(round_config[keys.UPDATE_CODEC]))
+        reference = {k: global_state[k] for k in local_state}
+        record = codec.encode(local_state, reference)
+        return Message(
+            RecordDict({
+                keys.ARRAYS: record,
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: num_examples, keys.PARTITION_ID: partition_id, **metrics}),
+            }),
+            reply_to=msg,
+        )
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg = _run_config(run_dir_str)
+        partition_id = int(context.node_config[keys.PARTITION_ID])
+        task = get_task(cfg.task)
+        _, val_bundle = _client_data(run_dir_str, partition_id)
+        module = task.build_module(cfg, Path(run_dir_str))
+        load_global_state(module, msg.content[keys.ARRAYS].to_torch_state_dict())
+        metrics = task.make_metrics(cfg, mergeable=True)
+        task.evaluate(module, val_bundle, metrics, cfg.trainer.batch_size)
+        state = {f"{keys.EVAL_STATE_PREFIX}{k}": v for k, v in export_state(metrics).items()}
+        return Message(
+            RecordDict({keys.METRICS: MetricRecord({
+                keys.NUM_EXAMPLES: bundle_size(val_bundle), keys.PARTITION_ID: partition_id, **state,
+            })}),
+            reply_to=msg,
+        )
+
+    return app
+
+
+def _maybe_fail(cfg: DictConfig, partition_id: int, server_round: int) -> None:
+    if f"{partition_id}@{server_round}" in cfg.federation.faults:
+        raise RuntimeError(f"injected failure of client {partition_id} in round {server_round} (federation.faults)")
+
+
+__all__ = ["make_client_app", "make_trainer", "train_locally"]

@@ -1,0 +1,30 @@
+"""Keys of the records exchanged with Flower: one place, never scattered string literals."""
+
+from __future__ import annotations
+
+# RecordDict entries
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# ConfigRecord keys (server → client)
+SERVER_ROUND = "server-round"
+LEARNING_RATE = "lr"
+PROXIMAL_MU = "proximal-mu"
+FREEZE_ENCODERS = "freeze-encoders"
+LOCAL_EPOCHS = "local-epochs"
+ROUND_SEED = "round-seed"
+UPDATE_CODEC = "update-codec"
+
+# MetricRecord keys (client → server)
+NUM_EXAMPLES = "num-examples"  # Flower's weighting key (FedAvg, Eq. 4)
+PARTITION_ID = "partition-id"  # also the node_config key Flower sets in simulation
+NUM_PARTITIONS = "num-partitions"
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+EVAL_STATE_PREFIX = "state/"  # mergeable metric state, e.g. "state/detection.auroc.confmat"
+
+# Message types
+QUERY = "query"
+TRAIN = "train"
+EVALUATE = "evaluate"

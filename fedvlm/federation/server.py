@@ -1,0 +1,354 @@
+"""The server's round loop, run inside a Flower ``ServerApp`` on any ``Grid``.
+
+One round (Fed-MMX Algorithm 1 / FedVLM Algorithm 1):
+
+1. sample clients (seeded by ``(seed, round)``, so a resumed run samples the same ones);
+2. send the global weights and the round config (lr, μ, encoder freeze, seed);
+3. receive replies; a client that raised or did not answer within ``round_timeout`` is reported
+   and left out; fewer than ``min_clients`` answers stop the run (progress is kept);
+4. decode (update codec) and aggregate (strategy) in partition order, so the result does not
+   depend on the order in which replies arrived;
+5. evaluate the new global model on the server's held-out test set (pooled by construction) and,
+   optionally, on every client's local validation split by **merging metric state**;
+6. write ``checkpoints/last.ckpt`` (+ ``best.ckpt``) and ``metrics.jsonl``; stop early when
+   ``‖θ(t+1) − θ(t)‖₂ < ε`` (Eq. 6).
+
+Flower's ``Strategy.start()`` has no resume and counts rounds from 1, hence this loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fedvlm.errors import FederationError
+from fedvlm.evaluation.metrics import merge_states
+from fedvlm.federation import keys
+from fedvlm.federation.codecs import update_codecs
+from fedvlm.federation.strategies import ClientUpdate, strategies
+from fedvlm.runs import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    load_checkpoint,
+    save_checkpoint,
+    write_metrics,
+)
+from fedvlm.tasks import Task
+
+State = dict[str, torch.Tensor]
+RoundReporter = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Progress:
+    """What a checkpoint must hold to continue a federation exactly where it stopped."""
+
+    completed_round: int = 0
+    best_value: float = -math.inf
+    best_round: int = 0
+    converged: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "completed_round": self.completed_round, "best_value": self.best_value,
+            "best_round": self.best_round, "converged": self.converged, "history": self.history,
+        }
+
+
+def learning_rate(cfg: DictConfig, server_round: int) -> float:
+    """The round's learning rate: constant, or decaying linearly from ``lr`` over the rounds.
+
+    Example:
+        >>> from fedvlm.config import load_config
+        >>> cfg = load_config(None, ["optim.lr=0.1", "federation.rounds=5"])
+        >>> [round(learning_rate(cfg, r), 3) for r in range(1, 6)]
+        [0.1, 0.08, 0.06, 0.04, 0.02]
+    """
+    if cfg.optim.lr_schedule == "constant":
+        return float(cfg.optim.lr)
+    fraction = 1.0 - (server_round - 1) / cfg.federation.rounds
+    return float(cfg.optim.lr) * max(fraction, float(cfg.optim.min_lr_fraction))
+
+
+def sample_clients(partition_ids: Sequence[int], clients_per_round: int, seed: int, server_round: int) -> list[int]:
+    """The clients of a round: all when ``clients_per_round`` is 0, else a seeded sample.
+
+    The draw depends only on ``(seed, round)``, so an interrupted and resumed run samples exactly
+    as an uninterrupted one.
+    """
+    ordered = sorted(partition_ids)
+    if clients_per_round <= 0 or clients_per_round >= len(ordered):
+        return ordered
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(int(p) for p in rng.choice(ordered, size=clients_per_round, replace=False))
+
+
+def update_norm(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> float:
+    """``‖θ(t+1) − θ(t)‖₂`` over the floating-point entries (Eq. 6 of Fed-MMX)."""
+    total = 0.0
+    for key, value in new.items():
+        if value.is_floating_point():
+            total += float((value.double() - old[key].double()).pow(2).sum())
+    return math.sqrt(total)
+
+
+class FederatedServer:
+    """Runs the rounds of one run directory on a Flower ``Grid``.
+
+    Args:
+        cfg: The run's resolved config.
+        run_dir: The prepared run directory (``Task.prepare`` done).
+        task: The task (data, model, metrics).
+        resume: Continue from ``checkpoints/last.ckpt`` instead of starting at round 1.
+        report: Called with each round's metrics row (console display).
+    """
+
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, task: Task, resume: bool = False,
+        report: RoundReporter | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.task = task
+        self.report = report or (lambda row: None)
+        self.strategy = strategies.create(cfg.federation.strategy, cfg.federation)
+        self.codec = update_codecs.create(cfg.federation.update_codec)
+        self.module = task.build_module(cfg, run_dir)
+        self.test_bundle = task.load_test(run_dir)
+        self.progress = Progress()
+        self.global_state: State = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        if resume:
+            self._restore()
+
+    def run(self, grid: Grid) -> Progress:
+        """Run the remaining rounds; returns the final progress.
+
+        Raises:
+            FederationError: When fewer than ``min_clients`` clients answer a round (the last
+                completed round stays on disk, so ``fedvlm fit --resume`` continues from it).
+        """
+        nodes = self._discover(grid)
+        federation = self.cfg.federation
+        for server_round in range(self.progress.completed_round + 1, federation.rounds + 1):
+            if self.progress.converged:
+                break
+            self._round(grid, nodes, server_round)
+        return self.progress
+
+    # -- one round -------------------------------------------------------------------------
+
+    def _round(self, grid: Grid, nodes: Mapping[int, int], server_round: int) -> None:
+        federation = self.cfg.federation
+        started = time.perf_counter()
+        sampled = sample_clients(list(nodes), federation.clients_per_round, self.cfg.seed, server_round)
+        frozen = server_round <= federation.freeze_encoders_rounds
+        round_config = {
+            keys.SERVER_ROUND: server_round,
+            keys.LEARNING_RATE: learning_rate(self.cfg, server_round),
+            keys.FREEZE_ENCODERS: frozen,
+            keys.LOCAL_EPOCHS: int(self.cfg.trainer.local_epochs),
+            keys.ROUND_SEED: int(self.cfg.seed) * 100_003 + server_round * 1_009,
+            keys.UPDATE_CODEC: federation.update_codec,
+            **self.strategy.client_config(server_round),
+        }
+        downlink = ArrayRecord(torch_state_dict=self.global_state)
+        messages = [
+            Message(
+                RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord(round_config)}),
+                dst_node_id=nodes[pid], message_type=keys.TRAIN,
+            )
+            for pid in sampled
+        ]
+        bytes_sent = downlink.count_bytes() * len(messages)
+        replies, failed = self._exchange(grid, messages, nodes, float(federation.round_timeout))
+        if len(replies) < federation.min_clients:
+            reasons = "; ".join(f"client {pid}: {why}" for pid, why in sorted(failed.items()))
+            raise FederationError(
+                f"round {server_round}: only {len(replies)} of {len(sampled)} clients answered "
+                f"(federation.min_clients={federation.min_clients}); {reasons}. Rounds up to "
+                f"{self.progress.completed_round} are saved: continue with `fedvlm fit --resume {self.run_dir}`"
+            )
+
+        updates = []
+        bytes_received = 0
+        for pid, reply in sorted(replies.items()):
+            record = reply.content[keys.ARRAYS]
+            bytes_received += record.count_bytes()
+            metrics = dict(reply.content[keys.METRICS])
+            reference = {k: self.global_state[k] for k in record.keys()}
+            updates.append(ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), self.codec.decode(record, reference), metrics))
+        aggregated = self.strategy.aggregate(updates)
+        previous = self.global_state
+        self.global_state = {
+            **previous, **{k: v.to(previous[k].dtype) for k, v in aggregated.items()},
+        }
+        norm = update_norm(previous, self.global_state)
+
+        row: dict[str, Any] = {"round": server_round}
+        row.update({f"test/{k}": v for k, v in self._evaluate_on_server().items()})
+        total_examples = sum(u.num_examples for u in updates)
+        row["train/loss"] = sum(u.num_examples * float(u.metrics[keys.TRAIN_LOSS]) for u in updates) / total_examples
+        clients: dict[str, dict[str, Any]] = {
+            str(u.partition_id): {
+                "num_examples": u.num_examples,
+                "train/loss": float(u.metrics[keys.TRAIN_LOSS]),
+                "train_seconds": float(u.metrics[keys.TRAIN_SECONDS]),
+            }
+            for u in updates
+        }
+        if federation.evaluate_clients:
+            pooled, per_client, sent, received = self._evaluate_on_clients(grid, nodes)
+            bytes_sent += sent
+            bytes_received += received
+            row.update({f"val/{k}": v for k, v in pooled.items()})
+            for pid, values in per_client.items():
+                clients.setdefault(str(pid), {}).update({f"val/{k}": v for k, v in values.items()})
+        row.update({
+            "round_seconds": time.perf_counter() - started,
+            "bytes_sent": bytes_sent,
+            "bytes_received": bytes_received,
+            "update_norm": norm,
+            "lr": round_config[keys.LEARNING_RATE],
+            "encoders_frozen": frozen,
+            "num_clients": len(updates),
+            "failed_clients": {str(pid): why for pid, why in sorted(failed.items())},
+            "clients": clients,
+        })
+        self._complete(server_round, row, norm)
+
+    def _exchange(
+        self, grid: Grid, messages: list[Message], nodes: Mapping[int, int], timeout: float
+    ) -> tuple[dict[int, Message], dict[int, str]]:
+        """Send, then sort replies into answers and failures, both keyed by partition id."""
+        partition_of = {node: pid for pid, node in nodes.items()}
+        expected = {partition_of[m.metadata.dst_node_id] for m in messages}
+        answered: dict[int, Message] = {}
+        failed: dict[int, str] = {}
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            pid = partition_of.get(reply.metadata.src_node_id)
+            if pid is None:
+                continue
+            if reply.has_error():
+                failed[pid] = _error_reason(reply)
+            else:
+                answered[pid] = reply
+        for pid in expected - set(answered) - set(failed):
+            failed[pid] = f"no reply within federation.round_timeout={timeout:g}s"
+        return answered, failed
+
+    def _evaluate_on_server(self) -> dict[str, float]:
+        self.module.load_state_dict(self.global_state)
+        metrics = self.task.make_metrics(self.cfg, mergeable=False)
+        self.task.evaluate(self.module, self.test_bundle, metrics, int(self.cfg.trainer.batch_size))
+        return self.task.scalar_metrics(metrics)
+
+    def _evaluate_on_clients(
+        self, grid: Grid, nodes: Mapping[int, int]
+    ) -> tuple[dict[str, float], dict[int, dict[str, float]], int, int]:
+        """Pooled and per-client metrics on the clients' local validation splits.
+
+        Pooled values come from summing the clients' metric *states* (counts), never from
+        averaging their per-client numbers.
+        """
+        downlink = ArrayRecord(torch_state_dict=self.global_state)
+        messages = [
+            Message(RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord({})}), dst_node_id=node,
+                    message_type=keys.EVALUATE)
+            for _, node in sorted(nodes.items())
+        ]
+        replies, _ = self._exchange(grid, messages, nodes, float(self.cfg.federation.round_timeout))
+        pooled = self.task.make_metrics(self.cfg, mergeable=True)
+        per_client: dict[int, dict[str, float]] = {}
+        states = []
+        received = 0
+        for pid, reply in sorted(replies.items()):
+            metrics = reply.content[keys.METRICS]
+            received += sum(8 * len(v) if isinstance(v, list) else 8 for v in metrics.values())
+            if int(metrics[keys.NUM_EXAMPLES]) == 0:
+                continue
+            state = {
+                k.removeprefix(keys.EVAL_STATE_PREFIX): list(v)  # type: ignore[arg-type]
+                for k, v in metrics.items() if k.startswith(keys.EVAL_STATE_PREFIX)
+            }
+            states.append(state)
+            local = self.task.make_metrics(self.cfg, mergeable=True)
+            merge_states(local, [state])
+            per_client[pid] = self.task.scalar_metrics(local)
+        if not states:
+            return {}, per_client, downlink.count_bytes() * len(messages), received
+        merge_states(pooled, states)
+        return self.task.scalar_metrics(pooled), per_client, downlink.count_bytes() * len(messages), received
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _complete(self, server_round: int, row: dict[str, Any], norm: float) -> None:
+        progress = self.progress
+        progress.completed_round = server_round
+        progress.history.append(row)
+        tolerance = float(self.cfg.federation.convergence_tol)
+        progress.converged = tolerance > 0 and norm < tolerance
+        row["converged"] = progress.converged
+        checkpoints = self.run_dir / CHECKPOINT_DIR
+        value = float(row.get(self.task.selection_metric, -math.inf))
+        improved = value > progress.best_value
+        if improved:
+            progress.best_value, progress.best_round = value, server_round
+        hparams = dict(self.module.hparams)
+        save_checkpoint(checkpoints / LAST_CHECKPOINT, self.global_state, hparams, progress.as_dict())
+        if improved:
+            save_checkpoint(checkpoints / BEST_CHECKPOINT, self.global_state, hparams, progress.as_dict())
+        write_metrics(self.run_dir, progress.history)
+        self.report(row)
+
+    def _restore(self) -> None:
+        path = self.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+        if not path.is_file():
+            raise FederationError(f"cannot resume: {path} does not exist (no round was completed)")
+        checkpoint = load_checkpoint(path)
+        saved = checkpoint["fedvlm"]
+        self.progress = Progress(**saved)
+        missing = set(self.global_state) - set(checkpoint["state_dict"])
+        if missing:
+            raise FederationError(f"cannot resume: {path} lacks weights {sorted(missing)[:5]}")
+        self.global_state = {k: v.to(self.global_state[k].dtype) for k, v in checkpoint["state_dict"].items()}
+        write_metrics(self.run_dir, self.progress.history)
+
+    def _discover(self, grid: Grid) -> dict[int, int]:
+        """Map partition id → node id by asking every node (node ids differ between runs)."""
+        node_ids = sorted(grid.get_node_ids())
+        expected = 1 if self.cfg.federation.mode == "centralized" else int(self.cfg.federation.num_clients)
+        if len(node_ids) < expected:
+            raise FederationError(f"{len(node_ids)} SuperNodes connected, {expected} expected")
+        messages = [
+            Message(RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type=keys.QUERY)
+            for node in node_ids
+        ]
+        nodes: dict[int, int] = {}
+        for reply in grid.send_and_receive(messages, timeout=float(self.cfg.federation.round_timeout)):
+            if reply.has_error():
+                raise FederationError(f"node {reply.metadata.src_node_id} failed to start: {_error_reason(reply)}")
+            pid = int(reply.content[keys.METRICS][keys.PARTITION_ID])
+            if pid in nodes:
+                raise FederationError(f"two SuperNodes claim partition {pid}")
+            nodes[pid] = reply.metadata.src_node_id
+        return nodes
+
+
+def _error_reason(reply: Message) -> str:
+    reason = str(reply.error.reason)
+    for line in reversed(reason.splitlines()):
+        if "Message:" in line:
+            return line.split("Message:", 1)[1].strip()
+    return reason.strip().splitlines()[-1] if reason.strip() else f"error code {reply.error.code}"

@@ -1,0 +1,66 @@
+"""Run a prepared run directory as a Flower simulation (Ray backend) on this machine."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+from omegaconf import DictConfig
+
+from fedvlm.federation.client import make_client_app
+from fedvlm.federation.server import FederatedServer, Progress, RoundReporter
+from fedvlm.tasks import get_task
+
+
+def make_server_app(
+    cfg: DictConfig, run_dir: Path, resume: bool, report: RoundReporter | None, outcome: dict[str, Any]
+) -> ServerApp:
+    """A ServerApp running :class:`FederatedServer`; its result or error lands in ``outcome``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            server = FederatedServer(cfg, run_dir, get_task(cfg.task), resume=resume, report=report)
+            outcome["progress"] = server.run(grid)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = err
+
+    return app
+
+
+def simulate(cfg: DictConfig, run_dir: Path, resume: bool = False, report: RoundReporter | None = None) -> Progress:
+    """Run the federation of ``run_dir`` in a local Flower simulation.
+
+    One SuperNode per client (one in centralized mode); each ClientApp gets
+    ``federation.num_cpus_per_client`` CPUs (and GPUs), so on a 2-core machine two clients train
+    at a time.
+
+    Raises:
+        Exception: Whatever stopped the ServerApp (e.g. ``FederationError``), re-raised here.
+    """
+    outcome: dict[str, Any] = {}
+    federation = cfg.federation
+    num_supernodes = 1 if federation.mode == "centralized" else int(federation.num_clients)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(
+        server_app=make_server_app(cfg, run_dir, resume, report, outcome),
+        client_app=make_client_app(run_dir),
+        num_supernodes=num_supernodes,
+        backend_config={
+            "client_resources": {
+                "num_cpus": float(federation.num_cpus_per_client),
+                "num_gpus": float(federation.num_gpus_per_client),
+            },
+            "init_args": {"include_dashboard": False, "log_to_driver": False, "logging_level": "error"},
+        },
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    if "progress" not in outcome:
+        raise RuntimeError("the Flower simulation ended without running the ServerApp")
+    return outcome["progress"]

@@ -1,0 +1,133 @@
+"""``fedvlm fit``: prepare a run directory, run the federation, summarise the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
+from fedvlm.errors import ConfigError
+from fedvlm.runs import CURVES_FILE, new_run_dir, plot_curves, read_metrics
+from fedvlm.tasks import get_task
+
+CURVE_KEYS = ("test/accuracy", "test/auroc", "test/stage_macro_f1")
+SUMMARY_KEYS = (
+    "test/accuracy", "test/auroc", "test/stage_macro_f1", "test/stage_macro_precision",
+    "test/stage_macro_recall", "val/auroc", "train/loss", "update_norm",
+)
+
+
+def fit(
+    recipe: str | None,
+    overrides: list[str],
+    out: Path | None = None,
+    resume: Path | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Train a federation (or the centralized baseline) and return its run directory.
+
+    Args:
+        recipe: Recipe name or YAML path (ignored with ``resume``).
+        overrides: ``key=value`` config overrides.
+        out: Run directory to create (default ``runs/<recipe>-<timestamp>``).
+        resume: A run directory to continue from its last completed round; ``overrides`` may
+            change e.g. ``federation.rounds`` (the config saved in the run is updated).
+    """
+    from fedvlm.federation.simulation import simulate  # noqa: PLC0415 - Ray/Flower import is slow
+
+    console = console or Console()
+    if resume is not None:
+        run_dir = resume
+        if not (run_dir / CONFIG_FILE_NAME).is_file():
+            raise ConfigError(f"cannot resume {run_dir}: it has no {CONFIG_FILE_NAME}")
+        cfg = load_config(run_dir / CONFIG_FILE_NAME, overrides)
+        save_config(cfg, run_dir / CONFIG_FILE_NAME)
+        console.print(f"[bold]Resuming[/] {run_dir}")
+    else:
+        cfg = load_config(recipe, overrides)
+        run_dir = _create_run_dir(out, cfg.recipe)
+        save_config(cfg, run_dir / CONFIG_FILE_NAME)
+        console.print(f"[bold]fedvlm fit[/] recipe={cfg.recipe} → {run_dir}")
+        with console.status("preparing data ..."):
+            meta = get_task(cfg.task).prepare(cfg, run_dir)
+        console.print(
+            f"data: {meta['num_samples']} samples, {meta['num_train']} train across "
+            f"{meta['num_clients']} client(s), {meta['num_test']} held-out test"
+        )
+
+    reporter = RoundDisplay(console, cfg)
+    with reporter:
+        simulate(cfg, run_dir, resume=resume is not None, report=reporter.update)
+    rows = read_metrics(run_dir)
+    if rows:
+        plot_curves(run_dir, rows, CURVE_KEYS)
+        console.print(summary_table(rows, cfg))
+    console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, {CURVES_FILE})")
+    return run_dir
+
+
+def _create_run_dir(out: Path | None, recipe: str) -> Path:
+    if out is None:
+        return new_run_dir(recipe)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty (use --resume to continue a run)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class RoundDisplay:
+    """A rich progress bar over rounds with one summary line per completed round."""
+
+    def __init__(self, console: Console, cfg: DictConfig) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True,
+        )
+        self.task_id = self.progress.add_task("rounds", total=int(cfg.federation.rounds))
+
+    def __enter__(self) -> RoundDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def update(self, row: dict[str, Any]) -> None:
+        failed = row.get("failed_clients") or {}
+        line = (
+            f"round {row['round']:>3}  acc {row.get('test/accuracy', float('nan')):.3f}  "
+            f"auroc {row.get('test/auroc', float('nan')):.3f}  "
+            f"stage F1 {row.get('test/stage_macro_f1', float('nan')):.3f}  "
+            f"loss {row.get('train/loss', float('nan')):.3f}  "
+            f"{row['round_seconds']:.1f}s  ↑{row['bytes_received'] / 1e6:.1f}MB ↓{row['bytes_sent'] / 1e6:.1f}MB"
+        )
+        if failed:
+            line += f"  [red]failed: {', '.join(f'{pid} ({why})' for pid, why in failed.items())}[/]"
+        if row.get("converged"):
+            line += "  [green]converged (‖Δθ‖ < ε)[/]"
+        self.progress.console.print(line)
+        self.progress.update(self.task_id, completed=row["round"])
+
+
+def summary_table(rows: list[dict[str, Any]], cfg: DictConfig) -> Table:
+    """Final and best-round values of the headline metrics."""
+    best = max(rows, key=lambda r: r.get("test/stage_macro_f1", float("-inf")))
+    last = rows[-1]
+    table = Table(title=f"{cfg.recipe}: {len(rows)} rounds ({cfg.federation.mode}, {cfg.federation.strategy})")
+    table.add_column("metric")
+    table.add_column(f"last (round {last['round']})", justify="right")
+    table.add_column(f"best (round {best['round']})", justify="right")
+    for key in SUMMARY_KEYS:
+        if key in last:
+            table.add_row(key, f"{last[key]:.4f}", f"{best.get(key, float('nan')):.4f}")
+    total_bytes = sum(r["bytes_sent"] + r["bytes_received"] for r in rows)
+    table.add_row("traffic (MB, all rounds)", f"{total_bytes / 1e6:.1f}", "")
+    table.add_row("time (s, all rounds)", f"{sum(r['round_seconds'] for r in rows):.1f}", "")
+    return table

@@ -1,0 +1,1 @@
+"""Models: encoders (timm, transformers), fusion layers and the task LightningModules."""

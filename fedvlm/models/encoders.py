@@ -1,0 +1,191 @@
+"""Image and text encoders behind one interface: a batch in, ``[B, out_dim]`` embeddings out.
+
+Image encoders wrap timm models, text encoders wrap ``transformers`` ``AutoModel``. Both take
+``pretrained`` as a hub id *or a local path*, so the same recipe runs offline from a folder of
+weights. Registered names are what recipes use (``model.image_encoder.name: vit_micro``);
+``options`` override the factory's keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+from fedvlm.errors import ConfigError
+from fedvlm.registry import Registry
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+class ImageEncoder(nn.Module):
+    """A timm backbone mapping images ``[B, 3, H, W]`` to embeddings ``[B, out_dim]``.
+
+    Args:
+        arch: timm model name, e.g. ``vit_base_patch16_224``.
+        pretrained: None (random init), a local weights file or folder, or a hub id
+            (``timm/vit_base_patch16_224.augreg_in21k``, fetched through timm's ``hf-hub:``).
+        img_size: Input resolution; ViT position embeddings are resampled to it.
+        **options: Further ``timm.create_model`` keyword arguments (``depth``, ``embed_dim`` ...).
+    """
+
+    def __init__(
+        self, arch: str, pretrained: str | None, img_size: int, **options: Any
+    ) -> None:
+        super().__init__()
+        kwargs: dict[str, Any] = {"num_classes": 0, **options}
+        if arch.startswith("vit") or "img_size" in options:
+            kwargs.setdefault("img_size", img_size)
+        self.arch = arch
+        self.backbone = _create_timm(arch, pretrained, kwargs)
+        self.out_dim: int = int(self.backbone.num_features)
+        patch_embed = getattr(self.backbone, "patch_embed", None)
+        self.patch_grid: tuple[int, int] | None = (
+            tuple(patch_embed.grid_size) if patch_embed is not None else None  # type: ignore[assignment]
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+
+class TextEncoder(nn.Module):
+    """A ``transformers`` encoder mapping token ids ``[B, L]`` to embeddings ``[B, out_dim]``.
+
+    The embedding is the attention-masked mean of the last hidden states (more stable than the
+    [CLS] vector for small models trained from scratch).
+
+    Args:
+        pretrained: None for a randomly initialised BERT built from ``options``, else a hub id or
+            local folder loaded with ``AutoModel.from_pretrained``.
+        vocab_size: Tokenizer vocabulary size (random init only).
+        **options: ``BertConfig`` fields for random init (``hidden_size``, ``num_hidden_layers``...).
+    """
+
+    def __init__(self, pretrained: str | None, vocab_size: int | None, **options: Any) -> None:
+        super().__init__()
+        if pretrained is None:
+            if vocab_size is None:
+                raise ConfigError("a randomly initialised text encoder needs the tokenizer's vocab_size")
+            self.model: nn.Module = BertModel(
+                BertConfig(vocab_size=vocab_size, **options), add_pooling_layer=False
+            )
+        else:
+            source = _local_or_hub(pretrained)
+            config = AutoConfig.from_pretrained(source, **options)
+            self.model = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
+        self.out_dim: int = int(self.model.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+image_encoders: Registry[ImageEncoder] = Registry("image encoder")
+text_encoders: Registry[TextEncoder] = Registry("text encoder")
+
+_VIT_MICRO = {
+    "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0,
+    "global_pool": "avg", "class_token": False,
+}
+
+
+@image_encoders.register("vit_micro")
+def vit_micro(pretrained: str | None, img_size: int, **options: Any) -> ImageEncoder:
+    """A 2-layer, 64-wide ViT with 8-pixel patches: trains from scratch on CPU in minutes."""
+    return ImageEncoder("vit_tiny_patch16_224", pretrained, img_size, **{**_VIT_MICRO, **options})
+
+
+@image_encoders.register("vit_tiny")
+def vit_tiny(pretrained: str | None, img_size: int, **options: Any) -> ImageEncoder:
+    """timm ViT-Ti/16."""
+    return ImageEncoder("vit_tiny_patch16_224", pretrained, img_size, **options)
+
+
+@image_encoders.register("vit_small")
+def vit_small(pretrained: str | None, img_size: int, **options: Any) -> ImageEncoder:
+    """timm ViT-S/16."""
+    return ImageEncoder("vit_small_patch16_224", pretrained, img_size, **options)
+
+
+@image_encoders.register("vit_base")
+def vit_base(pretrained: str | None, img_size: int, **options: Any) -> ImageEncoder:
+    """timm ViT-B/16, the Fed-MMX paper's image encoder."""
+    return ImageEncoder("vit_base_patch16_224", pretrained, img_size, **options)
+
+
+@image_encoders.register("timm")
+def timm_any(pretrained: str | None, img_size: int, arch: str = "", **options: Any) -> ImageEncoder:
+    """Any timm architecture, named by ``options.arch``."""
+    if not arch:
+        raise ConfigError("model.image_encoder.options.arch must name a timm model for name=timm")
+    return ImageEncoder(arch, pretrained, img_size, **options)
+
+
+_BERT_MICRO = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "intermediate_size": 128, "max_position_embeddings": 512,
+}
+
+
+@text_encoders.register("bert_micro")
+def bert_micro(pretrained: str | None, vocab_size: int | None, **options: Any) -> TextEncoder:
+    """A 2-layer, 64-wide BERT (random init unless ``pretrained`` is given)."""
+    return TextEncoder(pretrained, vocab_size, **({} if pretrained else {**_BERT_MICRO, **options}))
+
+
+@text_encoders.register("clinicalbert")
+def clinicalbert(pretrained: str | None, vocab_size: int | None, **options: Any) -> TextEncoder:
+    """Bio_ClinicalBERT (Alsentzer et al. 2019), the Fed-MMX paper's text encoder."""
+    return TextEncoder(pretrained or "emilyalsentzer/Bio_ClinicalBERT", vocab_size, **options)
+
+
+@text_encoders.register("hf")
+def hf_any(pretrained: str | None, vocab_size: int | None, **options: Any) -> TextEncoder:
+    """Any ``transformers`` encoder, from ``pretrained`` (hub id or local folder)."""
+    if not pretrained:
+        raise ConfigError("model.text_encoder.pretrained must be a hub id or path for name=hf")
+    return TextEncoder(pretrained, vocab_size, **options)
+
+
+def build_image_encoder(spec: Mapping[str, Any], img_size: int) -> ImageEncoder:
+    """Build the image encoder a config section describes (``name``, ``pretrained``, ``options``)."""
+    options = dict(spec.get("options") or {})
+    return image_encoders.create(spec["name"], spec.get("pretrained"), img_size, **options)
+
+
+def build_text_encoder(spec: Mapping[str, Any], vocab_size: int | None) -> TextEncoder:
+    """Build the text encoder a config section describes (``name``, ``pretrained``, ``options``)."""
+    options = dict(spec.get("options") or {})
+    return text_encoders.create(spec["name"], spec.get("pretrained"), vocab_size, **options)
+
+
+def _local_or_hub(pretrained: str) -> str:
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        return str(path)
+    if pretrained.startswith(("/", "./", "../", "~")):
+        raise ConfigError(f"pretrained weights not found at {pretrained}")
+    return pretrained
+
+
+def _create_timm(arch: str, pretrained: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    if pretrained is None:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    source = _local_or_hub(pretrained)
+    path = Path(source)
+    if path.is_dir():
+        found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise ConfigError(f"no weights file ({', '.join(WEIGHT_FILES)}) in {path}")
+        path = found[0]
+    if path.is_file():
+        return timm.create_model(
+            arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+        )
+    return timm.create_model(f"hf-hub:{source}", pretrained=True, **kwargs)

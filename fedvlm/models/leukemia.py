@@ -1,0 +1,168 @@
+"""``LeukemiaModule``: the Fed-MMX dual-head model (leukemia yes/no + clinical stage).
+
+A ViT image encoder and a BERT-family text encoder feed a fusion layer
+(:mod:`fedvlm.models.fusion`) and two heads. The loss is ``L = L_bin + γ · L_stage`` where
+``L_bin`` is binary cross-entropy on the detection logit and ``L_stage`` is cross-entropy of the
+stage head **on positives with a known stage only** (a healthy smear has no stage).
+
+The module knows nothing about federation: fedvlm attaches Flower from the outside through a
+callback. Subclass it to change the architecture or the loss; ``fedvlm fit`` uses a subclass
+named by ``model.module_class``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedvlm.evaluation.metrics import LeukemiaMetrics
+from fedvlm.models.encoders import build_image_encoder, build_text_encoder
+from fedvlm.models.fusion import ConcatFusion, fusions
+
+Batch = Mapping[str, torch.Tensor]
+
+
+class LeukemiaModule(L.LightningModule):
+    """Multimodal leukemia detection and staging.
+
+    Args:
+        model: The ``model`` config section (encoders, ``modality``, ``fusion``, ``fusion_dim``,
+            ``dropout``, ``num_stages``, ``stage_loss_weight``).
+        optim: The ``optim`` config section (``name``, ``lr``, ``momentum``, ``weight_decay``).
+        image_size: Input image side in pixels.
+        vocab_size: Tokenizer vocabulary size (for a randomly initialised text encoder).
+
+    Batches are dicts with ``image`` ``[B,3,H,W]`` (normalised floats), ``input_ids`` and
+    ``attention_mask`` ``[B,L]``, ``leukemia`` ``[B]`` (0/1) and ``stage`` ``[B]`` (0-based,
+    ``-1`` when negative or unknown).
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        image_size: int = 64,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.modality: str = model["modality"]
+        self.num_stages: int = int(model["num_stages"])
+        self.stage_loss_weight: float = float(model["stage_loss_weight"])
+        self.learning_rate: float = float(optim["lr"])
+        self.image_encoder = (
+            build_image_encoder(model["image_encoder"], image_size) if self.modality != "text" else None
+        )
+        self.text_encoder = (
+            build_text_encoder(model["text_encoder"], vocab_size) if self.modality != "image" else None
+        )
+        in_dims = [enc.out_dim for enc in (self.image_encoder, self.text_encoder) if enc is not None]
+        fusion_dim = int(model["fusion_dim"])
+        self.fusion: nn.Module = (
+            fusions.create(model["fusion"], in_dims, fusion_dim)
+            if len(in_dims) == 2
+            else ConcatFusion(in_dims, fusion_dim)
+        )
+        self.dropout = nn.Dropout(float(model["dropout"]))
+        self.binary_head = nn.Linear(fusion_dim, 1)
+        self.stage_head = nn.Linear(fusion_dim, self.num_stages)
+        self.val_metrics = LeukemiaMetrics(self.num_stages)
+        self.test_metrics = LeukemiaMetrics(self.num_stages, auroc_bins=None)
+
+    def encoders(self) -> list[nn.Module]:
+        """The pretrained-style backbones (frozen during the first federated rounds)."""
+        return [enc for enc in (self.image_encoder, self.text_encoder) if enc is not None]
+
+    def set_encoders_frozen(self, frozen: bool) -> None:
+        """Freeze or unfreeze the encoders (fusion and heads always train)."""
+        for encoder in self.encoders():
+            encoder.requires_grad_(not frozen)
+
+    def fuse(self, batch: Batch) -> torch.Tensor:
+        """The fused patient representation ``[B, fusion_dim]``."""
+        embeddings = []
+        if self.image_encoder is not None:
+            embeddings.append(self.image_encoder(batch["image"]))
+        if self.text_encoder is not None:
+            embeddings.append(self.text_encoder(batch["input_ids"], batch["attention_mask"]))
+        return self.dropout(self.fusion(embeddings))
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detection logit ``[B]`` and stage logits ``[B, K]``."""
+        fused = self.fuse(batch)
+        return self.binary_head(fused).squeeze(-1), self.stage_head(fused)
+
+    def compute_loss(
+        self, binary_logit: torch.Tensor, stage_logits: torch.Tensor, batch: Batch
+    ) -> dict[str, torch.Tensor]:
+        """``L = L_bin + γ · L_stage``; ``L_stage`` averages over positives with a known stage."""
+        binary_loss = F.binary_cross_entropy_with_logits(binary_logit, batch["leukemia"].float())
+        staged = batch["stage"] >= 0
+        if staged.any():
+            stage_loss = F.cross_entropy(stage_logits[staged], batch["stage"][staged])
+        else:
+            stage_loss = stage_logits.sum() * 0.0  # keeps the graph (and DDP) consistent
+        loss = binary_loss + self.stage_loss_weight * stage_loss
+        return {"loss": loss, "binary_loss": binary_loss, "stage_loss": stage_loss}
+
+    def predict_probabilities(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P(leukemia)`` ``[B]`` and stage probabilities ``[B, K]``."""
+        binary_logit, stage_logits = self(batch)
+        return torch.sigmoid(binary_logit), torch.softmax(stage_logits, dim=-1)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_loss(*self(batch), batch)
+        batch_size = batch["leukemia"].shape[0]
+        self.log("train/loss", losses["loss"], on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/stage_loss", losses["stage_loss"], on_step=False, on_epoch=True, batch_size=batch_size)
+        return losses["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        leukemia_prob, stage_prob = self.predict_probabilities(batch)
+        return {"leukemia_prob": leukemia_prob, "stage_prob": stage_prob}
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optim = self.hparams["optim"]
+        params = [p for p in self.parameters() if p.requires_grad]
+        if optim["name"] == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.learning_rate, momentum=float(optim["momentum"]),
+                weight_decay=float(optim["weight_decay"]),
+            )
+        return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=float(optim["weight_decay"]))
+
+    def _evaluate(self, batch: Batch, metrics: LeukemiaMetrics, prefix: str) -> None:
+        binary_logit, stage_logits = self(batch)
+        losses = self.compute_loss(binary_logit, stage_logits, batch)
+        self.log(f"{prefix}/loss", losses["loss"], batch_size=batch["leukemia"].shape[0])
+        metrics.update(
+            torch.sigmoid(binary_logit), batch["leukemia"], torch.softmax(stage_logits, -1), batch["stage"]
+        )
+
+    def _log_metrics(self, metrics: LeukemiaMetrics, prefix: str) -> None:
+        # State is kept until the next epoch starts, so it can be exported after ``validate``.
+        for name, value in metrics.compute_scalars().items():
+            self.log(f"{prefix}/{name}", value)

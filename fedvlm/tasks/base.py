@@ -1,0 +1,98 @@
+"""The :class:`Task` interface and its registry."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from fedvlm.errors import ConfigError
+from fedvlm.registry import Registry
+
+DATA_DIR = "data"
+META_FILE = "meta.json"
+
+
+class Task(Protocol):
+    """What the round loop needs from a problem (leukemia staging, CXR contrastive, ...).
+
+    Attributes:
+        name: Registry name, the ``task`` config value.
+        selection_metric: The ``metrics.jsonl`` key that selects ``best.ckpt`` (higher is better).
+    """
+
+    name: str
+    selection_metric: str
+
+    def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+        """Load, split and partition the data; write ``RUN_DIR/data/`` and ``partition.json``.
+
+        Returns:
+            Facts about the prepared data (sizes per client, vocabulary size ...), also saved
+            to ``RUN_DIR/data/meta.json``.
+        """
+        ...
+
+    def build_module(self, cfg: DictConfig, run_dir: Path) -> L.LightningModule:
+        """A freshly initialised module for this run (seeded by the caller)."""
+        ...
+
+    def load_client(self, run_dir: Path, partition_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The (train, local validation) bundles of one client."""
+        ...
+
+    def load_test(self, run_dir: Path) -> dict[str, torch.Tensor]:
+        """The server's held-out test bundle (no client trains on it)."""
+        ...
+
+    def make_metrics(self, cfg: DictConfig, mergeable: bool) -> torch.nn.Module:
+        """Fresh metrics; ``mergeable`` ones hold only sum-reduced counts (they can leave a client)."""
+        ...
+
+    def evaluate(
+        self, module: L.LightningModule, bundle: dict[str, torch.Tensor], metrics: torch.nn.Module, batch_size: int
+    ) -> None:
+        """Update ``metrics`` with ``module``'s predictions on ``bundle``."""
+        ...
+
+    def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
+        """Scalar values of ``metrics`` (names without prefix)."""
+        ...
+
+
+tasks: Registry[Task] = Registry("task")
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    """The prepared-data facts saved by :meth:`Task.prepare`."""
+    path = run_dir / DATA_DIR / META_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the run directory was not prepared")
+    return json.loads(path.read_text())
+
+
+def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
+    path = run_dir / DATA_DIR / META_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, indent=2))
+
+
+def import_class(dotted: str, base: type) -> type:
+    """Import ``package.module.ClassName`` and check it subclasses ``base``.
+
+    Raises:
+        ConfigError: If it cannot be imported or is not a subclass of ``base``.
+    """
+    module_name, _, class_name = dotted.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"model.module_class={dotted!r} cannot be imported: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"model.module_class={dotted!r} is not a subclass of {base.__name__}")
+    return cls

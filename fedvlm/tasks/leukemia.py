@@ -1,0 +1,190 @@
+"""The Fed-MMX leukemia task: detection + staging from blood smears and clinical narratives."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedvlm.data.leukemia_layouts import load_leukemia
+from fedvlm.data.partition import partition, split_train_test, summarize_partition
+from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, make_loader, prepare_bundle, save_bundle, subset
+from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
+from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
+from fedvlm.errors import DataError
+from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
+from fedvlm.models.leukemia import LeukemiaModule
+from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
+from fedvlm.tasks.base import DATA_DIR, import_class, read_meta, tasks, write_meta
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def load_records(cfg: DictConfig) -> list[LeukemiaRecord]:
+    """The records ``cfg.data`` names: generated (``format=synthetic``) or read from disk.
+
+    Raises:
+        DataError: Naming the file, row or value at fault; nothing is skipped silently.
+    """
+    data = cfg.data
+    if data.format == "synthetic" and data.root is None:
+        synth = data.synthetic
+        records = generate_leukemia(
+            SynthLeukemiaConfig(
+                n=synth.n, image_size=data.image_size, num_sites=synth.num_sites,
+                positive_fraction=synth.positive_fraction, p_ambiguous_image=synth.p_ambiguous_image,
+                p_report_omits_values=synth.p_report_omits_values, seed=cfg.seed,
+            )
+        )
+    else:
+        if data.root is None:
+            raise DataError(f"data.format={data.format} needs data.root=<folder or manifest>")
+        fmt = "auto" if data.format == "synthetic" else data.format
+        records = load_leukemia(
+            fmt, Path(data.root).expanduser(), Path(data.reports).expanduser() if data.reports else None,
+            cfg.model.num_stages,
+        )
+    for record in records:
+        record.validate(cfg.model.num_stages)
+    if cfg.model.modality != "image":
+        empty = [r.source for r in records if not r.report.strip()]
+        if empty:
+            raise DataError(
+                f"{len(empty)} samples have an empty report (first: {empty[0]}); a model with "
+                "model.modality=fused or text needs a report for every image (give data.reports=...)"
+            )
+    return records
+
+
+def label_classes(records: Sequence[LeukemiaRecord], num_stages: int) -> np.ndarray:
+    """One class per sample for stratification and skew: 0 negative, 1..K stage, K+1 unknown."""
+    return np.array(
+        [0 if r.leukemia == 0 else (num_stages + 1 if r.stage is None else r.stage + 1) for r in records],
+        dtype=np.int64,
+    )
+
+
+def class_names(num_stages: int) -> dict[int, str]:
+    names = {0: "negative", num_stages + 1: "positive_unknown_stage"}
+    names.update({s + 1: f"stage_{STAGE_NAMES[s] if s < len(STAGE_NAMES) else s + 1}" for s in range(num_stages)})
+    return names
+
+
+class LeukemiaTask:
+    """Leukemia detection and staging (Fed-MMX)."""
+
+    name = "leukemia"
+    selection_metric = "test/stage_macro_f1"
+
+    def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+        records = load_records(cfg)
+        num_stages = cfg.model.num_stages
+        classes = label_classes(records, num_stages)
+        patients = np.array([r.patient for r in records])
+        train_idx, test_idx = split_train_test(classes, patients, cfg.data.test_fraction, cfg.seed)
+        centralized = cfg.federation.mode == "centralized"
+        sites = np.array([r.site for r in records], dtype=object)
+        shards = partition(
+            "single" if centralized else cfg.data.partition.name,
+            classes[train_idx], 1 if centralized else cfg.federation.num_clients, cfg.seed,
+            groups=patients[train_idx], sites=sites[train_idx], alpha=cfg.data.partition.alpha,
+            min_size=cfg.data.partition.min_size, max_size=cfg.data.partition.max_size,
+        )
+        client_indices = [train_idx[shard] for shard in shards]
+
+        tokenizer = None
+        if cfg.model.modality != "image":
+            source = cfg.model.text_encoder.tokenizer or cfg.model.text_encoder.pretrained
+            tokenizer = (
+                load_tokenizer(source) if source
+                else build_word_tokenizer(records[i].report for i in train_idx)
+            )
+            tokenizer.save_pretrained(str(run_dir / TOKENIZER_DIR))
+
+        everything = prepare_bundle(records, tokenizer, cfg.data.image_size, cfg.data.max_text_length)
+        data_dir = run_dir / DATA_DIR
+        save_bundle(subset(everything, test_idx), data_dir / "test.pt")
+        client_sizes = []
+        for client, indices in enumerate(client_indices):
+            local_train, local_val = _local_split(classes, patients, indices, cfg.data.val_fraction, cfg.seed + client)
+            save_bundle(subset(everything, local_train), data_dir / f"client_{client:03d}_train.pt")
+            save_bundle(subset(everything, local_val), data_dir / f"client_{client:03d}_val.pt")
+            client_sizes.append({"train": len(local_train), "val": len(local_val)})
+
+        names = class_names(num_stages)
+        summary = summarize_partition(shards, classes[train_idx], names)
+        for row, sizes, indices in zip(summary, client_sizes, client_indices, strict=True):
+            row.update(sizes)
+            site_values = sorted({str(records[i].site) for i in indices})
+            row["sites"] = site_values
+        test_counts = {names[c]: int((classes[test_idx] == c).sum()) for c in sorted(names)}
+        (run_dir / "partition.json").write_text(
+            json.dumps({"clients": summary, "test": {"num_samples": len(test_idx), "by_label": test_counts}}, indent=2)
+        )
+        meta = {
+            "num_samples": len(records), "num_train": len(train_idx), "num_test": len(test_idx),
+            "num_clients": len(client_indices), "client_sizes": client_sizes,
+            "vocab_size": len(tokenizer) if tokenizer is not None else None,
+        }
+        write_meta(run_dir, meta)
+        return meta
+
+    def build_module(self, cfg: DictConfig, run_dir: Path) -> L.LightningModule:
+        meta = read_meta(run_dir)
+        module_class = (
+            import_class(cfg.model.module_class, LeukemiaModule) if cfg.model.module_class else LeukemiaModule
+        )
+        return module_class(
+            model=OmegaConf.to_container(cfg.model, resolve=True),
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            image_size=cfg.data.image_size,
+            vocab_size=meta["vocab_size"],
+        )
+
+    def load_client(self, run_dir: Path, partition_id: int) -> tuple[Bundle, Bundle]:
+        data_dir = run_dir / DATA_DIR
+        return (
+            load_bundle(data_dir / f"client_{partition_id:03d}_train.pt"),
+            load_bundle(data_dir / f"client_{partition_id:03d}_val.pt"),
+        )
+
+    def load_test(self, run_dir: Path) -> Bundle:
+        return load_bundle(run_dir / DATA_DIR / "test.pt")
+
+    def make_metrics(self, cfg: DictConfig, mergeable: bool) -> LeukemiaMetrics:
+        return LeukemiaMetrics(cfg.model.num_stages, auroc_bins=AUROC_BINS if mergeable else None)
+
+    @torch.no_grad()
+    def evaluate(self, module: L.LightningModule, bundle: Bundle, metrics: torch.nn.Module, batch_size: int) -> None:
+        if bundle_size(bundle) == 0:
+            return
+        was_training = module.training
+        module.eval()
+        device = module.device
+        for batch in make_loader(bundle, batch_size, shuffle=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            leukemia_prob, stage_prob = module.predict_probabilities(batch)  # type: ignore[operator]
+            metrics.update(leukemia_prob.float().cpu(), batch["leukemia"].cpu(), stage_prob.float().cpu(), batch["stage"].cpu())
+        module.train(was_training)
+
+    def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
+        return metrics.compute_scalars()  # type: ignore[operator]
+
+
+def _local_split(
+    classes: np.ndarray, patients: np.ndarray, indices: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's samples into local train and validation (by patient, stratified)."""
+    if val_fraction <= 0 or len(np.unique(patients[indices])) < 4:
+        return indices, indices[:0]
+    train_rows, val_rows = split_train_test(classes[indices], patients[indices], val_fraction, seed)
+    return indices[train_rows], indices[val_rows]
+
+
+tasks.register("leukemia")(LeukemiaTask)
