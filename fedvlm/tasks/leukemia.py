@@ -16,7 +16,6 @@ from fedvlm.data.leukemia_layouts import load_leukemia
 from fedvlm.data.partition import partition, split_train_test, summarize_partition
 from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, make_loader, prepare_bundle, save_bundle, subset
 from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
-from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
 from fedvlm.errors import DataError
 from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
 from fedvlm.models.leukemia import LeukemiaModule
@@ -34,6 +33,8 @@ def load_records(cfg: DictConfig) -> list[LeukemiaRecord]:
     """
     data = cfg.data
     if data.format == "synthetic" and data.root is None:
+        from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia  # noqa: PLC0415
+
         synth = data.synthetic
         records = generate_leukemia(
             SynthLeukemiaConfig(

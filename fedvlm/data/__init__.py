@@ -1,0 +1,1 @@
+"""Data: records, real-layout loaders, the synthetic generator, partitioners, prepared tensors."""

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny configs and generated data, so a real Trainer and Flower run in tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+TINY_OVERRIDES = [
+    "data.synthetic.n=240",
+    "data.image_size=32",
+    "data.max_text_length=48",
+    "federation.num_clients=3",
+    "federation.rounds=2",
+    "data.partition.name=iid",
+    "trainer.batch_size=16",
+]
+"""A run of the demo recipe small enough for tests (seconds per round)."""
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY_OVERRIDES)

@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from fedvlm.config import load_config
+from fedvlm.models.leukemia import LeukemiaModule
+from fedvlm.runs import load_checkpoint, save_checkpoint
+
+
+def make_module(**model_overrides: object) -> LeukemiaModule:
+    cfg = load_config("leukemia_demo", [f"model.{k}={v}" for k, v in model_overrides.items()])
+    return LeukemiaModule(
+        OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.optim), image_size=32, vocab_size=30
+    )
+
+
+def make_batch(batch_size: int = 6) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randn(batch_size, 3, 32, 32, generator=generator),
+        "input_ids": torch.randint(5, 30, (batch_size, 10), generator=generator),
+        "attention_mask": torch.ones(batch_size, 10, dtype=torch.long),
+        "leukemia": torch.tensor([1, 1, 0, 1, 0, 0])[:batch_size],
+        "stage": torch.tensor([0, 3, -1, -1, -1, -1])[:batch_size],  # the third positive has no known stage
+    }
+
+
+def test_loss_is_bce_plus_gamma_times_stage_ce_on_staged_positives_only() -> None:
+    torch.manual_seed(0)
+    module = make_module(stage_loss_weight=0.5)
+    batch = make_batch()
+    binary_logit = torch.tensor([0.3, -1.0, 2.0, 0.1, -0.2, 0.0])
+    stage_logits = torch.randn(6, 4)
+    losses = module.compute_loss(binary_logit, stage_logits, batch)
+    expected_bin = F.binary_cross_entropy_with_logits(binary_logit, batch["leukemia"].float())
+    expected_stage = F.cross_entropy(stage_logits[:2], torch.tensor([0, 3]))
+    torch.testing.assert_close(losses["binary_loss"], expected_bin)
+    torch.testing.assert_close(losses["stage_loss"], expected_stage)
+    torch.testing.assert_close(losses["loss"], expected_bin + 0.5 * expected_stage)
+
+
+def test_stage_loss_is_zero_without_staged_positives_but_keeps_the_graph() -> None:
+    module = make_module()
+    batch = make_batch()
+    batch["stage"] = torch.full((6,), -1)
+    stage_logits = torch.randn(6, 4, requires_grad=True)
+    losses = module.compute_loss(torch.zeros(6), stage_logits, batch)
+    assert float(losses["stage_loss"].detach()) == 0.0
+    losses["loss"].backward()
+    assert stage_logits.grad is not None and float(stage_logits.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize(("modality", "has_image", "has_text"), [("fused", True, True), ("image", True, False), ("text", False, True)])
+def test_modality_switches_build_only_the_needed_encoders(modality: str, has_image: bool, has_text: bool) -> None:
+    module = make_module(modality=modality)
+    assert (module.image_encoder is not None) == has_image
+    assert (module.text_encoder is not None) == has_text
+    binary_logit, stage_logits = module(make_batch())
+    assert binary_logit.shape == (6,) and stage_logits.shape == (6, 4)
+
+
+def test_image_only_model_ignores_the_report() -> None:
+    module = make_module(modality="image").eval()
+    batch = make_batch()
+    other = dict(batch, input_ids=torch.randint(5, 30, (6, 10)))
+    torch.testing.assert_close(module(batch)[0], module(other)[0])
+
+
+def test_frozen_encoders_are_left_out_of_the_optimiser() -> None:
+    module = make_module()
+    module.set_encoders_frozen(True)
+    optimiser = module.configure_optimizers()
+    optimised = {id(p) for group in optimiser.param_groups for p in group["params"]}
+    encoder_params = {id(p) for enc in module.encoders() for p in enc.parameters()}
+    assert optimised and not (optimised & encoder_params)
+    assert id(module.binary_head.weight) in optimised and id(module.fusion.linear.weight) in optimised
+    module.set_encoders_frozen(False)
+    assert encoder_params <= {id(p) for g in module.configure_optimizers().param_groups for p in g["params"]}
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    module = make_module(fusion="gated").eval()
+    path = tmp_path / "best.ckpt"
+    save_checkpoint(path, module.state_dict(), dict(module.hparams), {"completed_round": 7})
+    loaded = LeukemiaModule.load_from_checkpoint(path).eval()
+    batch = make_batch()
+    for expected, actual in zip(module.predict_probabilities(batch), loaded.predict_probabilities(batch), strict=True):
+        torch.testing.assert_close(actual, expected)
+    assert load_checkpoint(path)["fedvlm"]["completed_round"] == 7
