@@ -216,7 +216,7 @@ def load_config(
         >>> load_config(None, ["federation.roundz=3"])
         Traceback (most recent call last):
         ...
-        fedvlm.errors.ConfigError: federation.roundz=3: Key 'roundz' not in 'FederationConfig'
+        fedvlm.errors.ConfigError: federation.roundz=3: Key 'roundz' not in 'FederationConfig'. Did you mean: 'rounds'?
     """
     cfg = OmegaConf.structured(Config)
     if recipe is not None:

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_metrics(run_dir: Path, rows: list[Mapping[str, Any]]) -> None:
+def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` atomically with ``rows`` (used after every round and on resume)."""
     path = run_dir / METRICS_FILE
     tmp = path.with_suffix(".jsonl.tmp")
@@ -60,7 +60,10 @@ def write_metrics(run_dir: Path, rows: list[Mapping[str, Any]]) -> None:
 
 
 def save_checkpoint(
-    path: Path, state_dict: Mapping[str, torch.Tensor], hyper_parameters: Mapping[str, Any], fedvlm_state: Mapping[str, Any]
+    path: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    hyper_parameters: Mapping[str, Any],
+    fedvlm_state: Mapping[str, Any],
 ) -> None:
     """Write a checkpoint that ``LightningModule.load_from_checkpoint`` understands.
 
@@ -84,12 +87,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def plot_curves(run_dir: Path, rows: list[Mapping[str, Any]], keys: tuple[str, ...]) -> Path:
+def plot_curves(run_dir: Path, rows: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> Path:
     """Plot ``keys`` over rounds into ``curves.png``."""
-    import matplotlib  # noqa: PLC0415 - only needed at the end of a run
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     rounds = [row["round"] for row in rows]

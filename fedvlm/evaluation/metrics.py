@@ -100,7 +100,7 @@ class LeukemiaMetrics(torch.nn.Module):
         if self._has_stage_updates():
             values.update(self.staging.compute())
         else:
-            values.update({name: torch.tensor(0.0) for name in self.staging.keys() if name not in MATRIX_METRICS})
+            values.update({str(name): torch.tensor(0.0) for name in self.staging if name not in MATRIX_METRICS})
             values["stage_confusion_matrix"] = torch.zeros(self.num_stages, self.num_stages, dtype=torch.long)
         return values
 

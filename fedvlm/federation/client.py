@@ -106,7 +106,7 @@ def make_client_app(run_dir: Path) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         partition_id = int(context.node_config[keys.PARTITION_ID])
-        train_bundle, val_bundle = _client_data(run_dir_str, partition_id)
+        train_bundle, _ = _client_data(run_dir_str, partition_id)
         return Message(
             RecordDict({keys.METRICS: MetricRecord({
                 keys.PARTITION_ID: partition_id, keys.NUM_EXAMPLES: bundle_size(train_bundle),
@@ -118,9 +118,9 @@ def make_client_app(run_dir: Path) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg = _run_config(run_dir_str)
         partition_id = int(context.node_config[keys.PARTITION_ID])
-        round_config = dict(msg.content[keys.CONFIG])
+        round_config: dict[str, Any] = dict(msg.content.config_records[keys.CONFIG])
         _maybe_fail(cfg, partition_id, int(round_config[keys.SERVER_ROUND]))
-        global_state = msg.content[keys.ARRAYS].to_torch_state_dict()
+        global_state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
         local_state, num_examples, metrics = train_locally(
             get_task(cfg.task), cfg, Path(run_dir_str), partition_id, dict(global_state), round_config
         )
@@ -130,7 +130,9 @@ def make_client_app(run_dir: Path) -> ClientApp:
         return Message(
             RecordDict({
                 keys.ARRAYS: record,
-                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: num_examples, keys.PARTITION_ID: partition_id, **metrics}),
+                keys.METRICS: MetricRecord(
+                    {keys.NUM_EXAMPLES: num_examples, keys.PARTITION_ID: partition_id, **metrics}
+                ),
             }),
             reply_to=msg,
         )
@@ -142,7 +144,7 @@ def make_client_app(run_dir: Path) -> ClientApp:
         task = get_task(cfg.task)
         _, val_bundle = _client_data(run_dir_str, partition_id)
         module = task.build_module(cfg, Path(run_dir_str))
-        load_global_state(module, msg.content[keys.ARRAYS].to_torch_state_dict())
+        load_global_state(module, msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
         metrics = task.make_metrics(cfg, mergeable=True)
         task.evaluate(module, val_bundle, metrics, cfg.trainer.batch_size)
         state = {f"{keys.EVAL_STATE_PREFIX}{k}": v for k, v in export_state(metrics).items()}

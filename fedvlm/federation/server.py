@@ -184,11 +184,12 @@ class FederatedServer:
         updates = []
         bytes_received = 0
         for pid, reply in sorted(replies.items()):
-            record = reply.content[keys.ARRAYS]
+            record = reply.content.array_records[keys.ARRAYS]
             bytes_received += record.count_bytes()
-            metrics = dict(reply.content[keys.METRICS])
-            reference = {k: self.global_state[k] for k in record.keys()}
-            updates.append(ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), self.codec.decode(record, reference), metrics))
+            metrics = {k: float(v) for k, v in reply.content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
+            reference = {k: self.global_state[k] for k in record}
+            state = self.codec.decode(record, reference)
+            updates.append(ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), state, metrics))
         aggregated = self.strategy.aggregate(updates)
         previous = self.global_state
         self.global_state = {
@@ -274,13 +275,14 @@ class FederatedServer:
         states = []
         received = 0
         for pid, reply in sorted(replies.items()):
-            metrics = reply.content[keys.METRICS]
+            metrics = reply.content.metric_records[keys.METRICS]
             received += sum(8 * len(v) if isinstance(v, list) else 8 for v in metrics.values())
-            if int(metrics[keys.NUM_EXAMPLES]) == 0:
+            if int(metrics[keys.NUM_EXAMPLES]) == 0:  # type: ignore[arg-type]
                 continue
-            state = {
-                k.removeprefix(keys.EVAL_STATE_PREFIX): list(v)  # type: ignore[arg-type]
-                for k, v in metrics.items() if k.startswith(keys.EVAL_STATE_PREFIX)
+            state: dict[str, list[float]] = {
+                k.removeprefix(keys.EVAL_STATE_PREFIX): list(v)  # type: ignore[arg-type, misc]
+                for k, v in metrics.items()
+                if k.startswith(keys.EVAL_STATE_PREFIX)
             }
             states.append(state)
             local = self.task.make_metrics(self.cfg, mergeable=True)
@@ -339,7 +341,7 @@ class FederatedServer:
         for reply in grid.send_and_receive(messages, timeout=float(self.cfg.federation.round_timeout)):
             if reply.has_error():
                 raise FederationError(f"node {reply.metadata.src_node_id} failed to start: {_error_reason(reply)}")
-            pid = int(reply.content[keys.METRICS][keys.PARTITION_ID])
+            pid = int(reply.content.metric_records[keys.METRICS][keys.PARTITION_ID])  # type: ignore[arg-type]
             if pid in nodes:
                 raise FederationError(f"two SuperNodes claim partition {pid}")
             nodes[pid] = reply.metadata.src_node_id

@@ -27,7 +27,7 @@ def make_server_app(
         try:
             server = FederatedServer(cfg, run_dir, get_task(cfg.task), resume=resume, report=report)
             outcome["progress"] = server.run(grid)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as err:
             outcome["error"] = err
 
     return app

@@ -43,7 +43,7 @@ class ImageEncoder(nn.Module):
             kwargs.setdefault("img_size", img_size)
         self.arch = arch
         self.backbone = _create_timm(arch, pretrained, kwargs)
-        self.out_dim: int = int(self.backbone.num_features)
+        self.out_dim: int = int(self.backbone.num_features)  # type: ignore[arg-type]
         patch_embed = getattr(self.backbone, "patch_embed", None)
         self.patch_grid: tuple[int, int] | None = (
             tuple(patch_embed.grid_size) if patch_embed is not None else None  # type: ignore[assignment]
@@ -78,7 +78,7 @@ class TextEncoder(nn.Module):
             source = _local_or_hub(pretrained)
             config = AutoConfig.from_pretrained(source, **options)
             self.model = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
-        self.out_dim: int = int(self.model.config.hidden_size)
+        self.out_dim: int = int(self.model.config.hidden_size)  # type: ignore[union-attr, arg-type]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

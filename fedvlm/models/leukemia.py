@@ -116,7 +116,8 @@ class LeukemiaModule(L.LightningModule):
         return torch.sigmoid(binary_logit), torch.softmax(stage_logits, dim=-1)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        losses = self.compute_loss(*self(batch), batch)
+        binary_logit, stage_logits = self(batch)
+        losses = self.compute_loss(binary_logit, stage_logits, batch)
         batch_size = batch["leukemia"].shape[0]
         self.log("train/loss", losses["loss"], on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/stage_loss", losses["stage_loss"], on_step=False, on_epoch=True, batch_size=batch_size)

@@ -33,7 +33,7 @@ def load_records(cfg: DictConfig) -> list[LeukemiaRecord]:
     """
     data = cfg.data
     if data.format == "synthetic" and data.root is None:
-        from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia  # noqa: PLC0415
+        from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
 
         synth = data.synthetic
         records = generate_leukemia(
@@ -163,6 +163,7 @@ class LeukemiaTask:
 
     @torch.no_grad()
     def evaluate(self, module: L.LightningModule, bundle: Bundle, metrics: torch.nn.Module, batch_size: int) -> None:
+        assert isinstance(metrics, LeukemiaMetrics) and isinstance(module, LeukemiaModule)
         if bundle_size(bundle) == 0:
             return
         was_training = module.training
@@ -170,12 +171,15 @@ class LeukemiaTask:
         device = module.device
         for batch in make_loader(bundle, batch_size, shuffle=False):
             batch = {k: v.to(device) for k, v in batch.items()}
-            leukemia_prob, stage_prob = module.predict_probabilities(batch)  # type: ignore[operator]
-            metrics.update(leukemia_prob.float().cpu(), batch["leukemia"].cpu(), stage_prob.float().cpu(), batch["stage"].cpu())
+            leukemia_prob, stage_prob = module.predict_probabilities(batch)
+            metrics.update(
+                leukemia_prob.float().cpu(), batch["leukemia"].cpu(), stage_prob.float().cpu(), batch["stage"].cpu()
+            )
         module.train(was_training)
 
     def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
-        return metrics.compute_scalars()  # type: ignore[operator]
+        assert isinstance(metrics, LeukemiaMetrics)
+        return metrics.compute_scalars()
 
 
 def _local_split(

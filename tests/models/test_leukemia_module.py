@@ -53,7 +53,9 @@ def test_stage_loss_is_zero_without_staged_positives_but_keeps_the_graph() -> No
     assert stage_logits.grad is not None and float(stage_logits.grad.abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize(("modality", "has_image", "has_text"), [("fused", True, True), ("image", True, False), ("text", False, True)])
+@pytest.mark.parametrize(
+    ("modality", "has_image", "has_text"), [("fused", True, True), ("image", True, False), ("text", False, True)]
+)
 def test_modality_switches_build_only_the_needed_encoders(modality: str, has_image: bool, has_text: bool) -> None:
     module = make_module(modality=modality)
     assert (module.image_encoder is not None) == has_image
