@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         if args.command == "fit":
-            from fedvlm.fit import fit  # noqa: PLC0415
+            from fedvlm.fit import fit
 
             if args.recipe is None and args.resume is None:
                 console.print("[red]error:[/] give --recipe NAME or --resume RUN_DIR")
                 return 2
             fit(args.recipe, list(args.overrides), out=args.out, resume=args.resume, console=console)
         elif args.command == "recipes":
-            from fedvlm.config import list_recipes  # noqa: PLC0415
+            from fedvlm.config import list_recipes
 
             for name, description in list_recipes().items():
                 console.print(f"[bold]{name:<20}[/] {description}")
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _synth(args: argparse.Namespace, console: Console) -> None:
-    from fedvlm.data.manifest import write_manifest  # noqa: PLC0415
-    from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia  # noqa: PLC0415
+    from fedvlm.data.manifest import write_manifest
+    from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
 
     records = generate_leukemia(
         SynthLeukemiaConfig(n=args.n, image_size=args.size, num_sites=args.sites, seed=args.seed)

@@ -37,7 +37,7 @@ def fit(
         resume: A run directory to continue from its last completed round; ``overrides`` may
             change e.g. ``federation.rounds`` (the config saved in the run is updated).
     """
-    from fedvlm.federation.simulation import simulate  # noqa: PLC0415 - Ray/Flower import is slow
+    from fedvlm.federation.simulation import simulate
 
     console = console or Console()
     if resume is not None:
@@ -83,7 +83,7 @@ class RoundDisplay:
     """A rich progress bar over rounds with one summary line per completed round."""
 
     def __init__(self, console: Console, cfg: DictConfig) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console
         self.progress = Progress(

@@ -52,7 +52,7 @@ def prepare_bundle(
     Raises:
         DataError: From image reading, naming the file at fault.
     """
-    from fedvlm.data.images import read_image  # noqa: PLC0415 (keeps PIL-only users light)
+    from fedvlm.data.images import read_image
 
     images = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
     for row, record in enumerate(records):
@@ -103,7 +103,7 @@ def load_bundle(path: Path) -> Bundle:
         raise DataError(f"prepared data {path} is missing (was the run directory prepared?)")
     try:
         return torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
+    except Exception as err:
         raise DataError(f"prepared data {path} is unreadable: {err}") from err
 
 
