@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,12 @@ def fit(
         run_dir = _create_run_dir(out, cfg.recipe)
         save_config(cfg, run_dir / CONFIG_FILE_NAME)
         console.print(f"[bold]fedvlm fit[/] recipe={cfg.recipe} → {run_dir}")
-        with console.status("preparing data ..."):
-            meta = get_task(cfg.task).prepare(cfg, run_dir)
+        try:
+            with console.status("preparing data ..."):
+                meta = get_task(cfg.task).prepare(cfg, run_dir)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written stays behind
+            raise
         console.print(
             f"data: {meta['num_samples']} samples, {meta['num_train']} train across "
             f"{meta['num_clients']} client(s), {meta['num_test']} held-out test"

@@ -1,0 +1,151 @@
+"""End-to-end: the CLI's ``main(argv)`` in-process, on the demo recipe shrunk to seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedvlm.cli import main
+from fedvlm.config import load_config
+from fedvlm.data.manifest import read_manifest
+from fedvlm.models.leukemia import LeukemiaModule
+from fedvlm.runs import load_checkpoint, read_metrics
+from fedvlm.tasks import get_task
+
+REQUIRED_KEYS = {
+    "round", "test/accuracy", "test/auroc", "test/stage_macro_f1", "test/stage_macro_precision",
+    "test/stage_macro_recall", "train/loss", "round_seconds", "bytes_sent", "bytes_received", "update_norm",
+}
+
+
+@pytest.mark.slow
+def test_fit_demo_recipe_writes_a_complete_run_directory(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides]) == 0
+
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg.federation.rounds == 2 and cfg.data.synthetic.n == 240 and cfg.recipe == "leukemia_demo"
+
+    rows = read_metrics(run_dir)
+    assert [row["round"] for row in rows] == [1, 2]
+    for row in rows:
+        assert REQUIRED_KEYS <= set(row)
+        assert 0.0 <= row["test/auroc"] <= 1.0 and row["update_norm"] > 0
+        assert row["bytes_sent"] > row["bytes_received"] > 0  # full model down, trainable keys up
+        assert set(row["clients"]) == {"0", "1", "2"} and row["failed_clients"] == {}
+
+    partition = json.loads((run_dir / "partition.json").read_text())
+    meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    assert sum(client["num_samples"] for client in partition["clients"]) == meta["num_train"]
+    assert partition["test"]["num_samples"] == meta["num_test"] == pytest.approx(0.2 * 240, abs=6)
+    assert set(partition["clients"][0]["by_label"]) == {
+        "negative", "stage_I", "stage_II", "stage_III", "stage_IV", "positive_unknown_stage",
+    }
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # best.ckpt is the round with the best stage macro-F1, and reloading it reproduces that row.
+    best = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")["fedvlm"]
+    best_row = max(rows, key=lambda r: r["test/stage_macro_f1"])
+    assert best["best_round"] == best_row["round"]
+    module = LeukemiaModule.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    task = get_task("leukemia")
+    metrics = task.make_metrics(cfg, mergeable=False)
+    task.evaluate(module, task.load_test(run_dir), metrics, batch_size=16)
+    assert task.scalar_metrics(metrics)["accuracy"] == pytest.approx(best_row["test/accuracy"])
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert last["fedvlm"]["completed_round"] == 2
+
+
+@pytest.mark.slow
+def test_resume_after_a_failed_round_equals_an_uninterrupted_run(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    overrides = [*tiny_overrides, "federation.rounds=3", "federation.min_clients=3"]
+    straight = tmp_path / "straight"
+    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(straight), *overrides]) == 0
+
+    broken = tmp_path / "broken"
+    # Every client fails in round 3: the run stops with progress of rounds 1-2 kept.
+    faults = "federation.faults=[0@3,1@3,2@3]"
+    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(broken), *overrides, faults]) == 2
+    assert [row["round"] for row in read_metrics(broken)] == [1, 2]
+    assert main(["fit", "--resume", str(broken), "federation.faults=[]"]) == 0
+
+    expected = load_checkpoint(straight / "checkpoints" / "last.ckpt")["state_dict"]
+    resumed = load_checkpoint(broken / "checkpoints" / "last.ckpt")["state_dict"]
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0)
+    volatile = {"round_seconds", "clients"}
+    for row_a, row_b in zip(read_metrics(straight), read_metrics(broken), strict=True):
+        assert {k: v for k, v in row_a.items() if k not in volatile} == {
+            k: v for k, v in row_b.items() if k not in volatile
+        }
+
+
+@pytest.mark.slow
+def test_a_failing_client_is_reported_and_left_out(
+    tmp_path: Path, tiny_overrides: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    code = main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides, "federation.faults=[1@1]"])
+    assert code == 0
+    first, second = read_metrics(run_dir)
+    assert first["num_clients"] == 2 and set(first["failed_clients"]) == {"1"}
+    assert "injected failure of client 1 in round 1" in first["failed_clients"]["1"]
+    assert "1" not in {k for k, v in first["clients"].items() if "train/loss" in v}
+    assert second["num_clients"] == 3 and second["failed_clients"] == {}
+    assert "failed: 1 (injected failure" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_too_few_clients_stop_the_run_naming_them(
+    tmp_path: Path, tiny_overrides: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    code = main([
+        "fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides,
+        "federation.min_clients=3", "federation.faults=[2@1]",
+    ])
+    assert code == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "round 1: only 2 of 3 clients answered (federation.min_clients=3); client 2: injected failure" in out
+    assert "fedvlm fit --resume" in out
+
+
+@pytest.mark.slow
+def test_centralized_baseline_trains_one_client_on_the_pooled_data(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    run_dir = tmp_path / "central"
+    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides,
+                 "federation.mode=centralized"]) == 0
+    partition = json.loads((run_dir / "partition.json").read_text())
+    meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    assert len(partition["clients"]) == 1 and partition["clients"][0]["num_samples"] == meta["num_train"]
+    assert [row["num_clients"] for row in read_metrics(run_dir)] == [1, 1]
+
+
+def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "no_such_data"
+    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), "data.format=manifest",
+                 f"data.root={missing}"]) == 2
+    assert str(missing) in " ".join(capsys.readouterr().out.split())
+    assert not run_dir.exists()
+    assert main(["fit", "--recipe", "nope"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().out
+    assert main(["fit", "--recipe", "leukemia_demo", "federation.roundz=2"]) == 2
+    assert "Key 'roundz' not in 'FederationConfig'" in capsys.readouterr().out
+
+
+def test_recipes_command_lists_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "leukemia_demo" in out and "leukemia " in out
+
+
+def test_data_synth_writes_a_readable_manifest(tmp_path: Path) -> None:
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "40", "--size", "48", "--sites", "2"]) == 0
+    records = read_manifest(tmp_path / "manifest.csv")
+    assert len(records) == 40 and {r.site for r in records} == {"site00", "site01"}
+    assert all(r.report for r in records)
