@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ def simulate(cfg: DictConfig, run_dir: Path, resume: bool = False, report: Round
     outcome: dict[str, Any] = {}
     federation = cfg.federation
     num_supernodes = 1 if federation.mode == "centralized" else int(federation.num_clients)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # run_simulation's deprecation notice points to `flwr run`; `fedvlm fit` is our front door.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=make_server_app(cfg, run_dir, resume, report, outcome),
         client_app=make_client_app(run_dir),
