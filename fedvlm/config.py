@@ -122,9 +122,9 @@ class TrainerConfig:
 class FederationConfig:
     """The federated round loop.
 
-    ``mode`` is ``simulation`` (Flower simulation on Ray), ``local`` (the same ServerApp and
-    ClientApp run in-process, one client after another) or ``centralized`` (one client holding
-    the pooled training data: the paper's centralized baseline, through the same code).
+    ``mode`` is ``simulation`` (Flower simulation on Ray, one SuperNode per client) or
+    ``centralized`` (one client holding the pooled training data: the paper's centralized
+    baseline, through the same code).
     """
 
     mode: str = "simulation"
@@ -160,12 +160,10 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("leukemia",),
     "model.modality": ("fused", "image", "text"),
-    "model.fusion": ("concat", "gated"),
     "optim.name": ("sgd", "adamw"),
     "optim.lr_schedule": ("linear", "constant"),
-    "federation.mode": ("simulation", "local", "centralized"),
+    "federation.mode": ("simulation", "centralized"),
 }
 
 
@@ -270,6 +268,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"federation.clients_per_round={cfg.federation.clients_per_round} exceeds "
             f"federation.num_clients={cfg.federation.num_clients}"
+        )
+    if cfg.federation.min_clients > cfg.federation.num_clients or (
+        cfg.federation.clients_per_round and cfg.federation.min_clients > cfg.federation.clients_per_round
+    ):
+        raise ConfigError(
+            f"federation.min_clients={cfg.federation.min_clients} exceeds the clients asked each round "
+            f"(num_clients={cfg.federation.num_clients}, clients_per_round={cfg.federation.clients_per_round})"
         )
     if cfg.federation.proximal_mu < 0:
         raise ConfigError(f"federation.proximal_mu={cfg.federation.proximal_mu} must be >= 0")

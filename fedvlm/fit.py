@@ -6,20 +6,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
 from fedvlm.errors import ConfigError
+from fedvlm.registry import Registry
 from fedvlm.runs import CURVES_FILE, new_run_dir, plot_curves, read_metrics
 from fedvlm.tasks import get_task
-
-CURVE_KEYS = ("test/accuracy", "test/auroc", "test/stage_macro_f1")
-SUMMARY_KEYS = (
-    "test/accuracy", "test/auroc", "test/stage_macro_f1", "test/stage_macro_precision",
-    "test/stage_macro_recall", "val/auroc", "train/loss", "update_norm",
-)
 
 
 def fit(
@@ -46,10 +41,13 @@ def fit(
         if not (run_dir / CONFIG_FILE_NAME).is_file():
             raise ConfigError(f"cannot resume {run_dir}: it has no {CONFIG_FILE_NAME}")
         cfg = load_config(run_dir / CONFIG_FILE_NAME, overrides)
+        _check_resume_overrides(load_config(run_dir / CONFIG_FILE_NAME), cfg)
+        check_components(cfg)
         save_config(cfg, run_dir / CONFIG_FILE_NAME)
         console.print(f"[bold]Resuming[/] {run_dir}")
     else:
         cfg = load_config(recipe, overrides)
+        check_components(cfg)
         run_dir = _create_run_dir(out, cfg.recipe)
         save_config(cfg, run_dir / CONFIG_FILE_NAME)
         console.print(f"[bold]fedvlm fit[/] recipe={cfg.recipe} → {run_dir}")
@@ -64,15 +62,59 @@ def fit(
             f"{meta['num_clients']} client(s), {meta['num_test']} held-out test"
         )
 
-    reporter = RoundDisplay(console, cfg)
+    reporter = RoundDisplay(console, cfg, get_task(cfg.task).curve_metrics)
     with reporter:
         simulate(cfg, run_dir, resume=resume is not None, report=reporter.update)
     rows = read_metrics(run_dir)
     if rows:
-        plot_curves(run_dir, rows, CURVE_KEYS)
-        console.print(summary_table(rows, cfg))
+        task = get_task(cfg.task)
+        plot_curves(run_dir, rows, task.curve_metrics)
+        console.print(summary_table(rows, cfg, task.selection_metric))
     console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, {CURVES_FILE})")
     return run_dir
+
+
+def check_components(cfg: DictConfig) -> None:
+    """Fail before any work if a recipe names a component no registry has.
+
+    Raises:
+        ConfigError: Naming the key and listing the valid names.
+    """
+    from fedvlm.data.partition import partitioners
+    from fedvlm.federation.codecs import update_codecs
+    from fedvlm.federation.strategies import strategies
+    from fedvlm.models.encoders import image_encoders, text_encoders
+    from fedvlm.models.fusion import fusions
+    from fedvlm.tasks import get_task
+
+    named: dict[str, tuple[Registry[Any], str]] = {
+        "federation.strategy": (strategies, cfg.federation.strategy),
+        "federation.update_codec": (update_codecs, cfg.federation.update_codec),
+        "data.partition.name": (partitioners, cfg.data.partition.name),
+        "model.image_encoder.name": (image_encoders, cfg.model.image_encoder.name),
+        "model.text_encoder.name": (text_encoders, cfg.model.text_encoder.name),
+        "model.fusion": (fusions, cfg.model.fusion),
+    }
+    try:
+        get_task(cfg.task)
+    except KeyError as err:
+        raise ConfigError(f"task: {err.args[0]}") from None
+    for key, (registry, name) in named.items():
+        if name not in registry:
+            raise ConfigError(f"{key}={name!r}: unknown {registry.kind}; valid names: {', '.join(registry.names())}")
+
+
+FROZEN_ON_RESUME = ("task", "seed", "data", "model", "federation.mode", "federation.num_clients")
+"""Config keys that shaped the prepared data or the model: a resumed run cannot change them."""
+
+
+def _check_resume_overrides(saved: DictConfig, resumed: DictConfig) -> None:
+    for key in FROZEN_ON_RESUME:
+        before, after = OmegaConf.select(saved, key), OmegaConf.select(resumed, key)
+        if before != after:
+            raise ConfigError(
+                f"{key} cannot change on --resume (the run was prepared with {key}={before}); start a new run"
+            )
 
 
 def _create_run_dir(out: Path | None, recipe: str) -> Path:
@@ -87,10 +129,11 @@ def _create_run_dir(out: Path | None, recipe: str) -> Path:
 class RoundDisplay:
     """A rich progress bar over rounds with one summary line per completed round."""
 
-    def __init__(self, console: Console, cfg: DictConfig) -> None:
+    def __init__(self, console: Console, cfg: DictConfig, metric_keys: tuple[str, ...]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console
+        self.metric_keys = metric_keys
         self.progress = Progress(
             TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, transient=True,
@@ -106,11 +149,9 @@ class RoundDisplay:
 
     def update(self, row: dict[str, Any]) -> None:
         failed = row.get("failed_clients") or {}
+        values = "  ".join(f"{key.split('/')[-1]} {row.get(key, float('nan')):.3f}" for key in self.metric_keys)
         line = (
-            f"round {row['round']:>3}  acc {row.get('test/accuracy', float('nan')):.3f}  "
-            f"auroc {row.get('test/auroc', float('nan')):.3f}  "
-            f"stage F1 {row.get('test/stage_macro_f1', float('nan')):.3f}  "
-            f"loss {row.get('train/loss', float('nan')):.3f}  "
+            f"round {row['round']:>3}  {values}  loss {row.get('train/loss', float('nan')):.3f}  "
             f"{row['round_seconds']:.1f}s  ↑{row['bytes_received'] / 1e6:.1f}MB ↓{row['bytes_sent'] / 1e6:.1f}MB"
         )
         if failed:
@@ -121,16 +162,16 @@ class RoundDisplay:
         self.progress.update(self.task_id, completed=row["round"])
 
 
-def summary_table(rows: list[dict[str, Any]], cfg: DictConfig) -> Table:
-    """Final and best-round values of the headline metrics."""
-    best = max(rows, key=lambda r: r.get("test/stage_macro_f1", float("-inf")))
+def summary_table(rows: list[dict[str, Any]], cfg: DictConfig, selection_metric: str) -> Table:
+    """Final and best-round (by ``selection_metric``) values of the headline metrics."""
+    best = max(rows, key=lambda r: r.get(selection_metric, float("-inf")))
     last = rows[-1]
     table = Table(title=f"{cfg.recipe}: {len(rows)} rounds ({cfg.federation.mode}, {cfg.federation.strategy})")
     table.add_column("metric")
     table.add_column(f"last (round {last['round']})", justify="right")
     table.add_column(f"best (round {best['round']})", justify="right")
-    for key in SUMMARY_KEYS:
-        if key in last:
+    keys = [key for key in last if key.startswith(("test/", "val/")) or key in ("train/loss", "update_norm")]
+    for key in keys:
             table.add_row(key, f"{last[key]:.4f}", f"{best.get(key, float('nan')):.4f}")
     total_bytes = sum(r["bytes_sent"] + r["bytes_received"] for r in rows)
     table.add_row("traffic (MB, all rounds)", f"{total_bytes / 1e6:.1f}", "")

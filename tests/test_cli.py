@@ -32,7 +32,7 @@ def test_fit_demo_recipe_writes_a_complete_run_directory(tmp_path: Path, tiny_ov
     rows = read_metrics(run_dir)
     assert [row["round"] for row in rows] == [1, 2]
     for row in rows:
-        assert REQUIRED_KEYS <= set(row)
+        assert set(row) >= REQUIRED_KEYS
         assert 0.0 <= row["test/auroc"] <= 1.0 and row["update_norm"] > 0
         assert row["bytes_sent"] > row["bytes_received"] > 0  # full model down, trainable keys up
         assert set(row["clients"]) == {"0", "1", "2"} and row["failed_clients"] == {}
@@ -136,6 +136,24 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path: Path, caps
     assert "unknown recipe 'nope'" in capsys.readouterr().out
     assert main(["fit", "--recipe", "leukemia_demo", "federation.roundz=2"]) == 2
     assert "Key 'roundz' not in 'FederationConfig'" in capsys.readouterr().out
+    # Unknown component names fail before any data is prepared.
+    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), "federation.strategy=fedsgd"]) == 2
+    assert "federation.strategy='fedsgd': unknown strategy; valid names: fedavg, fedprox" in capsys.readouterr().out
+    assert not run_dir.exists()
+
+
+def test_resume_refuses_changes_to_what_shaped_the_run(
+    tmp_path: Path, tiny_overrides: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedvlm.config import save_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config("leukemia_demo", tiny_overrides), run_dir / "config.yaml")
+    before = (run_dir / "config.yaml").read_text()
+    assert main(["fit", "--resume", str(run_dir), "federation.num_clients=4"]) == 2
+    assert "federation.num_clients cannot change on --resume" in " ".join(capsys.readouterr().out.split())
+    assert (run_dir / "config.yaml").read_text() == before  # the saved config is untouched
 
 
 def test_recipes_command_lists_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:

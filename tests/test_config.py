@@ -20,7 +20,8 @@ def test_recipe_then_overrides_are_merged_over_defaults() -> None:
     [
         ("federation.roundz=3", "federation.roundz=3: Key 'roundz' not in 'FederationConfig'"),
         ("federation.rounds=abc", "federation.rounds=abc: Value 'abc' of type 'str' could not be converted"),
-        ("model.fusion=sum", "model.fusion='sum' is not one of: concat, gated"),
+        ("model.modality=audio", "model.modality='audio' is not one of: fused, image, text"),
+        ("federation.min_clients=11", "federation.min_clients=11 exceeds the clients asked each round"),
         ("federation.rounds=0", "federation.rounds=0 must be positive"),
         ("data.test_fraction=1.5", r"data.test_fraction=1.5 must be in \(0, 1\)"),
         ("federation.clients_per_round=11", "clients_per_round=11 exceeds federation.num_clients=10"),

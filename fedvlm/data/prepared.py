@@ -82,7 +82,7 @@ def subset(bundle: Mapping[str, torch.Tensor], rows: Sequence[int] | np.ndarray)
 
 def bundle_size(bundle: Mapping[str, torch.Tensor]) -> int:
     """Number of samples in a bundle."""
-    return int(bundle["leukemia"].shape[0])
+    return int(next(iter(bundle.values())).shape[0])
 
 
 def save_bundle(bundle: Mapping[str, torch.Tensor], path: Path) -> None:

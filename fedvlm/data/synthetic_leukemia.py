@@ -14,6 +14,8 @@ The cases are calibrated so that **neither modality alone suffices** and fusion 
   lymphocytes of a negative), so the image says nothing about the label beyond "ambiguous".
 * **Report.** An *informative* report states the blast percentage ("Peripheral blasts 45%"),
   which decides the label and the stage exactly; negatives with 0 % read "no blasts seen".
+  A share :data:`P_IMPRESSION` of informative reports also closes with the clinician's
+  impression ("Impression: acute leukemia, stage III." / "no evidence of leukemia.").
   With probability ``p_report_omits_values`` the report omits it (and all diagnostic wording),
   keeping only weak evidence: symptoms (present or negated, somewhat more frequent in positives)
   and CBC values (higher WBC, lower Hb and platelets in positives, worse with stage, overlapping
@@ -193,6 +195,12 @@ REPORT_TEMPLATES = (
 """Site ``k`` writes with template ``k % 5``; sites 5–9 write ``"45 %"``, sites 0–4 ``"45%"``."""
 
 _CONNECTING_WORDS = ("Denies", "No", "and", "or", "Symptom review unremarkable.")
+
+P_IMPRESSION = 0.6
+"""Share of informative reports that also state the clinician's impression (stage wording)."""
+IMPRESSION_POSITIVE = "Impression: acute leukemia, stage {stage}."
+IMPRESSION_NEGATIVE = "Impression: no evidence of leukemia."
+STAGE_WORDS = ("I", "II", "III", "IV")
 _TOKEN_PATTERN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
@@ -213,7 +221,8 @@ def report_vocabulary() -> list[str]:
     Returns:
         Lower-cased word and punctuation tokens, including every number ``0..999``.
     """
-    literals: list[str] = [*SYMPTOMS, *OCCUPATIONS, *_CONNECTING_WORDS]
+    literals: list[str] = [*SYMPTOMS, *OCCUPATIONS, *_CONNECTING_WORDS, *STAGE_WORDS]
+    literals.extend([IMPRESSION_NEGATIVE, *(lit for lit, *_ in string.Formatter().parse(IMPRESSION_POSITIVE))])
     for template in REPORT_TEMPLATES:
         literals.extend(template.sex_words)
         texts = (template.demographics, template.symptoms_present, template.cbc, template.blasts, template.no_blasts)
@@ -341,8 +350,16 @@ def _write_report(rng: np.random.Generator, patient: _Patient, site_index: int) 
             sections["blasts"] = template.blasts.format(percent=percent)
             blast_word = next(t for t in report_tokens(template.blasts) if t.startswith("blast"))
             signal_words = (blast_word, str(patient.blast_percent))
+    impression = ""
+    if patient.informative_report and rng.random() < P_IMPRESSION:
+        if patient.stage is None:
+            impression = IMPRESSION_NEGATIVE
+        else:
+            stage_word = STAGE_WORDS[patient.stage]
+            impression = IMPRESSION_POSITIVE.format(stage=stage_word)
+            signal_words = (*signal_words, "stage", stage_word.lower())
     report = " ".join(sections[name] for name in template.sections if name in sections)
-    return report, signal_words
+    return f"{report} {impression}".strip(), signal_words
 
 
 def generate_leukemia_with_truth(

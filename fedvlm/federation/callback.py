@@ -23,7 +23,8 @@ class FederatedRoundCallback(L.Callback):
         global_state: The global weights of this round (all keys, or the subset that travels).
         proximal_mu: FedProx μ. The local objective becomes ``F_k(w) + μ/2 ‖w − w_global‖²``
             (Li et al. 2020, Eq. 2); its gradient ``μ (w − w_global)`` is added to every
-            trainable parameter's gradient after backward, before the optimiser step.
+            trainable parameter's gradient just before the optimiser step — after mixed
+            precision has unscaled the gradients, before gradient clipping.
 
     Attributes:
         local_state: After ``fit``, the trained values of the keys that travel this round
@@ -48,7 +49,9 @@ class FederatedRoundCallback(L.Callback):
             }
 
     @override
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if not self._anchors:
             return
         with torch.no_grad():
@@ -58,8 +61,9 @@ class FederatedRoundCallback(L.Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Flower's ArrayRecord has no bfloat16: such weights travel as float32.
         self.local_state = {
-            key: value.detach().cpu().clone()
+            key: (value.float() if value.dtype == torch.bfloat16 else value).detach().cpu().clone()
             for key, value in pl_module.state_dict().items()
             if key in travelling_keys(pl_module)
         }

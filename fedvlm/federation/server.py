@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -34,6 +35,7 @@ from omegaconf import DictConfig
 from fedvlm.errors import FederationError
 from fedvlm.evaluation.metrics import merge_states
 from fedvlm.federation import keys
+from fedvlm.federation.callback import load_global_state
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.federation.strategies import ClientUpdate, strategies
 from fedvlm.runs import (
@@ -95,6 +97,12 @@ def sample_clients(partition_ids: Sequence[int], clients_per_round: int, seed: i
     return sorted(int(p) for p in rng.choice(ordered, size=clients_per_round, replace=False))
 
 
+def evaluation_device(cfg: DictConfig) -> torch.device:
+    """Where the server evaluates: the first GPU when the recipe trains on GPUs and one exists."""
+    wants_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto")
+    return torch.device("cuda") if wants_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
 def update_norm(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> float:
     """``‖θ(t+1) − θ(t)‖₂`` over the floating-point entries (Eq. 6 of Fed-MMX)."""
     total = 0.0
@@ -125,10 +133,11 @@ class FederatedServer:
         self.report = report or (lambda row: None)
         self.strategy = strategies.create(cfg.federation.strategy, cfg.federation)
         self.codec = update_codecs.create(cfg.federation.update_codec)
-        self.module = task.build_module(cfg, run_dir)
+        L.seed_everything(int(cfg.seed), verbose=False)  # the initial global model follows the seed
+        self.module = task.build_module(cfg, run_dir).to(evaluation_device(cfg))
         self.test_bundle = task.load_test(run_dir)
         self.progress = Progress()
-        self.global_state: State = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self.global_state: State = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         if resume:
             self._restore()
 
@@ -173,7 +182,7 @@ class FederatedServer:
         ]
         bytes_sent = downlink.count_bytes() * len(messages)
         replies, failed = self._exchange(grid, messages, nodes, float(federation.round_timeout))
-        if len(replies) < federation.min_clients:
+        if len(replies) < min(int(federation.min_clients), len(nodes)):
             reasons = "; ".join(f"client {pid}: {why}" for pid, why in sorted(failed.items()))
             raise FederationError(
                 f"round {server_round}: only {len(replies)} of {len(sampled)} clients answered "
@@ -210,9 +219,10 @@ class FederatedServer:
             for u in updates
         }
         if federation.evaluate_clients:
-            pooled, per_client, sent, received = self._evaluate_on_clients(grid, nodes)
+            pooled, per_client, sent, received, eval_failed = self._evaluate_on_clients(grid, nodes)
             bytes_sent += sent
             bytes_received += received
+            row["failed_evaluations"] = {str(pid): why for pid, why in sorted(eval_failed.items())}
             row.update({f"val/{k}": v for k, v in pooled.items()})
             for pid, values in per_client.items():
                 clients.setdefault(str(pid), {}).update({f"val/{k}": v for k, v in values.items()})
@@ -250,14 +260,14 @@ class FederatedServer:
         return answered, failed
 
     def _evaluate_on_server(self) -> dict[str, float]:
-        self.module.load_state_dict(self.global_state)
+        load_global_state(self.module, self.global_state)
         metrics = self.task.make_metrics(self.cfg, mergeable=False)
         self.task.evaluate(self.module, self.test_bundle, metrics, int(self.cfg.trainer.batch_size))
         return self.task.scalar_metrics(metrics)
 
     def _evaluate_on_clients(
         self, grid: Grid, nodes: Mapping[int, int]
-    ) -> tuple[dict[str, float], dict[int, dict[str, float]], int, int]:
+    ) -> tuple[dict[str, float], dict[int, dict[str, float]], int, int, dict[int, str]]:
         """Pooled and per-client metrics on the clients' local validation splits.
 
         Pooled values come from summing the clients' metric *states* (counts), never from
@@ -269,7 +279,7 @@ class FederatedServer:
                     message_type=keys.EVALUATE)
             for _, node in sorted(nodes.items())
         ]
-        replies, _ = self._exchange(grid, messages, nodes, float(self.cfg.federation.round_timeout))
+        replies, failed = self._exchange(grid, messages, nodes, float(self.cfg.federation.round_timeout))
         pooled = self.task.make_metrics(self.cfg, mergeable=True)
         per_client: dict[int, dict[str, float]] = {}
         states = []
@@ -288,10 +298,11 @@ class FederatedServer:
             local = self.task.make_metrics(self.cfg, mergeable=True)
             merge_states(local, [state])
             per_client[pid] = self.task.scalar_metrics(local)
+        sent = downlink.count_bytes() * len(messages)
         if not states:
-            return {}, per_client, downlink.count_bytes() * len(messages), received
+            return {}, per_client, sent, received, failed
         merge_states(pooled, states)
-        return self.task.scalar_metrics(pooled), per_client, downlink.count_bytes() * len(messages), received
+        return self.task.scalar_metrics(pooled), per_client, sent, received, failed
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -317,10 +328,13 @@ class FederatedServer:
     def _restore(self) -> None:
         path = self.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         if not path.is_file():
-            raise FederationError(f"cannot resume: {path} does not exist (no round was completed)")
+            return  # no round was completed: start from round 1 on the prepared data
         checkpoint = load_checkpoint(path)
-        saved = checkpoint["fedvlm"]
-        self.progress = Progress(**saved)
+        self.progress = Progress(**checkpoint["fedvlm"])
+        # Convergence is judged with the tolerance in force now (a resume may relax it).
+        tolerance = float(self.cfg.federation.convergence_tol)
+        last_norm = self.progress.history[-1]["update_norm"] if self.progress.history else math.inf
+        self.progress.converged = tolerance > 0 and last_norm < tolerance
         missing = set(self.global_state) - set(checkpoint["state_dict"])
         if missing:
             raise FederationError(f"cannot resume: {path} lacks weights {sorted(missing)[:5]}")
@@ -349,8 +363,9 @@ class FederatedServer:
 
 
 def _error_reason(reply: Message) -> str:
+    """The client's exception message, without the Ray/Flower wrapping around it."""
     reason = str(reply.error.reason)
     for line in reversed(reason.splitlines()):
         if "Message:" in line:
-            return line.split("Message:", 1)[1].strip()
+            return line.split("Message:", 1)[1].strip().rstrip("'>").strip()
     return reason.strip().splitlines()[-1] if reason.strip() else f"error code {reply.error.code}"

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 from fedvlm.errors import ConfigError
 from fedvlm.registry import Registry
 
+POOLINGS = ("mean", "max", "cls")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
@@ -56,18 +57,25 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """A ``transformers`` encoder mapping token ids ``[B, L]`` to embeddings ``[B, out_dim]``.
 
-    The embedding is the attention-masked mean of the last hidden states (more stable than the
-    [CLS] vector for small models trained from scratch).
+    The embedding pools the last hidden states over the attention mask: ``mean`` (default),
+    ``max`` (picks up single decisive tokens, such as a blast percentage, in long reports) or
+    ``cls`` (the first token, as in BERT's pre-training).
 
     Args:
         pretrained: None for a randomly initialised BERT built from ``options``, else a hub id or
             local folder loaded with ``AutoModel.from_pretrained``.
         vocab_size: Tokenizer vocabulary size (random init only).
+        pooling: ``mean``, ``max`` or ``cls``.
         **options: ``BertConfig`` fields for random init (``hidden_size``, ``num_hidden_layers``...).
     """
 
-    def __init__(self, pretrained: str | None, vocab_size: int | None, **options: Any) -> None:
+    def __init__(
+        self, pretrained: str | None, vocab_size: int | None, pooling: str = "mean", **options: Any
+    ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"text encoder pooling={pooling!r} is not one of: {', '.join(POOLINGS)}")
+        self.pooling = pooling
         if pretrained is None:
             if vocab_size is None:
                 raise ConfigError("a randomly initialised text encoder needs the tokenizer's vocab_size")
@@ -82,7 +90,11 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "max":
+            return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
@@ -136,13 +148,17 @@ _BERT_MICRO = {
 @text_encoders.register("bert_micro")
 def bert_micro(pretrained: str | None, vocab_size: int | None, **options: Any) -> TextEncoder:
     """A 2-layer, 64-wide BERT (random init unless ``pretrained`` is given)."""
-    return TextEncoder(pretrained, vocab_size, **({} if pretrained else {**_BERT_MICRO, **options}))
+    return TextEncoder(pretrained, vocab_size, **(options if pretrained else {**_BERT_MICRO, **options}))
+
+
+DEFAULT_PRETRAINED = {"clinicalbert": "emilyalsentzer/Bio_ClinicalBERT"}
+"""Text encoders that are always pretrained, and the weights they load when none are named."""
 
 
 @text_encoders.register("clinicalbert")
 def clinicalbert(pretrained: str | None, vocab_size: int | None, **options: Any) -> TextEncoder:
     """Bio_ClinicalBERT (Alsentzer et al. 2019), the Fed-MMX paper's text encoder."""
-    return TextEncoder(pretrained or "emilyalsentzer/Bio_ClinicalBERT", vocab_size, **options)
+    return TextEncoder(pretrained or DEFAULT_PRETRAINED["clinicalbert"], vocab_size, **options)
 
 
 @text_encoders.register("hf")
@@ -163,6 +179,12 @@ def build_text_encoder(spec: Mapping[str, Any], vocab_size: int | None) -> TextE
     """Build the text encoder a config section describes (``name``, ``pretrained``, ``options``)."""
     options = dict(spec.get("options") or {})
     return text_encoders.create(spec["name"], spec.get("pretrained"), vocab_size, **options)
+
+
+def tokenizer_source(spec: Mapping[str, Any]) -> str | None:
+    """Where the text encoder's tokenizer comes from: ``tokenizer``, else the pretrained weights
+    (explicit or the encoder's default); None means "build a word tokenizer from text"."""
+    return spec.get("tokenizer") or spec.get("pretrained") or DEFAULT_PRETRAINED.get(spec["name"])
 
 
 def _local_or_hub(pretrained: str) -> str:

@@ -24,10 +24,12 @@ class Task(Protocol):
     Attributes:
         name: Registry name, the ``task`` config value.
         selection_metric: The ``metrics.jsonl`` key that selects ``best.ckpt`` (higher is better).
+        curve_metrics: The ``metrics.jsonl`` keys plotted in ``curves.png``.
     """
 
     name: str
     selection_metric: str
+    curve_metrics: tuple[str, ...]
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         """Load, split and partition the data; write ``RUN_DIR/data/`` and ``partition.json``.

@@ -18,6 +18,7 @@ from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, make_loader, 
 from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
 from fedvlm.errors import DataError
 from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
+from fedvlm.models.encoders import tokenizer_source
 from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
 from fedvlm.tasks.base import DATA_DIR, import_class, read_meta, tasks, write_meta
@@ -81,7 +82,8 @@ class LeukemiaTask:
     """Leukemia detection and staging (Fed-MMX)."""
 
     name = "leukemia"
-    selection_metric = "test/stage_macro_f1"
+    selection_metric = "test/stage_macro_f1"  # as in the paper
+    curve_metrics = ("test/accuracy", "test/auroc", "test/stage_macro_f1")
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         records = load_records(cfg)
@@ -101,7 +103,7 @@ class LeukemiaTask:
 
         tokenizer = None
         if cfg.model.modality != "image":
-            source = cfg.model.text_encoder.tokenizer or cfg.model.text_encoder.pretrained
+            source = tokenizer_source(cfg.model.text_encoder)
             tokenizer = (
                 load_tokenizer(source) if source
                 else build_word_tokenizer(records[i].report for i in train_idx)
@@ -113,7 +115,9 @@ class LeukemiaTask:
         save_bundle(subset(everything, test_idx), data_dir / "test.pt")
         client_sizes = []
         for client, indices in enumerate(client_indices):
-            local_train, local_val = _local_split(classes, patients, indices, cfg.data.val_fraction, cfg.seed + client)
+            local_train, local_val = _local_split(
+                classes, patients, indices, cfg.data.val_fraction, cfg.seed + client, client
+            )
             save_bundle(subset(everything, local_train), data_dir / f"client_{client:03d}_train.pt")
             save_bundle(subset(everything, local_val), data_dir / f"client_{client:03d}_val.pt")
             client_sizes.append({"train": len(local_train), "val": len(local_val)})
@@ -183,12 +187,18 @@ class LeukemiaTask:
 
 
 def _local_split(
-    classes: np.ndarray, patients: np.ndarray, indices: np.ndarray, val_fraction: float, seed: int
+    classes: np.ndarray, patients: np.ndarray, indices: np.ndarray, val_fraction: float, seed: int, client: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split one client's samples into local train and validation (by patient, stratified)."""
     if val_fraction <= 0 or len(np.unique(patients[indices])) < 4:
         return indices, indices[:0]
-    train_rows, val_rows = split_train_test(classes[indices], patients[indices], val_fraction, seed)
+    try:
+        train_rows, val_rows = split_train_test(classes[indices], patients[indices], val_fraction, seed)
+    except DataError as err:
+        raise DataError(
+            f"client {client}: cannot split its {len(indices)} samples into local train/validation ({err}); "
+            "set data.val_fraction=0 or give the client more data"
+        ) from None
     return indices[train_rows], indices[val_rows]
 
 

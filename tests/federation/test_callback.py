@@ -71,7 +71,7 @@ def test_proximal_gradient_is_mu_times_distance() -> None:
     with torch.no_grad():
         module.linear.weight.copy_(torch.tensor([[1.0, 2.0, -2.0]]))
     module.linear.weight.grad = torch.zeros(1, 3)
-    callback.on_after_backward(None, module)  # type: ignore[arg-type]
+    callback.on_before_optimizer_step(None, module, None)  # type: ignore[arg-type]
     torch.testing.assert_close(module.linear.weight.grad, torch.tensor([[0.5, 1.0, -1.0]]))
 
 
