@@ -54,6 +54,7 @@ class DataConfig:
     root: str | None = None
     reports: str | None = None
     image_size: int = 64
+    augment: str = "none"
     max_text_length: int = 96
     test_fraction: float = 0.2
     val_fraction: float = 0.1
@@ -161,6 +162,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.modality": ("fused", "image", "text"),
+    "data.augment": ("none", "dihedral"),
     "optim.name": ("sgd", "adamw"),
     "optim.lr_schedule": ("linear", "constant"),
     "federation.mode": ("simulation", "centralized"),

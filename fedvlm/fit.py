@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,12 @@ def check_components(cfg: DictConfig) -> None:
     from fedvlm.models.fusion import fusions
     from fedvlm.tasks import get_task
 
+    if cfg.model.module_class:  # a user's module may register its own components on import
+        module_path = cfg.model.module_class.rpartition(".")[0]
+        try:
+            importlib.import_module(module_path)
+        except ImportError as err:
+            raise ConfigError(f"model.module_class={cfg.model.module_class!r} cannot be imported: {err}") from None
     named: dict[str, tuple[Registry[Any], str]] = {
         "federation.strategy": (strategies, cfg.federation.strategy),
         "federation.update_codec": (update_codecs, cfg.federation.update_codec),
@@ -164,7 +171,7 @@ class RoundDisplay:
 
 def summary_table(rows: list[dict[str, Any]], cfg: DictConfig, selection_metric: str) -> Table:
     """Final and best-round (by ``selection_metric``) values of the headline metrics."""
-    best = max(rows, key=lambda r: r.get(selection_metric, float("-inf")))
+    best = max(rows, key=lambda r: _number(r.get(selection_metric)))
     last = rows[-1]
     table = Table(title=f"{cfg.recipe}: {len(rows)} rounds ({cfg.federation.mode}, {cfg.federation.strategy})")
     table.add_column("metric")
@@ -172,8 +179,13 @@ def summary_table(rows: list[dict[str, Any]], cfg: DictConfig, selection_metric:
     table.add_column(f"best (round {best['round']})", justify="right")
     keys = [key for key in last if key.startswith(("test/", "val/")) or key in ("train/loss", "update_norm")]
     for key in keys:
-            table.add_row(key, f"{last[key]:.4f}", f"{best.get(key, float('nan')):.4f}")
+        table.add_row(key, f"{_number(last[key]):.4f}", f"{_number(best.get(key)):.4f}")
     total_bytes = sum(r["bytes_sent"] + r["bytes_received"] for r in rows)
     table.add_row("traffic (MB, all rounds)", f"{total_bytes / 1e6:.1f}", "")
     table.add_row("time (s, all rounds)", f"{sum(r['round_seconds'] for r in rows):.1f}", "")
     return table
+
+
+def _number(value: Any) -> float:
+    """A metric read back from JSON: non-finite values were written as null."""
+    return float("nan") if value is None else float(value)

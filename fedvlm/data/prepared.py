@@ -107,10 +107,23 @@ def load_bundle(path: Path) -> Bundle:
         raise DataError(f"prepared data {path} is unreadable: {err}") from err
 
 
-class BundleDataset(Dataset[dict[str, torch.Tensor]]):
-    """A map-style dataset over a bundle; images become ImageNet-normalised floats."""
+AUGMENTATIONS = ("none", "dihedral")
+"""``dihedral``: a random flip/90° rotation (the 8 symmetries of the square) per training image,
+valid where orientation carries no meaning (blood smears; not chest X-rays)."""
 
-    def __init__(self, bundle: Mapping[str, torch.Tensor]) -> None:
+
+class BundleDataset(Dataset[dict[str, torch.Tensor]]):
+    """A map-style dataset over a bundle; images become ImageNet-normalised floats.
+
+    Args:
+        bundle: The tensors.
+        augment: One of :data:`AUGMENTATIONS` (training only).
+    """
+
+    def __init__(self, bundle: Mapping[str, torch.Tensor], augment: str = "none") -> None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={augment!r} is not one of: {', '.join(AUGMENTATIONS)}")
+        self.augment = augment
         self.bundle = dict(bundle)
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -120,7 +133,11 @@ class BundleDataset(Dataset[dict[str, torch.Tensor]]):
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         item = {key: value[row] for key, value in self.bundle.items()}
-        item["image"] = (item["image"].float() / 255.0 - self.mean) / self.std
+        image = item["image"]
+        if self.augment == "dihedral":
+            flip, quarter_turns = torch.randint(0, 2, ()).item(), int(torch.randint(0, 4, ()).item())
+            image = torch.rot90(image.flip(-1) if flip else image, quarter_turns, dims=(-2, -1))
+        item["image"] = (image.float() / 255.0 - self.mean) / self.std
         if "input_ids" in item:
             item["input_ids"] = item["input_ids"].long()
             item["attention_mask"] = item["attention_mask"].long()
@@ -133,10 +150,11 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     num_workers: int = 0,
+    augment: str = "none",
 ) -> DataLoader[dict[str, torch.Tensor]]:
     """A DataLoader over a bundle; shuffling is seeded so a round is reproducible."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        BundleDataset(bundle), batch_size=batch_size, shuffle=shuffle, generator=generator,
+        BundleDataset(bundle, augment), batch_size=batch_size, shuffle=shuffle, generator=generator,
         num_workers=num_workers, persistent_workers=False,
     )

@@ -196,7 +196,7 @@ REPORT_TEMPLATES = (
 
 _CONNECTING_WORDS = ("Denies", "No", "and", "or", "Symptom review unremarkable.")
 
-P_IMPRESSION = 0.6
+P_IMPRESSION = 0.8
 """Share of informative reports that also state the clinician's impression (stage wording)."""
 IMPRESSION_POSITIVE = "Impression: acute leukemia, stage {stage}."
 IMPRESSION_NEGATIVE = "Impression: no evidence of leukemia."

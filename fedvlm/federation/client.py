@@ -83,7 +83,8 @@ def train_locally(
     callback = FederatedRoundCallback(global_state, float(round_config.get(keys.PROXIMAL_MU, 0.0)))
     trainer = make_trainer(cfg, [callback], int(round_config[keys.LOCAL_EPOCHS]))
     loader = make_loader(
-        train_bundle, cfg.trainer.batch_size, shuffle=True, seed=round_seed, num_workers=cfg.trainer.num_workers
+        train_bundle, cfg.trainer.batch_size, shuffle=True, seed=round_seed, num_workers=cfg.trainer.num_workers,
+        augment=cfg.data.augment,
     )
     trainer.fit(module, loader)
     train_loss = trainer.callback_metrics.get("train/loss")

@@ -367,5 +367,5 @@ def _error_reason(reply: Message) -> str:
     reason = str(reply.error.reason)
     for line in reversed(reason.splitlines()):
         if "Message:" in line:
-            return line.split("Message:", 1)[1].strip().rstrip("'>").strip()
+            return line.split("Message:", 1)[1].strip().removesuffix("'>").strip()
     return reason.strip().splitlines()[-1] if reason.strip() else f"error code {reply.error.code}"

@@ -37,16 +37,19 @@ def make_server_app(
 def simulate(cfg: DictConfig, run_dir: Path, resume: bool = False, report: RoundReporter | None = None) -> Progress:
     """Run the federation of ``run_dir`` in a local Flower simulation.
 
-    One SuperNode per client (one in centralized mode); each ClientApp gets
-    ``federation.num_cpus_per_client`` CPUs (and GPUs), so on a 2-core machine two clients train
-    at a time.
+    One SuperNode per client; each ClientApp gets ``federation.num_cpus_per_client`` CPUs (and
+    GPUs), so on a 2-core machine two clients train at a time. In centralized mode the single
+    client gets every CPU.
 
     Raises:
         Exception: Whatever stopped the ServerApp (e.g. ``FederationError``), re-raised here.
     """
     outcome: dict[str, Any] = {}
     federation = cfg.federation
-    num_supernodes = 1 if federation.mode == "centralized" else int(federation.num_clients)
+    centralized = federation.mode == "centralized"
+    num_supernodes = 1 if centralized else int(federation.num_clients)
+    # The pooled baseline is one client: give it the whole machine, as federated clients share it.
+    num_cpus = float(os.cpu_count() or 1) if centralized else float(federation.num_cpus_per_client)
     # run_simulation's deprecation notice points to `flwr run`; `fedvlm fit` is our front door.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -56,7 +59,7 @@ def simulate(cfg: DictConfig, run_dir: Path, resume: bool = False, report: Round
         num_supernodes=num_supernodes,
         backend_config={
             "client_resources": {
-                "num_cpus": float(federation.num_cpus_per_client),
+                "num_cpus": num_cpus,
                 "num_gpus": float(federation.num_gpus_per_client),
             },
             "init_args": {"include_dashboard": False, "log_to_driver": False, "logging_level": "error"},
