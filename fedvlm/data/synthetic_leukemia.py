@@ -7,7 +7,7 @@ The cases are calibrated so that **neither modality alone suffices** and fusion 
   60–90 for stages I–IV (:data:`BLAST_PERCENT_BY_STAGE`).
 * **Image.** An *informative* image shows blasts (large cells, high nucleus/cytoplasm ratio,
   pale fine chromatin, nucleoli, Auer rods in ≈30 % of positive patients) in a number that
-  reflects the stage (:data:`BLAST_COUNT_BY_STAGE`: I 1–2, II 3–4, III 4–5, IV 6–9; none for
+  reflects the stage (:data:`BLAST_COUNT_BY_STAGE`: I 1–2, II 3–5, III 5–7, IV 8–11; none for
   negatives). It decides the label, and the stage except between II and III. With probability
   ``p_ambiguous_image`` the image is *uninformative*: it shows 0–2 equivocal atypical lymphoid
   cells drawn identically for both labels (small lymphocyte-like blasts of a positive, reactive
@@ -53,8 +53,8 @@ from fedvlm.errors import ConfigError
 NEGATIVE_BLAST_PERCENT = (0, 3)
 BLAST_PERCENT_BY_STAGE = ((5, 19), (20, 39), (40, 59), (60, 90))
 """Inclusive blast % range of each stage (0-based index); the report's value maps to it exactly."""
-BLAST_COUNT_BY_STAGE = ((1, 2), (3, 4), (4, 5), (6, 9))
-"""Inclusive number of blasts in an informative image of each stage; II and III overlap at 4."""
+BLAST_COUNT_BY_STAGE = ((1, 2), (3, 5), (5, 7), (8, 11))
+"""Inclusive number of blasts in an informative image of each stage; II and III overlap at 5."""
 AMBIGUOUS_ATYPICAL_CELLS = (0, 2)
 """Inclusive number of equivocal cells in an uninformative image, whatever the label."""
 AUER_ROD_PATIENT_FRACTION = 0.3
@@ -251,8 +251,8 @@ def blast_count_by_stage(stage: int, blast_percent: int) -> int:
     """Blasts drawn in an informative image: more within the stage's range for a higher %.
 
     Example:
-        >>> [blast_count_by_stage(1, percent) for percent in (20, 29, 30, 39)]
-        [3, 3, 4, 4]
+        >>> [blast_count_by_stage(1, percent) for percent in (20, 26, 27, 33, 34, 39)]
+        [3, 3, 4, 4, 5, 5]
     """
     low_percent, high_percent = BLAST_PERCENT_BY_STAGE[stage]
     low_count, high_count = BLAST_COUNT_BY_STAGE[stage]

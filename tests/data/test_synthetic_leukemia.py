@@ -20,7 +20,7 @@ from fedvlm.errors import ConfigError
 
 # The calibration as specified, written out here rather than imported from the module under test.
 BLAST_PERCENT_RANGE = {None: (0, 3), 0: (5, 19), 1: (20, 39), 2: (40, 59), 3: (60, 90)}
-BLAST_COUNT_RANGE = {0: (1, 2), 1: (3, 4), 2: (4, 5), 3: (6, 9)}
+BLAST_COUNT_RANGE = {0: (1, 2), 1: (3, 5), 2: (5, 7), 3: (8, 11)}
 PERCENT_PATTERN = re.compile(r"(\d+)\s?%")
 
 Cohort = tuple[list[LeukemiaRecord], np.ndarray, np.ndarray]
