@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "data" and args.data_command == "synth":
             _synth(args, console)
     except FedVLMError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {err}", soft_wrap=True)  # one line, however long
         return 2
     return 0
 

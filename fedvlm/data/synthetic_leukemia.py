@@ -27,7 +27,7 @@ The cases are calibrated so that **neither modality alone suffices** and fusion 
 With the defaults, the Bayes-optimal accuracy on the leukemia label is about 0.89 from the image
 alone (0.75 decided + 0.25 at the prior 0.55), about 0.88 from the report alone (0.65 decided +
 0.35 at ≈0.67, i.e. AUROC ≈0.73 from symptoms and CBC), and about 0.97 from both. For the stage
-(positives): ≈0.72 image-only, ≈0.77 report-only, ≈0.91 fused.
+(positives): ≈0.76 image-only (II/III tie at 5 blasts), ≈0.77 report-only, ≈0.92 fused.
 
 Sites differ by feature shift: stain colours, magnification, blur and noise of the images
 (:mod:`fedvlm.data.smear_render`), and the wording and order of the report template.

@@ -75,7 +75,7 @@ def test_image_only_source_with_a_fused_model_fails_naming_the_fix(tmp_path: Pat
     root = tmp_path / "ALL_IDB2"
     write_all_idb2(root, [1, 0, 1, 0])
     cfg = load_config("leukemia_demo", [f"data.root={root}"])
-    with pytest.raises(DataError, match=r"empty report .* give data.reports="):
+    with pytest.raises(DataError, match=r"empty report .*give data.reports="):
         load_records(cfg)
     image_only = load_config("leukemia_demo", [f"data.root={root}", "model.modality=image"])
     assert [r.leukemia for r in load_records(image_only)] == [1, 0, 1, 0]  # layout recognised
