@@ -84,8 +84,11 @@ class TextEncoder(nn.Module):
             )
         else:
             source = _local_or_hub(pretrained)
-            config = AutoConfig.from_pretrained(source, **options)
-            self.model = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
+            try:
+                config = AutoConfig.from_pretrained(source, **options)
+                self.model = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
+            except OSError as err:
+                raise ConfigError(_unreachable(source, "model.text_encoder.pretrained", err)) from None
         self.out_dim: int = int(self.model.config.hidden_size)  # type: ignore[union-attr, arg-type]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -210,4 +213,15 @@ def _create_timm(arch: str, pretrained: str | None, kwargs: dict[str, Any]) -> n
         return timm.create_model(
             arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
         )
-    return timm.create_model(f"hf-hub:{source}", pretrained=True, **kwargs)
+    try:
+        return timm.create_model(f"hf-hub:{source}", pretrained=True, **kwargs)
+    except (OSError, RuntimeError) as err:
+        raise ConfigError(_unreachable(source, "model.image_encoder.pretrained", err)) from None
+
+
+def _unreachable(source: str, key: str, err: Exception) -> str:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"{key}={source!r} is neither a local file/folder nor reachable on the hub ({first_line}); "
+        "offline, download the weights once and point the key at their local path"
+    )

@@ -17,6 +17,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from fedvlm.errors import ConfigError
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -56,5 +58,15 @@ def build_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTra
 
 
 def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a hub id or a local folder (as saved by ``save_pretrained``)."""
-    return AutoTokenizer.from_pretrained(str(source))
+    """Load a tokenizer from a hub id or a local folder (as saved by ``save_pretrained``).
+
+    Raises:
+        ConfigError: If it is neither a local folder nor reachable on the hub.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except OSError as err:
+        raise ConfigError(
+            f"tokenizer {str(source)!r} is neither a local folder nor reachable on the hub "
+            f"({str(err).strip().splitlines()[0]}); set model.text_encoder.tokenizer to a local folder"
+        ) from None

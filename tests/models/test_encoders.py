@@ -73,3 +73,13 @@ def test_missing_local_weights_and_missing_options_fail_clearly(tmp_path: Path) 
     with pytest.raises(ConfigError, match="needs the tokenizer's vocab_size"):
         build_text_encoder({"name": "bert_micro"}, vocab_size=None)
     assert "resnet18" in timm.list_models("resnet18")
+
+
+def test_unreachable_hub_ids_fail_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="model.text_encoder.pretrained='no-such-org/no-such-model' is neither"):
+        build_text_encoder({"name": "hf", "pretrained": "no-such-org/no-such-model"}, vocab_size=None)
+    from fedvlm.models.tokenizer import load_tokenizer
+
+    with pytest.raises(ConfigError, match="tokenizer 'no-such-org/no-such-model' is neither a local folder"):
+        load_tokenizer("no-such-org/no-such-model")
