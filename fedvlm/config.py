@@ -87,6 +87,7 @@ class ModelConfig:
     fusion: str = "concat"
     fusion_dim: int = 128
     dropout: float = 0.1
+    modality_dropout: float = 0.0
     num_stages: int = 4
     stage_loss_weight: float = 1.0
     module_class: str | None = None
@@ -278,6 +279,8 @@ def validate(cfg: DictConfig) -> None:
             f"federation.min_clients={cfg.federation.min_clients} exceeds the clients asked each round "
             f"(num_clients={cfg.federation.num_clients}, clients_per_round={cfg.federation.clients_per_round})"
         )
+    if not 0.0 <= cfg.model.modality_dropout <= 0.5:
+        raise ConfigError(f"model.modality_dropout={cfg.model.modality_dropout} must be in [0, 0.5]")
     if cfg.federation.proximal_mu < 0:
         raise ConfigError(f"federation.proximal_mu={cfg.federation.proximal_mu} must be >= 0")
 

@@ -167,3 +167,31 @@ def test_data_synth_writes_a_readable_manifest(tmp_path: Path) -> None:
     records = read_manifest(tmp_path / "manifest.csv")
     assert len(records) == 40 and {r.site for r in records} == {"site00", "site01"}
     assert all(r.report for r in records)
+
+
+@pytest.mark.slow
+def test_sampling_freeze_fedprox_and_codec_compose_in_one_run(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    assert main([
+        "fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides,
+        "federation.clients_per_round=2", "federation.freeze_encoders_rounds=1", "federation.strategy=fedprox",
+        "federation.proximal_mu=0.1", "federation.update_codec=fp16",
+    ]) == 0
+    first, second = read_metrics(run_dir)
+    assert [first["encoders_frozen"], second["encoders_frozen"]] == [True, False]
+    assert first["num_clients"] == second["num_clients"] == 2
+    # Frozen encoders stay home: round 1 uploads only fusion + heads, a small share of round 2.
+    assert first["bytes_received"] < 0.2 * second["bytes_received"]
+    cfg = load_config(run_dir / "config.yaml")
+    initial = get_task("leukemia").build_module(cfg, run_dir)
+    after = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert any(not torch.equal(after[k], v) for k, v in initial.state_dict().items() if k.startswith("image_encoder"))
+
+
+@pytest.mark.slow
+def test_convergence_stop_ends_the_run_early(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides, "federation.rounds=3", "federation.convergence_tol=1e9"]
+    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *overrides]) == 0
+    rows = read_metrics(run_dir)
+    assert len(rows) == 1 and rows[0]["converged"] is True and rows[0]["update_norm"] < 1e9

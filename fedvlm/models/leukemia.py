@@ -55,6 +55,7 @@ class LeukemiaModule(L.LightningModule):
         self.num_stages: int = int(model["num_stages"])
         self.stage_loss_weight: float = float(model["stage_loss_weight"])
         self.learning_rate: float = float(optim["lr"])
+        self.modality_dropout: float = float(model.get("modality_dropout", 0.0))
         self.image_encoder = (
             build_image_encoder(model["image_encoder"], image_size) if self.modality != "text" else None
         )
@@ -90,7 +91,24 @@ class LeukemiaModule(L.LightningModule):
             embeddings.append(self.image_encoder(batch["image"]))
         if self.text_encoder is not None:
             embeddings.append(self.text_encoder(batch["input_ids"], batch["attention_mask"]))
+        if self.training and self.modality_dropout > 0 and len(embeddings) == 2:
+            embeddings = self._drop_modalities(embeddings)
         return self.dropout(self.fusion(embeddings))
+
+    def _drop_modalities(self, embeddings: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Modality dropout: per sample, zero the image embedding with probability p, else the
+        text embedding with probability p (never both).
+
+        Without it the report, which decides the stage whenever it states the blast %, wins the
+        joint training and the image branch stays weak exactly where it is needed: cases whose
+        report omits the decisive values. Training on single-modality samples too makes each
+        branch stand alone, as in Neverova et al. 2016 (ModDrop).
+        """
+        image_embedding, text_embedding = embeddings
+        draw = torch.rand(image_embedding.shape[0], 1, device=image_embedding.device)
+        keep_image = (draw >= self.modality_dropout).to(image_embedding.dtype)
+        keep_text = ((draw < self.modality_dropout) | (draw >= 2 * self.modality_dropout)).to(text_embedding.dtype)
+        return [image_embedding * keep_image, text_embedding * keep_text]
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Detection logit ``[B]`` and stage logits ``[B, K]``."""

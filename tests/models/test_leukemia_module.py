@@ -93,3 +93,25 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path: Path) -> No
     for expected, actual in zip(module.predict_probabilities(batch), loaded.predict_probabilities(batch), strict=True):
         torch.testing.assert_close(actual, expected)
     assert load_checkpoint(path)["fedvlm"]["completed_round"] == 7
+
+
+def test_modality_dropout_zeroes_one_modality_per_sample_only_in_training() -> None:
+    module = make_module(modality_dropout=0.3)
+    torch.manual_seed(0)
+    image, text = torch.ones(4000, 5), torch.ones(4000, 7)
+    dropped_image, dropped_text = module._drop_modalities([image, text])
+    no_image = dropped_image.sum(-1) == 0
+    no_text = dropped_text.sum(-1) == 0
+    assert not (no_image & no_text).any()  # never both
+    assert float(no_image.float().mean()) == pytest.approx(0.3, abs=0.03)
+    assert float(no_text.float().mean()) == pytest.approx(0.3, abs=0.03)
+    module.eval()
+    batch = make_batch()
+    torch.testing.assert_close(module(batch)[0], module(batch)[0])  # no randomness at evaluation
+
+
+def test_modality_dropout_out_of_range_is_refused() -> None:
+    from fedvlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.modality_dropout=0.7 must be in \[0, 0.5\]"):
+        load_config("leukemia_demo", ["model.modality_dropout=0.7"])
