@@ -23,7 +23,6 @@ from typing import Any
 import lightning as L
 import torch
 
-CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
