@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from sklearn.metrics import confusion_matrix
 
 from fedvlm.config import load_config
@@ -34,13 +35,9 @@ def breakdown(run_dir: Path, checkpoint: str) -> dict[str, object]:
         raise SystemExit("the breakdown needs a run on generated data (data.format=synthetic)")
     module = LeukemiaModule.load_from_checkpoint(run_dir / "checkpoints" / checkpoint, map_location="cpu").eval()
     test = get_task(cfg.task).load_test(run_dir)
-    synth = cfg.data.synthetic
+    synth = OmegaConf.to_container(cfg.data.synthetic)
     _, informative_image, informative_report = generate_leukemia_with_truth(
-        SynthLeukemiaConfig(
-            n=synth.n, image_size=32, num_sites=synth.num_sites, positive_fraction=synth.positive_fraction,
-            p_ambiguous_image=synth.p_ambiguous_image, p_report_omits_values=synth.p_report_omits_values,
-            seed=cfg.seed,
-        )
+        SynthLeukemiaConfig(**synth, image_size=32, seed=cfg.seed)  # truth does not depend on the image size
     )
     probabilities, stages = [], []
     with torch.no_grad():

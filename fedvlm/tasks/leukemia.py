@@ -36,14 +36,8 @@ def load_records(cfg: DictConfig) -> list[LeukemiaRecord]:
     if data.format == "synthetic" and data.root is None:
         from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
 
-        synth = data.synthetic
-        records = generate_leukemia(
-            SynthLeukemiaConfig(
-                n=synth.n, image_size=data.image_size, num_sites=synth.num_sites,
-                positive_fraction=synth.positive_fraction, p_ambiguous_image=synth.p_ambiguous_image,
-                p_report_omits_values=synth.p_report_omits_values, seed=cfg.seed,
-            )
-        )
+        synth: dict[str, Any] = OmegaConf.to_container(data.synthetic)  # type: ignore[assignment]
+        records = generate_leukemia(SynthLeukemiaConfig(**synth, image_size=data.image_size, seed=cfg.seed))
     else:
         if data.root is None:
             raise DataError(f"data.format={data.format} needs data.root=<folder or manifest>")
