@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             from fedvlm.config import list_recipes
 
             for name, description in list_recipes().items():
-                console.print(f"[bold]{name:<20}[/] {description}")
+                console.print(f"[bold]{name:<20}[/] {description}", soft_wrap=True)
         elif args.command == "data" and args.data_command == "synth":
             _synth(args, console)
     except FedVLMError as err:
