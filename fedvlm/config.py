@@ -20,6 +20,11 @@ from fedvlm.errors import ConfigError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CONFIG_FILE_NAME = "config.yaml"
 
+AUGMENTATIONS = ("none", "dihedral")
+"""``data.augment`` values. ``dihedral``: a random flip/90° rotation (the 8 symmetries of the
+square) per training image, valid where orientation carries no meaning (blood smears; not chest
+X-rays)."""
+
 
 @dataclass
 class PartitionConfig:
@@ -163,7 +168,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.modality": ("fused", "image", "text"),
-    "data.augment": ("none", "dihedral"),
+    "data.augment": AUGMENTATIONS,
     "optim.name": ("sgd", "adamw"),
     "optim.lr_schedule": ("linear", "constant"),
     "federation.mode": ("simulation", "centralized"),

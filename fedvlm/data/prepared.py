@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from fedvlm.config import AUGMENTATIONS
 from fedvlm.data.records import LeukemiaRecord
 from fedvlm.errors import DataError
 
@@ -105,11 +106,6 @@ def load_bundle(path: Path) -> Bundle:
         return torch.load(path, weights_only=True)
     except Exception as err:
         raise DataError(f"prepared data {path} is unreadable: {err}") from err
-
-
-AUGMENTATIONS = ("none", "dihedral")
-"""``dihedral``: a random flip/90° rotation (the 8 symmetries of the square) per training image,
-valid where orientation carries no meaning (blood smears; not chest X-rays)."""
 
 
 class BundleDataset(Dataset[dict[str, torch.Tensor]]):

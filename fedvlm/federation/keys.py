@@ -19,7 +19,6 @@ UPDATE_CODEC = "update-codec"
 # MetricRecord keys (client → server)
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key (FedAvg, Eq. 4)
 PARTITION_ID = "partition-id"  # also the node_config key Flower sets in simulation
-NUM_PARTITIONS = "num-partitions"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 EVAL_STATE_PREFIX = "state/"  # mergeable metric state, e.g. "state/detection.auroc.confmat"
