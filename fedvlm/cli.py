@@ -5,6 +5,8 @@ Examples::
     fedvlm fit --recipe leukemia_demo
     fedvlm fit --recipe leukemia_demo federation.rounds=5 federation.strategy=fedprox
     fedvlm fit --resume runs/leukemia_demo-20260101-120000
+    fedvlm evaluate runs/cxr_demo-20260101-120000 --zero-shot --retrieval --few-shot 1,5,16
+    fedvlm evaluate runs/cxr_demo-20260101-120000 --leave-one-hospital-out
     fedvlm recipes
     fedvlm data synth --out /tmp/synth --n 5400
 """
@@ -29,6 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, help="run directory (default runs/<recipe>-<timestamp>)")
     fit.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last completed round")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="zero-shot / retrieval / few-shot / leave-one-hospital-out evaluation of a CXR run"
+    )
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("--zero-shot", action="store_true", help="multi-label AUROC from prompts")
+    evaluate.add_argument("--retrieval", action="store_true", help="image↔text Recall@K")
+    evaluate.add_argument("--few-shot", type=_int_list, metavar="K,K,...", help="k-shot linear probes")
+    evaluate.add_argument("--leave-one-hospital-out", action="store_true", help="one federation per held-out client")
+    evaluate.add_argument("--hospitals", type=_int_list, metavar="H,H,...", help="held-out clients (default all)")
+    evaluate.add_argument("--loho-rounds", type=int, help="rounds of each leave-one-out federation")
+    evaluate.add_argument("--checkpoint", default="last", choices=("last", "best"))
+    evaluate.add_argument("overrides", nargs="*", metavar="evaluation.key=value", help="evaluation overrides")
 
     commands.add_parser("recipes", help="list the built-in recipes")
 
@@ -55,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
                 console.print("[red]error:[/] give --recipe NAME or --resume RUN_DIR")
                 return 2
             fit(args.recipe, list(args.overrides), out=args.out, resume=args.resume, console=console)
+        elif args.command == "evaluate":
+            from fedvlm.evaluate import evaluate_run
+
+            chosen = args.zero_shot or args.retrieval or args.few_shot or args.leave_one_hospital_out
+            evaluate_run(
+                args.run_dir, list(args.overrides),
+                zero_shot=args.zero_shot or not chosen, retrieval=args.retrieval,
+                few_shot_k=args.few_shot or (), loho=args.leave_one_hospital_out, hospitals=args.hospitals,
+                loho_rounds=args.loho_rounds, checkpoint=args.checkpoint, console=console,
+            )
         elif args.command == "recipes":
             from fedvlm.config import list_recipes
 
@@ -66,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] {err}", soft_wrap=True)  # one line, however long
         return 2
     return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def _synth(args: argparse.Namespace, console: Console) -> None:

@@ -65,6 +65,10 @@ class DataConfig:
     val_fraction: float = 0.1
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    labels: list[str] = field(default_factory=list)
+    """CXR: the labels to train and evaluate (empty: all of the source's labels)."""
+    uncertain: str = "ignore"
+    """CXR: what an uncertain (-1) CheXpert label becomes: ``ignore`` (unknown), ``zeros``, ``ones``."""
 
 
 @dataclass
@@ -83,6 +87,20 @@ class EncoderConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """Adapter mode (``name: lora``): backbones frozen for the whole run, LoRA matrices trained
+    on the linear layers named by the target lists; only trainable parameters travel.
+    ``none`` trains the backbones themselves."""
+
+    name: str = "none"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    image_targets: list[str] = field(default_factory=lambda: ["qkv"])
+    text_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@dataclass
 class ModelConfig:
     """The multimodal model: encoders, fusion, heads and loss weights."""
 
@@ -95,7 +113,38 @@ class ModelConfig:
     modality_dropout: float = 0.0
     num_stages: int = 4
     stage_loss_weight: float = 1.0
+    unimodal_loss_weight: float = 0.0
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     module_class: str | None = None
+
+
+@dataclass
+class ContrastiveConfig:
+    """The chest X-ray vision-language model (task ``cxr``): FedVLM's Algorithm 2 and Eq. 3.
+
+    ``L = L_InfoNCE + image_loss_weight · L_image + text_loss_weight · L_text`` where the
+    unimodal terms are multi-label BCE of a label head on each tower (0 turns them off).
+    """
+
+    projection_dim: int = 128
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    image_loss_weight: float = 0.0
+    text_loss_weight: float = 0.0
+
+
+@dataclass
+class EvaluationConfig:
+    """``fedvlm evaluate`` settings (task ``cxr``).
+
+    ``prompts`` maps a label to ``[positive prompt, negative prompt]``; labels not listed use the
+    data source's defaults ("There is X." / "No X.").
+    """
+
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    few_shot: list[int] = field(default_factory=lambda: [1, 5, 16])
+    few_shot_seeds: int = 3
+    retrieval_k: list[int] = field(default_factory=lambda: [1, 5, 10])
 
 
 @dataclass
@@ -148,6 +197,8 @@ class FederationConfig:
     evaluate_clients: bool = True
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
+    exclude_clients: list[int] = field(default_factory=list)
+    """Partition ids left out of training (leave-one-hospital-out evaluation)."""
     faults: list[str] = field(default_factory=list)
     """Injected client failures for resilience drills: ``"PID@ROUND"`` raises in that round."""
 
@@ -164,6 +215,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -172,6 +225,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("sgd", "adamw"),
     "optim.lr_schedule": ("linear", "constant"),
     "federation.mode": ("simulation", "centralized"),
+    "model.adapter.name": ("none", "lora"),
+    "data.uncertain": ("ignore", "zeros", "ones"),
 }
 
 
@@ -286,6 +341,10 @@ def validate(cfg: DictConfig) -> None:
         )
     if not 0.0 <= cfg.model.modality_dropout <= 0.5:
         raise ConfigError(f"model.modality_dropout={cfg.model.modality_dropout} must be in [0, 0.5]")
+    if cfg.model.unimodal_loss_weight < 0:
+        raise ConfigError(f"model.unimodal_loss_weight={cfg.model.unimodal_loss_weight} must be >= 0")
+    if cfg.contrastive.temperature <= 0:
+        raise ConfigError(f"contrastive.temperature={cfg.contrastive.temperature} must be positive")
     if cfg.federation.proximal_mu < 0:
         raise ConfigError(f"federation.proximal_mu={cfg.federation.proximal_mu} must be >= 0")
 

@@ -54,7 +54,7 @@ def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` atomically with ``rows`` (used after every round and on resume)."""
     path = run_dir / METRICS_FILE
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(_jsonable(row)) + "\n" for row in rows))
+    tmp.write_text("".join(json.dumps(jsonable(row)) + "\n" for row in rows))
     os.replace(tmp, path)
 
 
@@ -110,11 +110,12 @@ def plot_curves(run_dir: Path, rows: Sequence[Mapping[str, Any]], keys: tuple[st
     return path
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with tensors as lists and non-finite floats as None (JSON has no NaN)."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, float) and not math.isfinite(value):

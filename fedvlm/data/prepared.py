@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedvlm.config import AUGMENTATIONS
+from fedvlm.data.cxr_records import CxrRecord
 from fedvlm.data.records import LeukemiaRecord
 from fedvlm.errors import DataError
 
@@ -66,13 +67,49 @@ def prepare_bundle(
         "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
     }
     if tokenizer is not None:
-        tokens = tokenizer(
-            [r.report for r in records], padding="max_length", truncation=True,
-            max_length=max_text_length, return_tensors="pt",
-        )
-        bundle["input_ids"] = tokens["input_ids"].to(torch.int32)
-        bundle["attention_mask"] = tokens["attention_mask"].to(torch.uint8)
+        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
     return bundle
+
+
+def prepare_cxr_bundle(
+    records: Sequence[CxrRecord],
+    tokenizer: PreTrainedTokenizerBase | None,
+    image_size: int,
+    max_text_length: int,
+    indices: Sequence[int] | None = None,
+) -> Bundle:
+    """Turn chest X-ray records into a bundle: one-channel ``uint8`` images ``[N,1,S,S]``,
+    ``labels`` ``[N,C]`` (``nan`` unknown), ``report_group`` (rows with identical report text
+    share an id, for retrieval) and token tensors.
+
+    Raises:
+        DataError: From image reading, naming the file at fault.
+    """
+    from fedvlm.data.images import read_image
+
+    images = np.empty((len(records), 1, image_size, image_size), dtype=np.uint8)
+    for row, record in enumerate(records):
+        pixels = record.image if isinstance(record.image, np.ndarray) else read_image(Path(record.image))
+        if pixels.ndim == 3:  # radiographs are grayscale; files decode to RGB
+            pixels = pixels.mean(axis=2).round().astype(np.uint8)
+        images[row, 0] = np.asarray(Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BILINEAR))
+    groups: dict[str, int] = {}
+    bundle: Bundle = {
+        "image": torch.from_numpy(images),
+        "labels": torch.tensor(np.array([r.labels for r in records], dtype=np.float32).reshape(len(records), -1)),
+        "report_group": torch.tensor([groups.setdefault(r.report, len(groups)) for r in records], dtype=torch.long),
+        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
+    }
+    if tokenizer is not None:
+        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
+    return bundle
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_text_length: int) -> Bundle:
+    """Token ids (``int32``) and attention masks (``uint8``), padded/truncated to ``max_text_length``."""
+    tokens = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_text_length,
+                       return_tensors="pt")
+    return {"input_ids": tokens["input_ids"].to(torch.int32), "attention_mask": tokens["attention_mask"].to(torch.uint8)}
 
 
 def subset(bundle: Mapping[str, torch.Tensor], rows: Sequence[int] | np.ndarray) -> Bundle:
@@ -133,6 +170,8 @@ class BundleDataset(Dataset[dict[str, torch.Tensor]]):
         if self.augment == "dihedral":
             flip, quarter_turns = torch.randint(0, 2, ()).item(), int(torch.randint(0, 4, ()).item())
             image = torch.rot90(image.flip(-1) if flip else image, quarter_turns, dims=(-2, -1))
+        if image.shape[0] == 1:  # grayscale radiographs feed three-channel backbones
+            image = image.expand(3, -1, -1)
         item["image"] = (image.float() / 255.0 - self.mean) / self.std
         if "input_ids" in item:
             item["input_ids"] = item["input_ids"].long()

@@ -7,6 +7,7 @@ LightningModule never learns that Flower exists.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import lightning as L
@@ -97,3 +98,18 @@ def load_global_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)
+
+
+def static_fingerprint(module: torch.nn.Module, travelling: set[str]) -> str:
+    """SHA-256 of the state that never travels (frozen backbones in adapter mode).
+
+    Server and clients build the module the same way (same seed or the same pretrained
+    weights), so this part is identical everywhere by construction; the digest proves it each
+    round instead of trusting it.
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        if key not in travelling:
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -24,7 +24,10 @@ from fedvlm.config import CONFIG_FILE_NAME, load_config
 from fedvlm.data.prepared import bundle_size, make_loader
 from fedvlm.evaluation.metrics import export_state
 from fedvlm.federation import keys
-from fedvlm.federation.callback import FederatedRoundCallback, load_global_state
+from fedvlm.errors import FederationError
+from fedvlm.federation.callback import (
+    FederatedRoundCallback, load_global_state, static_fingerprint, travelling_keys,
+)
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.tasks import Task, get_task
 
@@ -75,9 +78,9 @@ def train_locally(
     """
     started = time.perf_counter()
     train_bundle, _ = _client_data(str(run_dir), partition_id)
+    module = build_global_module(task, cfg, run_dir, global_state, str(round_config.get(keys.STATIC_FINGERPRINT, "")))
     round_seed = int(round_config[keys.ROUND_SEED]) + partition_id
     L.seed_everything(round_seed, workers=True, verbose=False)
-    module = task.build_module(cfg, run_dir)
     module.set_encoders_frozen(bool(round_config[keys.FREEZE_ENCODERS]))  # type: ignore[operator]
     module.learning_rate = float(round_config[keys.LEARNING_RATE])  # type: ignore[assignment]
     callback = FederatedRoundCallback(global_state, float(round_config.get(keys.PROXIMAL_MU, 0.0)))
@@ -93,6 +96,39 @@ def train_locally(
         keys.TRAIN_SECONDS: time.perf_counter() - started,
     }
     return callback.local_state, bundle_size(train_bundle), metrics
+
+
+def build_global_module(
+    task: Task, cfg: DictConfig, run_dir: Path, global_state: dict[str, torch.Tensor], fingerprint: str
+) -> L.LightningModule:
+    """The module as the server has it: built exactly as the server built its initial model
+    (same seed), then loaded with the global weights the server sent.
+
+    In adapter mode the server sends only what can change; the frozen backbones come from this
+    construction, and ``fingerprint`` (the server's digest of them) proves they are the same.
+
+    Raises:
+        FederationError: If this client's frozen weights differ from the server's.
+    """
+    L.seed_everything(int(cfg.seed), verbose=False)
+    module = task.build_module(cfg, run_dir)
+    if fingerprint and _static_digest(module, str(run_dir)) != fingerprint:
+        raise FederationError(
+            "this client's frozen (never-sent) weights differ from the server's: both must build the model "
+            "from the same model.*.pretrained weights and seed"
+        )
+    load_global_state(module, global_state)
+    return module
+
+
+_DIGESTS: dict[str, str] = {}
+
+
+def _static_digest(module: L.LightningModule, run_dir: str) -> str:
+    """The fingerprint of ``module``'s never-sent weights, computed once per process and run."""
+    if run_dir not in _DIGESTS:
+        _DIGESTS[run_dir] = static_fingerprint(module, travelling_keys(module))
+    return _DIGESTS[run_dir]
 
 
 def make_client_app(run_dir: Path) -> ClientApp:
@@ -144,8 +180,11 @@ def make_client_app(run_dir: Path) -> ClientApp:
         partition_id = int(context.node_config[keys.PARTITION_ID])
         task = get_task(cfg.task)
         _, val_bundle = _client_data(run_dir_str, partition_id)
-        module = task.build_module(cfg, Path(run_dir_str))
-        load_global_state(module, msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
+        config = msg.content.config_records[keys.CONFIG]
+        module = build_global_module(
+            task, cfg, Path(run_dir_str), dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict()),
+            str(config.get(keys.STATIC_FINGERPRINT, "")),
+        )
         metrics = task.make_metrics(cfg, mergeable=True)
         task.evaluate(module, val_bundle, metrics, cfg.trainer.batch_size)
         state = {f"{keys.EVAL_STATE_PREFIX}{k}": v for k, v in export_state(metrics).items()}

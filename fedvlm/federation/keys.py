@@ -15,6 +15,7 @@ FREEZE_ENCODERS = "freeze-encoders"
 LOCAL_EPOCHS = "local-epochs"
 ROUND_SEED = "round-seed"
 UPDATE_CODEC = "update-codec"
+STATIC_FINGERPRINT = "static-fingerprint"  # digest of the weights that never travel (frozen backbones)
 
 # MetricRecord keys (client → server)
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key (FedAvg, Eq. 4)

@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from fedvlm.errors import FederationError
 from fedvlm.evaluation.metrics import merge_states
 from fedvlm.federation import keys
-from fedvlm.federation.callback import load_global_state
+from fedvlm.federation.callback import load_global_state, static_fingerprint, travelling_keys
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.federation.strategies import ClientUpdate, strategies
 from fedvlm.runs import (
@@ -138,6 +138,11 @@ class FederatedServer:
         self.test_bundle = task.load_test(run_dir)
         self.progress = Progress()
         self.global_state: State = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        # What can ever change: parameters trainable at construction and float buffers. Weights
+        # frozen for the whole run (backbones in adapter mode) are never sent; clients build them
+        # identically and check the fingerprint.
+        self.downlink_keys = travelling_keys(self.module)
+        self.static_fingerprint = static_fingerprint(self.module, self.downlink_keys)
         if resume:
             self._restore()
 
@@ -150,6 +155,10 @@ class FederatedServer:
         """
         nodes = self._discover(grid)
         federation = self.cfg.federation
+        excluded = set(federation.exclude_clients)
+        nodes = {pid: node for pid, node in nodes.items() if pid not in excluded}
+        if not nodes:
+            raise FederationError(f"federation.exclude_clients={sorted(excluded)} leaves no client to train")
         for server_round in range(self.progress.completed_round + 1, federation.rounds + 1):
             if self.progress.converged:
                 break
@@ -170,9 +179,10 @@ class FederatedServer:
             keys.LOCAL_EPOCHS: int(self.cfg.trainer.local_epochs),
             keys.ROUND_SEED: int(self.cfg.seed) * 100_003 + server_round * 1_009,
             keys.UPDATE_CODEC: federation.update_codec,
+            keys.STATIC_FINGERPRINT: self.static_fingerprint,
             **self.strategy.client_config(server_round),
         }
-        downlink = ArrayRecord(torch_state_dict=self.global_state)
+        downlink = self._downlink()
         messages = [
             Message(
                 RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord(round_config)}),
@@ -239,6 +249,9 @@ class FederatedServer:
         })
         self._complete(server_round, row, norm)
 
+    def _downlink(self) -> ArrayRecord:
+        return ArrayRecord(torch_state_dict={k: v for k, v in self.global_state.items() if k in self.downlink_keys})
+
     def _exchange(
         self, grid: Grid, messages: list[Message], nodes: Mapping[int, int], timeout: float
     ) -> tuple[dict[int, Message], dict[int, str]]:
@@ -273,9 +286,10 @@ class FederatedServer:
         Pooled values come from summing the clients' metric *states* (counts), never from
         averaging their per-client numbers.
         """
-        downlink = ArrayRecord(torch_state_dict=self.global_state)
+        downlink = self._downlink()
+        config = ConfigRecord({keys.STATIC_FINGERPRINT: self.static_fingerprint})
         messages = [
-            Message(RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord({})}), dst_node_id=node,
+            Message(RecordDict({keys.ARRAYS: downlink, keys.CONFIG: config}), dst_node_id=node,
                     message_type=keys.EVALUATE)
             for _, node in sorted(nodes.items())
         ]

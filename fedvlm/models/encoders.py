@@ -134,6 +134,24 @@ def vit_base(pretrained: str | None, img_size: int, **options: Any) -> ImageEnco
     return ImageEncoder("vit_base_patch16_224", pretrained, img_size, **options)
 
 
+@image_encoders.register("resnet_micro")
+def resnet_micro(pretrained: str | None, img_size: int, **options: Any) -> ImageEncoder:
+    """timm ResNet-10-T (4 stages, one basic block each): a small CNN tower for CPU demos."""
+    return ImageEncoder("resnet10t", pretrained, img_size, **options)
+
+
+@image_encoders.register("resnet18")
+def resnet18(pretrained: str | None, img_size: int, **options: Any) -> ImageEncoder:
+    """timm ResNet-18."""
+    return ImageEncoder("resnet18", pretrained, img_size, **options)
+
+
+@image_encoders.register("resnet50")
+def resnet50(pretrained: str | None, img_size: int, **options: Any) -> ImageEncoder:
+    """timm ResNet-50, the image tower of ConVIRT/GLoRIA-style CXR models."""
+    return ImageEncoder("resnet50", pretrained, img_size, **options)
+
+
 @image_encoders.register("timm")
 def timm_any(pretrained: str | None, img_size: int, arch: str = "", **options: Any) -> ImageEncoder:
     """Any timm architecture, named by ``options.arch``."""

@@ -22,7 +22,9 @@ from torch import nn
 
 from fedvlm.evaluation.metrics import LeukemiaMetrics
 from fedvlm.models.encoders import build_image_encoder, build_text_encoder
+from fedvlm.models.adapters import adapt_encoders, set_encoders_trainable
 from fedvlm.models.fusion import ConcatFusion, fusions
+from fedvlm.models.optim import build_optimizer
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -56,12 +58,14 @@ class LeukemiaModule(L.LightningModule):
         self.stage_loss_weight: float = float(model["stage_loss_weight"])
         self.learning_rate: float = float(optim["lr"])
         self.modality_dropout: float = float(model.get("modality_dropout", 0.0))
+        self.unimodal_loss_weight: float = float(model.get("unimodal_loss_weight", 0.0))
         self.image_encoder = (
             build_image_encoder(model["image_encoder"], image_size) if self.modality != "text" else None
         )
         self.text_encoder = (
             build_text_encoder(model["text_encoder"], vocab_size) if self.modality != "image" else None
         )
+        self.adapter_layers = adapt_encoders(model.get("adapter"), self.image_encoder, self.text_encoder)
         in_dims = [enc.out_dim for enc in (self.image_encoder, self.text_encoder) if enc is not None]
         fusion_dim = int(model["fusion_dim"])
         self.fusion: nn.Module = (
@@ -72,6 +76,12 @@ class LeukemiaModule(L.LightningModule):
         self.dropout = nn.Dropout(float(model["dropout"]))
         self.binary_head = nn.Linear(fusion_dim, 1)
         self.stage_head = nn.Linear(fusion_dim, self.num_stages)
+        # Auxiliary heads on each encoder alone (only trained when unimodal_loss_weight > 0).
+        self.unimodal_heads = nn.ModuleList(
+            [nn.Linear(dim, 1 + self.num_stages) for dim in in_dims]
+            if self.unimodal_loss_weight > 0 and len(in_dims) == 2
+            else []
+        )
         self.val_metrics = LeukemiaMetrics(self.num_stages)
         self.test_metrics = LeukemiaMetrics(self.num_stages, auroc_bins=None)
 
@@ -80,17 +90,23 @@ class LeukemiaModule(L.LightningModule):
         return [enc for enc in (self.image_encoder, self.text_encoder) if enc is not None]
 
     def set_encoders_frozen(self, frozen: bool) -> None:
-        """Freeze or unfreeze the encoders (fusion and heads always train)."""
-        for encoder in self.encoders():
-            encoder.requires_grad_(not frozen)
+        """Freeze or unfreeze the encoders (fusion and heads always train); in adapter mode only
+        the adapters unfreeze, the backbones stay frozen."""
+        set_encoders_trainable(self.encoders(), not frozen, adapter_mode=bool(self.adapter_layers))
 
-    def fuse(self, batch: Batch) -> torch.Tensor:
-        """The fused patient representation ``[B, fusion_dim]``."""
+    def encode(self, batch: Batch) -> list[torch.Tensor]:
+        """The per-modality embeddings ``[B, D_m]`` (image first), before fusion."""
         embeddings = []
         if self.image_encoder is not None:
             embeddings.append(self.image_encoder(batch["image"]))
         if self.text_encoder is not None:
             embeddings.append(self.text_encoder(batch["input_ids"], batch["attention_mask"]))
+        return embeddings
+
+    def fuse(self, batch: Batch, embeddings: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The fused patient representation ``[B, fusion_dim]`` (from ``embeddings`` when given)."""
+        if embeddings is None:
+            embeddings = self.encode(batch)
         if self.training and self.modality_dropout > 0 and len(embeddings) == 2:
             embeddings = self._drop_modalities(embeddings)
         return self.dropout(self.fusion(embeddings))
@@ -115,6 +131,21 @@ class LeukemiaModule(L.LightningModule):
         fused = self.fuse(batch)
         return self.binary_head(fused).squeeze(-1), self.stage_head(fused)
 
+    def unimodal_loss(self, embeddings: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+        """Mean over modalities of ``L_bin + γ · L_stage`` of each encoder's own auxiliary head.
+
+        A deep-supervision term: the report decides the stage whenever it states the blast %,
+        so in joint training the image branch gets little staging gradient and stays weak exactly
+        where it is needed (reports that omit the values). A head that sees only the image
+        embedding forces the image encoder to carry staging information on its own. The
+        auxiliary heads are not used at prediction time.
+        """
+        losses = []
+        for head, embedding in zip(self.unimodal_heads, embeddings, strict=True):
+            logits = head(self.dropout(embedding))
+            losses.append(self.compute_loss(logits[:, 0], logits[:, 1:], batch)["loss"])
+        return torch.stack(losses).mean()
+
     def compute_loss(
         self, binary_logit: torch.Tensor, stage_logits: torch.Tensor, batch: Batch
     ) -> dict[str, torch.Tensor]:
@@ -134,12 +165,18 @@ class LeukemiaModule(L.LightningModule):
         return torch.sigmoid(binary_logit), torch.softmax(stage_logits, dim=-1)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        binary_logit, stage_logits = self(batch)
-        losses = self.compute_loss(binary_logit, stage_logits, batch)
+        embeddings = self.encode(batch)
+        fused = self.fuse(batch, embeddings)
+        losses = self.compute_loss(self.binary_head(fused).squeeze(-1), self.stage_head(fused), batch)
+        loss = losses["loss"]
         batch_size = batch["leukemia"].shape[0]
-        self.log("train/loss", losses["loss"], on_step=False, on_epoch=True, batch_size=batch_size)
+        if len(self.unimodal_heads) > 0:
+            unimodal = self.unimodal_loss(embeddings, batch)
+            loss = loss + self.unimodal_loss_weight * unimodal
+            self.log("train/unimodal_loss", unimodal, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/stage_loss", losses["stage_loss"], on_step=False, on_epoch=True, batch_size=batch_size)
-        return losses["loss"]
+        return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
@@ -164,14 +201,7 @@ class LeukemiaModule(L.LightningModule):
         self._log_metrics(self.test_metrics, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optim = self.hparams["optim"]
-        params = [p for p in self.parameters() if p.requires_grad]
-        if optim["name"] == "sgd":
-            return torch.optim.SGD(
-                params, lr=self.learning_rate, momentum=float(optim["momentum"]),
-                weight_decay=float(optim["weight_decay"]),
-            )
-        return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=float(optim["weight_decay"]))
+        return build_optimizer(self.parameters(), self.hparams["optim"], self.learning_rate)
 
     def _evaluate(self, batch: Batch, metrics: LeukemiaMetrics, prefix: str) -> None:
         binary_logit, stage_logits = self(batch)

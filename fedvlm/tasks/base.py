@@ -5,17 +5,24 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig
+from transformers import PreTrainedTokenizerBase
 
-from fedvlm.errors import ConfigError
+from fedvlm.data.partition import split_train_test
+from fedvlm.errors import ConfigError, DataError
+from fedvlm.models.encoders import tokenizer_source
+from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
 from fedvlm.registry import Registry
 
 DATA_DIR = "data"
 META_FILE = "meta.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 class Task(Protocol):
@@ -98,3 +105,30 @@ def import_class(dotted: str, base: type) -> type:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"model.module_class={dotted!r} is not a subclass of {base.__name__}")
     return cls
+
+
+def make_tokenizer(cfg: DictConfig, texts: Sequence[str], run_dir: Path) -> PreTrainedTokenizerBase:
+    """The run's tokenizer, saved to ``RUN_DIR/tokenizer``: the text encoder's own (hub id or local
+    path), or a word tokenizer built from ``texts`` (the training reports) for a random-init encoder."""
+    source = tokenizer_source(cfg.model.text_encoder)
+    tokenizer = load_tokenizer(source) if source else build_word_tokenizer(iter(texts))
+    tokenizer.save_pretrained(str(run_dir / TOKENIZER_DIR))
+    return tokenizer
+
+
+def local_split(
+    classes: np.ndarray, patients: np.ndarray, indices: np.ndarray, val_fraction: float, seed: int, client: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's samples into local train and validation (by patient, stratified)."""
+    if val_fraction <= 0 or len(np.unique(patients[indices])) < 4:
+        return indices, indices[:0]
+    try:
+        train_rows, val_rows = split_train_test(classes[indices], patients[indices], val_fraction, seed)
+    except DataError as err:
+        raise DataError(
+            f"client {client}: cannot split its {len(indices)} samples into local train/validation ({err}); "
+            "set data.val_fraction=0 or give the client more data"
+        ) from None
+    return indices[train_rows], indices[val_rows]
+
+

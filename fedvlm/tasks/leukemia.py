@@ -18,13 +18,8 @@ from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, make_loader, 
 from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
 from fedvlm.errors import DataError
 from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
-from fedvlm.models.encoders import tokenizer_source
 from fedvlm.models.leukemia import LeukemiaModule
-from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
-from fedvlm.tasks.base import DATA_DIR, import_class, read_meta, tasks, write_meta
-
-TOKENIZER_DIR = "tokenizer"
-
+from fedvlm.tasks.base import DATA_DIR, import_class, local_split, make_tokenizer, read_meta, tasks, write_meta
 
 def load_records(cfg: DictConfig) -> list[LeukemiaRecord]:
     """The records ``cfg.data`` names: generated (``format=synthetic``) or read from disk.
@@ -97,19 +92,14 @@ class LeukemiaTask:
 
         tokenizer = None
         if cfg.model.modality != "image":
-            source = tokenizer_source(cfg.model.text_encoder)
-            tokenizer = (
-                load_tokenizer(source) if source
-                else build_word_tokenizer(records[i].report for i in train_idx)
-            )
-            tokenizer.save_pretrained(str(run_dir / TOKENIZER_DIR))
+            tokenizer = make_tokenizer(cfg, [records[i].report for i in train_idx], run_dir)
 
         everything = prepare_bundle(records, tokenizer, cfg.data.image_size, cfg.data.max_text_length)
         data_dir = run_dir / DATA_DIR
         save_bundle(subset(everything, test_idx), data_dir / "test.pt")
         client_sizes = []
         for client, indices in enumerate(client_indices):
-            local_train, local_val = _local_split(
+            local_train, local_val = local_split(
                 classes, patients, indices, cfg.data.val_fraction, cfg.seed + client, client
             )
             save_bundle(subset(everything, local_train), data_dir / f"client_{client:03d}_train.pt")
@@ -178,22 +168,6 @@ class LeukemiaTask:
     def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
         assert isinstance(metrics, LeukemiaMetrics)
         return metrics.compute_scalars()
-
-
-def _local_split(
-    classes: np.ndarray, patients: np.ndarray, indices: np.ndarray, val_fraction: float, seed: int, client: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split one client's samples into local train and validation (by patient, stratified)."""
-    if val_fraction <= 0 or len(np.unique(patients[indices])) < 4:
-        return indices, indices[:0]
-    try:
-        train_rows, val_rows = split_train_test(classes[indices], patients[indices], val_fraction, seed)
-    except DataError as err:
-        raise DataError(
-            f"client {client}: cannot split its {len(indices)} samples into local train/validation ({err}); "
-            "set data.val_fraction=0 or give the client more data"
-        ) from None
-    return indices[train_rows], indices[val_rows]
 
 
 tasks.register("leukemia")(LeukemiaTask)

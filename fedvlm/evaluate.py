@@ -1,0 +1,295 @@
+"""``fedvlm evaluate RUN_DIR``: zero-shot, retrieval, few-shot and leave-one-hospital-out evaluation.
+
+Results go to ``RUN_DIR/eval/`` as JSON (``zero_shot.json``, ``retrieval.json``,
+``few_shot.json``, ``loho.json``) plus ``summary.md``, a markdown table of everything there.
+
+Evaluation runs where the prepared data of the run is (the simulation's run directory). Few-shot
+probes train on image features of the pooled client training data; in a deployment each hospital
+would run the probe on its own data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+
+from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
+from fedvlm.data.prepared import Bundle, bundle_size, make_loader
+from fedvlm.errors import ConfigError
+from fedvlm.evaluation.cxr import CxrMetrics, linear_probe_auroc
+from fedvlm.runs import jsonable, load_checkpoint
+from fedvlm.tasks import get_task
+from fedvlm.tasks.base import DATA_DIR, read_meta
+
+EVAL_DIR = "eval"
+CHECKPOINTS = ("last", "best")
+
+
+def load_trained_module(run_dir: Path, cfg: DictConfig, checkpoint: str = "last") -> L.LightningModule:
+    """The run's module with the weights of ``checkpoints/<checkpoint>.ckpt``.
+
+    Raises:
+        ConfigError: If the checkpoint is missing (the run never completed a round).
+    """
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"--checkpoint {checkpoint!r} is not one of: {', '.join(CHECKPOINTS)}")
+    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the run has not completed a round")
+    task = get_task(cfg.task)
+    L.seed_everything(int(cfg.seed), verbose=False)
+    module = task.build_module(cfg, run_dir)
+    module.load_state_dict(load_checkpoint(path)["state_dict"])
+    module.eval()
+    _set_prompts(module, cfg, run_dir)
+    return module
+
+
+def _set_prompts(module: L.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
+    """Re-tokenize the prompts with the run's tokenizer, so ``evaluation.prompts`` given at
+    evaluation time take effect."""
+    from fedvlm.tasks.cxr import load_run_tokenizer, prompt_pairs, tokenize_prompts
+
+    if cfg.task != "cxr" or getattr(module, "modality", "") != "fused":
+        return
+    names = read_meta(run_dir)["label_names"]
+    tokens = tokenize_prompts(
+        load_run_tokenizer(run_dir), prompt_pairs(cfg, names), names, int(cfg.data.max_text_length)
+    )
+    module.set_prompts(tokens["input_ids"].long(), tokens["attention_mask"].long())  # type: ignore[operator]
+
+
+def classification_and_retrieval(module: L.LightningModule, cfg: DictConfig, bundle: Bundle) -> dict[str, float]:
+    """Exact (non-binned) multi-label metrics and retrieval recalls of ``module`` on ``bundle``."""
+    task = get_task(cfg.task)
+    metrics = task.make_metrics(cfg, mergeable=False)
+    task.evaluate(module, bundle, metrics, int(cfg.trainer.batch_size))
+    return task.scalar_metrics(metrics)
+
+
+@torch.no_grad()
+def image_features(module: L.LightningModule, bundle: Bundle, batch_size: int) -> np.ndarray:
+    """Image-tower features ``[N, D]`` (before projection) of every image in ``bundle``."""
+    features = [
+        module.image_features(batch["image"].to(module.device)).float().cpu()  # type: ignore[operator]
+        for batch in make_loader(bundle, batch_size, shuffle=False)
+    ]
+    return torch.cat(features).numpy() if features else np.zeros((0, 0), dtype=np.float32)
+
+
+def few_shot(
+    module: L.LightningModule, cfg: DictConfig, train: Bundle, test: Bundle, shots: Sequence[int], seeds: int,
+) -> dict[str, Any]:
+    """k-shot linear probes on frozen image features, ``seeds`` draws per k.
+
+    Returns:
+        ``{"k": {"macro_auroc_mean", "macro_auroc_std", "per_label": {...}, "seeds": n}}``.
+    """
+    batch_size = int(cfg.trainer.batch_size)
+    train_x, test_x = image_features(module, train, batch_size), image_features(module, test, batch_size)
+    train_y, test_y = train["labels"].numpy(), test["labels"].numpy()
+    names = module.label_names  # type: ignore[attr-defined]
+    result: dict[str, Any] = {}
+    for k in shots:
+        runs = [linear_probe_auroc(train_x, train_y, test_x, test_y, k, seed) for seed in range(seeds)]
+        macro = [float(np.mean(list(r.values()))) for r in runs if r]
+        per_label = {
+            names[label]: float(np.mean([r[label] for r in runs if label in r]))
+            for label in sorted({label for r in runs for label in r})
+        }
+        result[str(k)] = {
+            "macro_auroc_mean": float(np.mean(macro)) if macro else float("nan"),
+            "macro_auroc_std": float(np.std(macro)) if macro else float("nan"),
+            "per_label": per_label, "seeds": len(macro),
+        }
+    return result
+
+
+def client_bundle(run_dir: Path, cfg: DictConfig, partition_id: int) -> Bundle:
+    """All of one client's data (local train + validation)."""
+    train, val = get_task(cfg.task).load_client(run_dir, partition_id)
+    return {key: torch.cat([train[key], val[key]]) for key in train}
+
+
+def pooled_training_data(run_dir: Path, cfg: DictConfig) -> Bundle:
+    """The local training splits of every client, concatenated."""
+    task = get_task(cfg.task)
+    parts = [task.load_client(run_dir, pid)[0] for pid in range(int(read_meta(run_dir)["num_clients"]))]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def leave_one_hospital_out(
+    run_dir: Path, cfg: DictConfig, hospitals: Sequence[int] | None, rounds: int | None, console: Console,
+) -> dict[str, Any]:
+    """For each held-out hospital: train the same federation without it, test on its data.
+
+    Each federation runs in ``RUN_DIR/eval/loho/hospital_NNN/`` on the run's prepared data
+    (``federation.exclude_clients=[h]``). The full run's model, which trained on that hospital,
+    is evaluated on the same data for comparison.
+    """
+    from fedvlm.federation.simulation import simulate
+
+    meta = read_meta(run_dir)
+    num_clients = int(meta["num_clients"])
+    if num_clients < 2:
+        raise ConfigError("leave-one-hospital-out needs a federated run with at least 2 clients")
+    chosen = list(range(num_clients)) if not hospitals else list(hospitals)
+    bad = [h for h in chosen if not 0 <= h < num_clients]
+    if bad:
+        raise ConfigError(f"--hospitals {bad}: this run has clients 0..{num_clients - 1}")
+    full_model = load_trained_module(run_dir, cfg)
+    result: dict[str, Any] = {}
+    for hospital in chosen:
+        loho_dir = run_dir / EVAL_DIR / "loho" / f"hospital_{hospital:03d}"
+        if loho_dir.exists():
+            shutil.rmtree(loho_dir)
+        loho_dir.mkdir(parents=True)
+        os.symlink((run_dir / DATA_DIR).resolve(), loho_dir / DATA_DIR)
+        overrides = [f"federation.exclude_clients=[{hospital}]"] + ([f"federation.rounds={rounds}"] if rounds else [])
+        loho_cfg = load_config(run_dir / CONFIG_FILE_NAME, overrides)
+        save_config(loho_cfg, loho_dir / CONFIG_FILE_NAME)
+        console.print(f"leave-one-hospital-out: hospital {hospital} held out ({loho_cfg.federation.rounds} rounds)")
+        simulate(loho_cfg, loho_dir)
+        held_out = client_bundle(run_dir, cfg, hospital)
+        model = load_trained_module(loho_dir, loho_cfg)
+        sites = meta.get("client_sites", [[]] * num_clients)[hospital]
+        result[str(hospital)] = {
+            "sites": sites, "num_samples": bundle_size(held_out),
+            "held_out": classification_and_retrieval(model, loho_cfg, held_out),
+            "trained_on": classification_and_retrieval(full_model, cfg, held_out),
+        }
+    return result
+
+
+def evaluate_run(
+    run_dir: Path,
+    overrides: Sequence[str] = (),
+    zero_shot: bool = True,
+    retrieval: bool = True,
+    few_shot_k: Sequence[int] = (),
+    loho: bool = False,
+    hospitals: Sequence[int] | None = None,
+    loho_rounds: int | None = None,
+    checkpoint: str = "last",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the requested evaluations of a trained run and write ``RUN_DIR/eval/``.
+
+    Args:
+        run_dir: A run directory written by ``fedvlm fit``.
+        overrides: ``key=value`` overrides of ``evaluation.*`` (prompts, retrieval K, seeds).
+        zero_shot: Write ``zero_shot.json`` (multi-label AUROC/F1/accuracy on the test split).
+        retrieval: Write ``retrieval.json`` (Recall@K both ways; fused models).
+        few_shot_k: Shots per class of the linear probes (``few_shot.json``); empty: none.
+        loho: Write ``loho.json`` (one federation per held-out hospital).
+        hospitals: Held-out hospitals for ``loho`` (default all).
+        loho_rounds: Rounds of each leave-one-out federation (default: the run's).
+        checkpoint: ``last`` (default) or ``best``.
+        console: Where progress goes.
+
+    Returns:
+        Everything written, keyed by file stem.
+
+    Raises:
+        ConfigError: For a run that is not a chest X-ray run, a missing checkpoint, or an
+            override outside ``evaluation.*``.
+    """
+    console = console or Console()
+    if not (run_dir / CONFIG_FILE_NAME).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE_NAME})")
+    outside = [o for o in overrides if not o.startswith("evaluation.")]
+    if outside:
+        raise ConfigError(f"fedvlm evaluate only takes evaluation.* overrides, got: {', '.join(outside)}")
+    cfg = load_config(run_dir / CONFIG_FILE_NAME, list(overrides))
+    if cfg.task != "cxr":
+        raise ConfigError(f"fedvlm evaluate supports task=cxr runs; {run_dir} is task={cfg.task}")
+    module = load_trained_module(run_dir, cfg, checkpoint)
+    task = get_task(cfg.task)
+    test = task.load_test(run_dir)
+    out_dir = run_dir / EVAL_DIR
+    out_dir.mkdir(exist_ok=True)
+    written: dict[str, Any] = {}
+    if zero_shot or retrieval:
+        scalars = classification_and_retrieval(module, cfg, test)
+        names = read_meta(run_dir)["label_names"]
+        if zero_shot:
+            written["zero_shot"] = {
+                "method": "prompts" if cfg.model.modality == "fused" else f"{cfg.model.modality} label head",
+                "macro_auroc": scalars["macro_auroc"], "macro_f1": scalars["macro_f1"],
+                "accuracy": scalars["accuracy"],
+                "per_class_auroc": {name: scalars[f"auroc/{name}"] for name in names},
+                "num_test": bundle_size(test), "checkpoint": checkpoint,
+            }
+        if retrieval:
+            if cfg.model.modality != "fused":
+                raise ConfigError("--retrieval needs a vision-language (model.modality=fused) run")
+            written["retrieval"] = {k: v for k, v in scalars.items() if "_recall@" in k} | {"num_test": bundle_size(test)}
+    if few_shot_k:
+        if cfg.model.modality == "text":
+            raise ConfigError("--few-shot probes image features; this run is text-only")
+        written["few_shot"] = few_shot(
+            module, cfg, pooled_training_data(run_dir, cfg), test, few_shot_k, int(cfg.evaluation.few_shot_seeds)
+        )
+    if loho:
+        written["loho"] = leave_one_hospital_out(run_dir, cfg, hospitals, loho_rounds, console)
+    for name, values in written.items():
+        (out_dir / f"{name}.json").write_text(json.dumps(jsonable(values), indent=2))
+    (out_dir / "summary.md").write_text(summary_markdown(run_dir, out_dir))
+    console.print((out_dir / "summary.md").read_text(), markup=False)
+    return written
+
+
+def summary_markdown(run_dir: Path, out_dir: Path) -> str:
+    """A markdown summary of every ``eval/*.json`` present."""
+    lines = [f"# Evaluation of `{run_dir}`", ""]
+    zero_shot = _read(out_dir / "zero_shot.json")
+    if zero_shot:
+        lines += [f"## Classification on the test split ({zero_shot['method']}, {zero_shot['num_test']} images)", "",
+                  "| label | AUROC |", "| --- | --- |"]
+        lines += [f"| {name} | {_fmt(value)} |" for name, value in zero_shot["per_class_auroc"].items()]
+        lines += [f"| **macro** | **{_fmt(zero_shot['macro_auroc'])}** |", "",
+                  f"macro F1 {_fmt(zero_shot['macro_f1'])}, accuracy {_fmt(zero_shot['accuracy'])}", ""]
+    retrieval = _read(out_dir / "retrieval.json")
+    if retrieval:
+        ks = sorted({int(key.split("@")[1]) for key in retrieval if "@" in key})
+        lines += ["## Retrieval (Recall@K)", "", "| direction | " + " | ".join(f"R@{k}" for k in ks) + " |",
+                  "| --- |" + " --- |" * len(ks)]
+        for direction, label in (("i2t", "image → text"), ("t2i", "text → image")):
+            lines.append(f"| {label} | " + " | ".join(_fmt(retrieval.get(f"{direction}_recall@{k}")) for k in ks) + " |")
+        lines.append("")
+    few = _read(out_dir / "few_shot.json")
+    if few:
+        lines += ["## Few-shot linear probe (macro AUROC)", "", "| shots per class | mean | std | seeds |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {_fmt(v['macro_auroc_mean'])} | {_fmt(v['macro_auroc_std'])} | {v['seeds']} |"
+                  for k, v in few.items()]
+        lines.append("")
+    loho = _read(out_dir / "loho.json")
+    if loho:
+        lines += ["## Leave-one-hospital-out (macro AUROC on the held-out hospital's data)", "",
+                  "| hospital | sites | n | held out of training | trained on it |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| {h} | {', '.join(v['sites'])} | {v['num_samples']} | {_fmt(v['held_out']['macro_auroc'])} | "
+            f"{_fmt(v['trained_on']['macro_auroc'])} |" for h, v in loho.items()
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{float(value):.3f}"

@@ -1,0 +1,316 @@
+"""The FedVLM chest X-ray task: contrastive image–report alignment, evaluated zero-shot.
+
+Data come from the synthetic generator (``data.format=synthetic``), a CXR manifest, or a real
+layout (``mimic_cxr``, ``chestxray14``, ``openi``; ``auto`` recognises it). Patients never cross
+the train/test split; the official test split is used when the source has one. Hospitals
+(clients) are formed by site (``data.partition.name=site``) or by any partitioner.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from fedvlm.data.cxr_records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset
+from fedvlm.data.partition import partition, split_train_test, summarize_partition
+from fedvlm.data.prepared import (
+    Bundle, bundle_size, load_bundle, make_loader, prepare_cxr_bundle, save_bundle, subset, tokenize,
+)
+from fedvlm.errors import ConfigError, DataError
+from fedvlm.evaluation.cxr import CxrMetrics
+from fedvlm.evaluation.metrics import AUROC_BINS
+from fedvlm.models.contrastive import ContrastiveVLM
+from fedvlm.models.tokenizer import load_tokenizer
+from fedvlm.tasks.base import (
+    DATA_DIR, TOKENIZER_DIR, import_class, local_split, make_tokenizer, read_meta, tasks, write_meta,
+)
+
+PROMPTS_FILE = "prompts.pt"
+CXR_FORMATS = ("synthetic", "manifest", "auto", "mimic_cxr", "chestxray14", "openi")
+
+
+def source_label_names(cfg: DictConfig) -> tuple[str, ...]:
+    """The label names of the configured data source, before ``data.labels`` selects from them."""
+    fmt = cfg.data.format
+    if fmt == "synthetic" and cfg.data.root is None:
+        from fedvlm.data.synthetic_cxr import SYNTH_CXR_LABELS
+
+        return tuple(SYNTH_CXR_LABELS)
+    if fmt == "mimic_cxr":
+        return CHEXPERT_LABELS
+    if fmt == "chestxray14":
+        return CHESTXRAY14_LABELS
+    if fmt == "openi":
+        from fedvlm.data.cxr_layouts import OPENI_LABELS
+
+        return tuple(OPENI_LABELS)
+    return tuple(load_dataset_unselected(cfg).label_names)
+
+
+def label_names(cfg: DictConfig) -> tuple[str, ...]:
+    """The labels a run trains and evaluates: ``data.labels`` or all of the source's.
+
+    Raises:
+        ConfigError: If ``data.labels`` names a label the source does not have.
+    """
+    available = source_label_names(cfg)
+    if not cfg.data.labels:
+        return available
+    unknown = [name for name in cfg.data.labels if name not in available]
+    if unknown:
+        raise ConfigError(f"data.labels: unknown label(s) {unknown}; this source has: {', '.join(available)}")
+    return tuple(cfg.data.labels)
+
+
+def load_dataset_unselected(cfg: DictConfig) -> CxrDataset:
+    """The records ``cfg.data`` names, with every label of the source."""
+    data = cfg.data
+    if data.format not in CXR_FORMATS:
+        raise ConfigError(f"data.format={data.format!r} is not a chest X-ray source; one of: {', '.join(CXR_FORMATS)}")
+    if data.format == "synthetic" and data.root is None:
+        from fedvlm.data.synthetic_cxr import SynthCxrConfig, generate_cxr
+
+        return generate_cxr(SynthCxrConfig(
+            n=data.synthetic.n, num_sites=data.synthetic.num_sites, image_size=data.image_size, seed=cfg.seed,
+        ))
+    if data.root is None:
+        raise DataError(f"data.format={data.format} needs data.root=<folder or manifest>")
+    root = Path(data.root).expanduser()
+    if data.format == "manifest" or (data.format in ("synthetic", "auto") and root.suffix == ".csv"):
+        from fedvlm.data.synthetic_cxr import read_cxr_manifest
+
+        return read_cxr_manifest(root)
+    from fedvlm.data.cxr_layouts import load_cxr
+
+    fmt = "auto" if data.format == "synthetic" else data.format
+    return load_cxr(fmt, root, Path(data.reports).expanduser() if data.reports else None, uncertain=data.uncertain)
+
+
+def load_dataset(cfg: DictConfig) -> CxrDataset:
+    """The records ``cfg.data`` names, restricted to the labels the run uses.
+
+    Raises:
+        DataError: Naming the file, row or value at fault; or when a model that reads reports
+            meets records without one.
+    """
+    dataset = load_dataset_unselected(cfg)
+    dataset.validate()
+    names = label_names(cfg)
+    if names != tuple(dataset.label_names):
+        columns = [dataset.label_names.index(name) for name in names]
+        dataset = CxrDataset(
+            [_with_labels(r, tuple(r.labels[c] for c in columns)) for r in dataset.records], names, dataset.skipped
+        )
+    if not dataset.records:
+        raise DataError(f"no chest X-ray records in {cfg.data.root or 'the synthetic generator'}")
+    if cfg.model.modality != "image":
+        empty = [r.source or r.patient for r in dataset.records if not r.report.strip()]
+        if empty:
+            raise DataError(
+                f"{len(empty)} images have no report (first: {empty[0]}); model.modality={cfg.model.modality} "
+                "needs one for every image (ChestX-ray14 is image-only: use model.modality=image)"
+            )
+    return dataset
+
+
+def _with_labels(record: Any, labels: tuple[float, ...]) -> Any:
+    from dataclasses import replace
+
+    return replace(record, labels=labels)
+
+
+def default_prompts(names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """A (positive, negative) prompt pair per label: the generator's wording where it has one,
+    else ``"There is <label>."`` / ``"No <label>."``."""
+    from fedvlm.data.synthetic_cxr import default_prompts as synthetic_prompts
+
+    known = synthetic_prompts()
+    prompts = {}
+    for name in names:
+        words = name.replace("_", " ").lower()
+        prompts[name] = known.get(name, (f"There is {words}.", f"No {words}."))
+    return prompts
+
+
+def prompt_pairs(cfg: DictConfig, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Default prompts overridden by ``evaluation.prompts``.
+
+    Raises:
+        ConfigError: If ``evaluation.prompts`` names an unknown label or is not a pair.
+    """
+    prompts = default_prompts(names)
+    for name, pair in (cfg.evaluation.prompts or {}).items():
+        if name not in prompts:
+            raise ConfigError(f"evaluation.prompts: unknown label {name!r}; labels: {', '.join(names)}")
+        if len(pair) != 2:
+            raise ConfigError(f"evaluation.prompts.{name} must be [positive prompt, negative prompt]")
+        prompts[name] = (str(pair[0]), str(pair[1]))
+    return prompts
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: dict[str, tuple[str, str]], names: Sequence[str], max_length: int
+) -> Bundle:
+    """``input_ids``/``attention_mask`` ``[C, 2, L]`` of the prompt pairs, in label order."""
+    texts = [text for name in names for text in prompts[name]]
+    tokens = tokenize(tokenizer, texts, max_length)
+    return {key: value.reshape(len(names), 2, max_length) for key, value in tokens.items()}
+
+
+def stratification_classes(labels: np.ndarray) -> np.ndarray:
+    """One class per sample for stratified splits: the first present label, ``C`` when none is
+    present, ``C + 1`` when nothing is known."""
+    num_labels = labels.shape[1]
+    present = np.nan_to_num(labels, nan=0.0) == 1
+    known = ~np.isnan(labels).all(axis=1)
+    first = np.where(present.any(axis=1), present.argmax(axis=1), num_labels)
+    return np.where(known, first, num_labels + 1).astype(np.int64)
+
+
+class CxrTask:
+    """Chest X-ray vision-language pre-training (FedVLM)."""
+
+    name = "cxr"
+    selection_metric = "test/macro_auroc"
+    curve_metrics = ("test/macro_auroc", "test/i2t_recall@5", "test/t2i_recall@5")
+
+    def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+        dataset = load_dataset(cfg)
+        records = dataset.records
+        labels = dataset.label_matrix()
+        classes = stratification_classes(labels)
+        patients = np.array([r.patient for r in records])
+        splits = np.array([r.split or "" for r in records])
+        if (splits == "test").any():  # the source's official split
+            train_idx, test_idx = np.flatnonzero(splits != "test"), np.flatnonzero(splits == "test")
+            shared = set(patients[train_idx]) & set(patients[test_idx])
+            if shared:
+                raise DataError(f"the official split puts patient {sorted(shared)[0]} on both sides")
+        else:
+            train_idx, test_idx = split_train_test(classes, patients, cfg.data.test_fraction, cfg.seed)
+        centralized = cfg.federation.mode == "centralized"
+        sites = np.array([r.site for r in records], dtype=object)
+        shards = partition(
+            "single" if centralized else cfg.data.partition.name,
+            classes[train_idx], 1 if centralized else cfg.federation.num_clients, cfg.seed,
+            groups=patients[train_idx], sites=sites[train_idx], alpha=cfg.data.partition.alpha,
+            min_size=cfg.data.partition.min_size, max_size=cfg.data.partition.max_size,
+        )
+        client_indices = [train_idx[shard] for shard in shards]
+
+        names = dataset.label_names
+        tokenizer = None
+        prompts = prompt_pairs(cfg, names)
+        if cfg.model.modality != "image":
+            prompt_texts = [text for pair in prompts.values() for text in pair]
+            tokenizer = make_tokenizer(cfg, [records[i].report for i in train_idx] + prompt_texts, run_dir)
+
+        everything = prepare_cxr_bundle(records, tokenizer, cfg.data.image_size, cfg.data.max_text_length)
+        data_dir = run_dir / DATA_DIR
+        save_bundle(subset(everything, test_idx), data_dir / "test.pt")
+        if tokenizer is not None:
+            save_bundle(tokenize_prompts(tokenizer, prompts, names, cfg.data.max_text_length), data_dir / PROMPTS_FILE)
+        client_sizes = []
+        for client, indices in enumerate(client_indices):
+            local_train, local_val = local_split(
+                classes, patients, indices, cfg.data.val_fraction, cfg.seed + client, client
+            )
+            save_bundle(subset(everything, local_train), data_dir / f"client_{client:03d}_train.pt")
+            save_bundle(subset(everything, local_val), data_dir / f"client_{client:03d}_val.pt")
+            client_sizes.append({"train": len(local_train), "val": len(local_val)})
+
+        class_names = {c: names[c] for c in range(len(names))} | {len(names): "no_finding", len(names) + 1: "unknown"}
+        summary = summarize_partition(shards, classes[train_idx], class_names)
+        for row, sizes, indices in zip(summary, client_sizes, client_indices, strict=True):
+            row.update(sizes)
+            row["sites"] = sorted({str(records[i].site) for i in indices})
+            row["positives_by_label"] = {
+                name: int(np.nansum(labels[indices, c] == 1)) for c, name in enumerate(names)
+            }
+        test_positives = {name: int(np.nansum(labels[test_idx, c] == 1)) for c, name in enumerate(names)}
+        (run_dir / "partition.json").write_text(json.dumps(
+            {"clients": summary, "test": {"num_samples": len(test_idx), "positives_by_label": test_positives}},
+            indent=2,
+        ))
+        meta = {
+            "num_samples": len(records), "num_train": len(train_idx), "num_test": len(test_idx),
+            "num_clients": len(client_indices), "client_sizes": client_sizes,
+            "vocab_size": len(tokenizer) if tokenizer is not None else None,
+            "label_names": list(names), "skipped": dict(dataset.skipped),
+            "client_sites": [row["sites"] for row in summary],
+        }
+        write_meta(run_dir, meta)
+        return meta
+
+    def build_module(self, cfg: DictConfig, run_dir: Path) -> L.LightningModule:
+        meta = read_meta(run_dir)
+        module_class = (
+            import_class(cfg.model.module_class, ContrastiveVLM) if cfg.model.module_class else ContrastiveVLM
+        )
+        module = module_class(
+            model=OmegaConf.to_container(cfg.model, resolve=True),
+            contrastive=OmegaConf.to_container(cfg.contrastive, resolve=True),
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            label_names=meta["label_names"],
+            image_size=cfg.data.image_size,
+            vocab_size=meta["vocab_size"],
+        )
+        prompts_path = run_dir / DATA_DIR / PROMPTS_FILE
+        if module.modality == "fused":
+            prompts = load_bundle(prompts_path)
+            module.set_prompts(prompts["input_ids"].long(), prompts["attention_mask"].long())
+        return module
+
+    def load_client(self, run_dir: Path, partition_id: int) -> tuple[Bundle, Bundle]:
+        data_dir = run_dir / DATA_DIR
+        return (
+            load_bundle(data_dir / f"client_{partition_id:03d}_train.pt"),
+            load_bundle(data_dir / f"client_{partition_id:03d}_val.pt"),
+        )
+
+    def load_test(self, run_dir: Path) -> Bundle:
+        return load_bundle(run_dir / DATA_DIR / "test.pt")
+
+    def make_metrics(self, cfg: DictConfig, mergeable: bool) -> CxrMetrics:
+        return CxrMetrics(
+            label_names(cfg), auroc_bins=AUROC_BINS if mergeable else None,
+            retrieval_k=tuple(cfg.evaluation.retrieval_k),
+            keep_embeddings=not mergeable and cfg.model.modality == "fused",
+        )
+
+    @torch.no_grad()
+    def evaluate(self, module: L.LightningModule, bundle: Bundle, metrics: torch.nn.Module, batch_size: int) -> None:
+        assert isinstance(metrics, CxrMetrics) and isinstance(module, ContrastiveVLM)
+        if bundle_size(bundle) == 0:
+            return
+        was_training = module.training
+        module.eval()
+        device = module.device
+        for batch in make_loader(bundle, batch_size, shuffle=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            outputs = module.label_probabilities(batch)
+            metrics.update(
+                outputs["probabilities"].float().cpu(), batch["labels"].cpu(),
+                outputs.get("image_embeddings"), outputs.get("text_embeddings"), batch["report_group"].cpu(),
+            )
+        module.train(was_training)
+
+    def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
+        assert isinstance(metrics, CxrMetrics)
+        return metrics.compute_scalars()
+
+
+def load_run_tokenizer(run_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a run was prepared with."""
+    return load_tokenizer(str(run_dir / TOKENIZER_DIR))
+
+
+tasks.register("cxr")(CxrTask)
