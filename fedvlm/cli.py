@@ -9,6 +9,7 @@ Examples::
     fedvlm evaluate runs/cxr_demo-20260101-120000 --leave-one-hospital-out
     fedvlm recipes
     fedvlm data synth --out /tmp/synth --n 5400
+    fedvlm certs --out certs --hosts 10.0.0.5,superlink.example.org --supernodes 3
 """
 
 from __future__ import annotations
@@ -45,7 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", default="last", choices=("last", "best"))
     evaluate.add_argument("overrides", nargs="*", metavar="evaluation.key=value", help="evaluation overrides")
 
+    explain = commands.add_parser("explain", help="explanations of a trained run (SHAP; Grad-CAM for CXR)")
+    explain.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    explain.add_argument("--patients", type=_int_list, metavar="I,I,...", help="test-set sample indices")
+    explain.add_argument("--num-patients", type=int, default=8, help="first N test patients (default 8)")
+    explain.add_argument("--out", type=Path, help="output folder (default RUN_DIR/explanations)")
+    explain.add_argument("--checkpoint", default="last", choices=("last", "best"))
+    explain.add_argument("overrides", nargs="*", metavar="explain.key=value", help="explain overrides")
+
     commands.add_parser("recipes", help="list the built-in recipes")
+
+    certs = commands.add_parser(
+        "certs", help="TLS certificates for a SuperLink and SuperNode authentication keys (docs/deployment.md)"
+    )
+    certs.add_argument("--out", type=Path, required=True, help="folder to write (existing files are never replaced)")
+    certs_mode = certs.add_mutually_exclusive_group()
+    certs_mode.add_argument(
+        "--hosts", type=_name_list, default=None, metavar="H,H,...",
+        help="IP addresses / DNS names of the SuperLink for the server certificate (default 127.0.0.1,localhost)",
+    )
+    certs_mode.add_argument(
+        "--supernode-key", metavar="NAME", help="only make one SuperNode key pair NAME.key/NAME.pub (at a hospital)"
+    )
+    certs.add_argument("--supernodes", type=int, default=0, metavar="N", help="also make N SuperNode key pairs")
+    certs.add_argument("--days", type=int, default=365, help="validity of the CA and server certificate")
 
     data = commands.add_parser("data", help="data utilities")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -60,7 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (errors in user input print one line, exit 2)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (`evaluate RUN --zero-shot evaluation.x=1`).
+    unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     console = Console()
     try:
         if args.command == "fit":
@@ -75,16 +106,36 @@ def main(argv: list[str] | None = None) -> int:
 
             chosen = args.zero_shot or args.retrieval or args.few_shot or args.leave_one_hospital_out
             evaluate_run(
-                args.run_dir, list(args.overrides),
-                zero_shot=args.zero_shot or not chosen, retrieval=args.retrieval,
-                few_shot_k=args.few_shot or (), loho=args.leave_one_hospital_out, hospitals=args.hospitals,
-                loho_rounds=args.loho_rounds, checkpoint=args.checkpoint, console=console,
+                args.run_dir,
+                list(args.overrides),
+                zero_shot=args.zero_shot or not chosen,
+                retrieval=args.retrieval,
+                few_shot_k=args.few_shot or (),
+                loho=args.leave_one_hospital_out,
+                hospitals=args.hospitals,
+                loho_rounds=args.loho_rounds,
+                checkpoint=args.checkpoint,
+                console=console,
+            )
+        elif args.command == "explain":
+            from fedvlm.explain_run import explain_run
+
+            explain_run(
+                args.run_dir,
+                args.patients,
+                args.num_patients,
+                args.out,
+                list(args.overrides),
+                checkpoint=args.checkpoint,
+                console=console,
             )
         elif args.command == "recipes":
             from fedvlm.config import list_recipes
 
             for name, description in list_recipes().items():
                 console.print(f"[bold]{name:<20}[/] {description}", soft_wrap=True)
+        elif args.command == "certs":
+            _certs(args, console)
         elif args.command == "data" and args.data_command == "synth":
             _synth(args, console)
     except FedVLMError as err:
@@ -98,6 +149,28 @@ def _int_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _certs(args: argparse.Namespace, console: Console) -> None:
+    from fedvlm.federation.certs import DEFAULT_HOSTS, make_certificates, make_supernode_key
+
+    if args.supernode_key:
+        key = make_supernode_key(args.out, args.supernode_key)
+        console.print(
+            f"wrote {key.private_key} (keep it here) and {key.public_key} (send it to the coordinator)", soft_wrap=True
+        )
+        return
+    written = make_certificates(args.out, args.hosts or DEFAULT_HOSTS, args.supernodes, args.days)
+    console.print(
+        f"wrote {written.ca_cert} (give to every site), {written.server_cert} + {written.server_key} (SuperLink), "
+        f"{written.ca_key} (keep offline)", soft_wrap=True,
+    )
+    for key in written.supernode_keys:
+        console.print(f"wrote {key.private_key} + {key.public_key} (SuperNode authentication)", soft_wrap=True)
 
 
 def _synth(args: argparse.Namespace, console: Console) -> None:

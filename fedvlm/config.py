@@ -48,6 +48,20 @@ class SyntheticConfig:
 
 
 @dataclass
+class SyntheticCxrConfig:
+    """Chest X-ray generator settings beyond ``data.synthetic.n``/``num_sites`` (task ``cxr``).
+
+    ``prevalence`` overrides per-finding prevalences; ``prevalence_shift`` and ``style_shift``
+    scale how much hospitals differ in finding mix and in image style/report template.
+    """
+
+    prevalence: dict[str, float] = field(default_factory=dict)
+    prevalence_shift: float = 0.5
+    style_shift: float = 1.0
+    p_followup: float = 0.3
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from and how it is split.
 
@@ -65,6 +79,7 @@ class DataConfig:
     val_fraction: float = 0.1
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic_cxr: SyntheticCxrConfig = field(default_factory=SyntheticCxrConfig)
     labels: list[str] = field(default_factory=list)
     """CXR: the labels to train and evaluate (empty: all of the source's labels)."""
     uncertain: str = "ignore"
@@ -175,6 +190,19 @@ class TrainerConfig:
 
 
 @dataclass
+class ByzantineConfig:
+    """Simulated malicious clients (``fedvlm.federation.byzantine``): ``attack`` (``none``,
+    ``sign_flip``, ``scale``, ``gaussian``, ``label_flip``) run by ``clients``, or by
+    ``⌊fraction·num_clients⌋`` clients drawn with the run's seed when ``clients`` is empty."""
+
+    attack: str = "none"
+    clients: list[int] = field(default_factory=list)
+    fraction: float = 0.0
+    scale: float = 10.0
+    noise_std: float = 1.0
+
+
+@dataclass
 class FederationConfig:
     """The federated round loop.
 
@@ -201,6 +229,35 @@ class FederationConfig:
     """Partition ids left out of training (leave-one-hospital-out evaluation)."""
     faults: list[str] = field(default_factory=list)
     """Injected client failures for resilience drills: ``"PID@ROUND"`` raises in that round."""
+    trim_fraction: float = 0.2
+    """``trimmed_mean``: β, the fraction of client values trimmed per side and coordinate."""
+    byzantine_f: int = 0
+    """``krum``/``multikrum``: f, the assumed number of Byzantine clients (needs n > 2f + 2)."""
+    multikrum_m: int = 0
+    """``multikrum``: m, the number of best-scored updates averaged (0: n − f)."""
+    robust_proximal: bool = False
+    """Robust strategies also send ``proximal_mu``, so clients add FedProx's proximal term."""
+    byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
+
+
+@dataclass
+class ExplainConfig:
+    """Per-patient SHAP explanations on each client at the end of its local round (task ``leukemia``).
+
+    ``patients`` rows of each client's local validation split (its training split when it has
+    no validation data) are explained every ``every`` rounds and written under
+    ``RUN_DIR/clients/client_NNN/explanations/round_NNN/``. Nothing leaves the site unless
+    ``share_summary`` (then only aggregate quality metrics).
+    """
+
+    enabled: bool = False
+    patients: int = 4
+    every: int = 1
+    image_baseline: str = "mean"
+    text_baseline: str = "mask"
+    max_evals: int = 300
+    top_k: int = 5
+    share_summary: bool = False
 
 
 @dataclass
@@ -217,6 +274,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -227,7 +285,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.mode": ("simulation", "centralized"),
     "model.adapter.name": ("none", "lora"),
     "data.uncertain": ("ignore", "zeros", "ones"),
+    "federation.byzantine.attack": ("none", "sign_flip", "scale", "gaussian", "label_flip"),
 }
+ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
 
 
 def list_recipes(recipes_dir: Path = RECIPES_DIR) -> dict[str, str]:
@@ -255,9 +315,7 @@ def recipe_path(recipe: str, recipes_dir: Path = RECIPES_DIR) -> Path:
     return path
 
 
-def load_config(
-    recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> DictConfig:
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Build a run configuration: defaults ← recipe YAML ← ``key=value`` overrides.
 
     Args:
@@ -319,6 +377,9 @@ def validate(cfg: DictConfig) -> None:
         "model.num_stages": cfg.model.num_stages,
         "data.image_size": cfg.data.image_size,
         "optim.lr": cfg.optim.lr,
+        "explain.every": cfg.explain.every,
+        "explain.max_evals": cfg.explain.max_evals,
+        "explain.top_k": cfg.explain.top_k,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -347,6 +408,50 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"contrastive.temperature={cfg.contrastive.temperature} must be positive")
     if cfg.federation.proximal_mu < 0:
         raise ConfigError(f"federation.proximal_mu={cfg.federation.proximal_mu} must be >= 0")
+    _validate_robustness(cfg.federation)
+
+
+def _validate_robustness(federation: DictConfig) -> None:
+    """Robust aggregation and simulated Byzantine clients (``federation.byzantine``)."""
+    if not 0.0 <= federation.trim_fraction < 0.5:
+        raise ConfigError(f"federation.trim_fraction={federation.trim_fraction} must be in [0, 0.5)")
+    for key in ("byzantine_f", "multikrum_m"):
+        if federation[key] < 0:
+            raise ConfigError(f"federation.{key}={federation[key]} must be >= 0")
+    if federation.robust_proximal and federation.strategy not in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"federation.robust_proximal applies to {', '.join(ROBUST_STRATEGIES)}, not "
+            f"federation.strategy={federation.strategy} (use strategy=fedprox)"
+        )
+    asked = federation.clients_per_round or federation.num_clients - len(set(federation.exclude_clients))
+    f = federation.byzantine_f
+    if federation.strategy in ("krum", "multikrum") and asked <= 2 * f + 2:
+        raise ConfigError(
+            f"federation.strategy={federation.strategy} needs more than 2·federation.byzantine_f + 2 = {2 * f + 2} "
+            f"clients per round (byzantine_f={f}); {asked} are asked (num_clients={federation.num_clients}, "
+            f"clients_per_round={federation.clients_per_round}, exclude_clients={list(federation.exclude_clients)})"
+        )
+    if federation.strategy == "multikrum" and federation.multikrum_m > asked - f:
+        raise ConfigError(f"federation.multikrum_m={federation.multikrum_m} exceeds n − f = {asked} − {f}")
+    byzantine = federation.byzantine
+    if not 0.0 <= byzantine.fraction < 1.0:
+        raise ConfigError(f"federation.byzantine.fraction={byzantine.fraction} must be in [0, 1)")
+    if byzantine.noise_std < 0:
+        raise ConfigError(f"federation.byzantine.noise_std={byzantine.noise_std} must be >= 0")
+    outside = [pid for pid in byzantine.clients if not 0 <= pid < federation.num_clients]
+    if outside:
+        raise ConfigError(
+            f"federation.byzantine.clients={list(byzantine.clients)}: clients {outside} are not partitions "
+            f"0..{federation.num_clients - 1} (federation.num_clients={federation.num_clients})"
+        )
+    if byzantine.clients and byzantine.fraction > 0:
+        raise ConfigError("federation.byzantine: set clients or fraction, not both")
+    drawn = int(byzantine.fraction * federation.num_clients + 1e-9)
+    if byzantine.attack != "none" and not byzantine.clients and drawn == 0:
+        raise ConfigError(
+            f"federation.byzantine.attack={byzantine.attack} names no client: set federation.byzantine.clients "
+            f"or a federation.byzantine.fraction ≥ 1/num_clients"
+        )
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

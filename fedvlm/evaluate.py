@@ -27,10 +27,10 @@ from rich.console import Console
 from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
 from fedvlm.data.prepared import Bundle, bundle_size, make_loader
 from fedvlm.errors import ConfigError
-from fedvlm.evaluation.cxr import CxrMetrics, linear_probe_auroc
+from fedvlm.evaluation.cxr import linear_probe_auroc
 from fedvlm.runs import jsonable, load_checkpoint
 from fedvlm.tasks import get_task
-from fedvlm.tasks.base import DATA_DIR, read_meta
+from fedvlm.tasks.base import DATA_DIR, TOKENIZER_DIR, read_meta
 
 EVAL_DIR = "eval"
 CHECKPOINTS = ("last", "best")
@@ -89,7 +89,12 @@ def image_features(module: L.LightningModule, bundle: Bundle, batch_size: int) -
 
 
 def few_shot(
-    module: L.LightningModule, cfg: DictConfig, train: Bundle, test: Bundle, shots: Sequence[int], seeds: int,
+    module: L.LightningModule,
+    cfg: DictConfig,
+    train: Bundle,
+    test: Bundle,
+    shots: Sequence[int],
+    seeds: int,
 ) -> dict[str, Any]:
     """k-shot linear probes on frozen image features, ``seeds`` draws per k.
 
@@ -111,7 +116,8 @@ def few_shot(
         result[str(k)] = {
             "macro_auroc_mean": float(np.mean(macro)) if macro else float("nan"),
             "macro_auroc_std": float(np.std(macro)) if macro else float("nan"),
-            "per_label": per_label, "seeds": len(macro),
+            "per_label": per_label,
+            "seeds": len(macro),
         }
     return result
 
@@ -130,7 +136,11 @@ def pooled_training_data(run_dir: Path, cfg: DictConfig) -> Bundle:
 
 
 def leave_one_hospital_out(
-    run_dir: Path, cfg: DictConfig, hospitals: Sequence[int] | None, rounds: int | None, console: Console,
+    run_dir: Path,
+    cfg: DictConfig,
+    hospitals: Sequence[int] | None,
+    rounds: int | None,
+    console: Console,
 ) -> dict[str, Any]:
     """For each held-out hospital: train the same federation without it, test on its data.
 
@@ -155,7 +165,9 @@ def leave_one_hospital_out(
         if loho_dir.exists():
             shutil.rmtree(loho_dir)
         loho_dir.mkdir(parents=True)
-        os.symlink((run_dir / DATA_DIR).resolve(), loho_dir / DATA_DIR)
+        for shared in (DATA_DIR, TOKENIZER_DIR):  # the run's prepared data and tokenizer, not copies
+            if (run_dir / shared).exists():
+                os.symlink((run_dir / shared).resolve(), loho_dir / shared)
         overrides = [f"federation.exclude_clients=[{hospital}]"] + ([f"federation.rounds={rounds}"] if rounds else [])
         loho_cfg = load_config(run_dir / CONFIG_FILE_NAME, overrides)
         save_config(loho_cfg, loho_dir / CONFIG_FILE_NAME)
@@ -165,7 +177,8 @@ def leave_one_hospital_out(
         model = load_trained_module(loho_dir, loho_cfg)
         sites = meta.get("client_sites", [[]] * num_clients)[hospital]
         result[str(hospital)] = {
-            "sites": sites, "num_samples": bundle_size(held_out),
+            "sites": sites,
+            "num_samples": bundle_size(held_out),
             "held_out": classification_and_retrieval(model, loho_cfg, held_out),
             "trained_on": classification_and_retrieval(full_model, cfg, held_out),
         }
@@ -226,15 +239,19 @@ def evaluate_run(
         if zero_shot:
             written["zero_shot"] = {
                 "method": "prompts" if cfg.model.modality == "fused" else f"{cfg.model.modality} label head",
-                "macro_auroc": scalars["macro_auroc"], "macro_f1": scalars["macro_f1"],
+                "macro_auroc": scalars["macro_auroc"],
+                "macro_f1": scalars["macro_f1"],
                 "accuracy": scalars["accuracy"],
                 "per_class_auroc": {name: scalars[f"auroc/{name}"] for name in names},
-                "num_test": bundle_size(test), "checkpoint": checkpoint,
+                "num_test": bundle_size(test),
+                "checkpoint": checkpoint,
             }
         if retrieval:
             if cfg.model.modality != "fused":
                 raise ConfigError("--retrieval needs a vision-language (model.modality=fused) run")
-            written["retrieval"] = {k: v for k, v in scalars.items() if "_recall@" in k} | {"num_test": bundle_size(test)}
+            written["retrieval"] = {k: v for k, v in scalars.items() if "_recall@" in k} | {
+                "num_test": bundle_size(test)
+            }
     if few_shot_k:
         if cfg.model.modality == "text":
             raise ConfigError("--few-shot probes image features; this run is text-only")
@@ -255,33 +272,58 @@ def summary_markdown(run_dir: Path, out_dir: Path) -> str:
     lines = [f"# Evaluation of `{run_dir}`", ""]
     zero_shot = _read(out_dir / "zero_shot.json")
     if zero_shot:
-        lines += [f"## Classification on the test split ({zero_shot['method']}, {zero_shot['num_test']} images)", "",
-                  "| label | AUROC |", "| --- | --- |"]
+        lines += [
+            f"## Classification on the test split ({zero_shot['method']}, {zero_shot['num_test']} images)",
+            "",
+            "| label | AUROC |",
+            "| --- | --- |",
+        ]
         lines += [f"| {name} | {_fmt(value)} |" for name, value in zero_shot["per_class_auroc"].items()]
-        lines += [f"| **macro** | **{_fmt(zero_shot['macro_auroc'])}** |", "",
-                  f"macro F1 {_fmt(zero_shot['macro_f1'])}, accuracy {_fmt(zero_shot['accuracy'])}", ""]
+        lines += [
+            f"| **macro** | **{_fmt(zero_shot['macro_auroc'])}** |",
+            "",
+            f"macro F1 {_fmt(zero_shot['macro_f1'])}, accuracy {_fmt(zero_shot['accuracy'])}",
+            "",
+        ]
     retrieval = _read(out_dir / "retrieval.json")
     if retrieval:
         ks = sorted({int(key.split("@")[1]) for key in retrieval if "@" in key})
-        lines += ["## Retrieval (Recall@K)", "", "| direction | " + " | ".join(f"R@{k}" for k in ks) + " |",
-                  "| --- |" + " --- |" * len(ks)]
+        lines += [
+            "## Retrieval (Recall@K)",
+            "",
+            "| direction | " + " | ".join(f"R@{k}" for k in ks) + " |",
+            "| --- |" + " --- |" * len(ks),
+        ]
         for direction, label in (("i2t", "image → text"), ("t2i", "text → image")):
-            lines.append(f"| {label} | " + " | ".join(_fmt(retrieval.get(f"{direction}_recall@{k}")) for k in ks) + " |")
+            lines.append(
+                f"| {label} | " + " | ".join(_fmt(retrieval.get(f"{direction}_recall@{k}")) for k in ks) + " |"
+            )
         lines.append("")
     few = _read(out_dir / "few_shot.json")
     if few:
-        lines += ["## Few-shot linear probe (macro AUROC)", "", "| shots per class | mean | std | seeds |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {k} | {_fmt(v['macro_auroc_mean'])} | {_fmt(v['macro_auroc_std'])} | {v['seeds']} |"
-                  for k, v in few.items()]
+        lines += [
+            "## Few-shot linear probe (macro AUROC)",
+            "",
+            "| shots per class | mean | std | seeds |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {k} | {_fmt(v['macro_auroc_mean'])} | {_fmt(v['macro_auroc_std'])} | {v['seeds']} |"
+            for k, v in few.items()
+        ]
         lines.append("")
     loho = _read(out_dir / "loho.json")
     if loho:
-        lines += ["## Leave-one-hospital-out (macro AUROC on the held-out hospital's data)", "",
-                  "| hospital | sites | n | held out of training | trained on it |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Leave-one-hospital-out (macro AUROC on the held-out hospital's data)",
+            "",
+            "| hospital | sites | n | held out of training | trained on it |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         lines += [
             f"| {h} | {', '.join(v['sites'])} | {v['num_samples']} | {_fmt(v['held_out']['macro_auroc'])} | "
-            f"{_fmt(v['trained_on']['macro_auroc'])} |" for h, v in loho.items()
+            f"{_fmt(v['trained_on']['macro_auroc'])} |"
+            for h, v in loho.items()
         ]
         lines.append("")
     return "\n".join(lines)

@@ -30,11 +30,11 @@ Findings (:data:`FINDINGS`), each a :class:`FindingSpec` whose ``extent`` means:
   between chest wall and the bright visceral pleural line is lucent and has no lung markings.
 * ``Edema``: the spread of a bilateral perihilar ("batwing") haze with prominent vessels.
 
-``lesion_mask`` holds index + 1 of the finding in :data:`FINDINGS` (0 background). Where two
-findings overlap, the one later in :data:`MASK_PAINT_ORDER` wins: focal findings are painted
-over diffuse ones, so a small lesion is never hidden. Each box is tight around its finding's
-own whole region (:attr:`RenderedCxr.finding_masks`), which may include pixels another finding
-won in ``lesion_mask``.
+``lesion_mask`` holds index + 1 of the finding in :data:`FINDINGS` (0 background). Where
+findings overlap, the one with the **smaller** whole region wins (regions are painted largest
+first), so a small lesion inside a large one stays visible; a finding is hidden only where the
+union of smaller ones covers all of it. Each box is tight around its finding's own whole region
+(:attr:`RenderedCxr.finding_masks`), which may include pixels another finding won.
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ import numpy as np
 
 FINDINGS = ("Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax")
 """Drawable findings, spelled as in CheXpert; ``lesion_mask`` value = index + 1."""
-MASK_PAINT_ORDER = ("Cardiomegaly", "Edema", "Pleural Effusion", "Consolidation", "Pneumothorax")
-"""Later entries win where finding regions overlap in ``lesion_mask``."""
 SIDES = ("right", "left", "bilateral")
 ZONES = ("upper", "middle", "lower")
 ZONE_CENTRE_V = {"upper": (0.2, 0.3), "middle": (0.38, 0.48), "lower": (0.54, 0.62)}
@@ -105,7 +103,7 @@ _WALL_FLARE = 0.02
 
 
 def sample_anatomy(rng: np.random.Generator, ctr: float | None = None) -> CxrAnatomy:
-    """Draw a normal habitus; ``ctr`` overrides the normal cardiothoracic ratio (0.38–0.48)."""
+    """Draw a normal habitus; ``ctr`` overrides the normal cardiothoracic ratio (0.4–0.5)."""
     width = rng.uniform(0.33, 0.375)
     return CxrAnatomy(
         centre_x=float(0.5 + rng.uniform(-0.015, 0.015)),
@@ -113,7 +111,7 @@ def sample_anatomy(rng: np.random.Generator, ctr: float | None = None) -> CxrAna
         apex_v=float(rng.uniform(0.11, 0.15)),
         dome_v=(float(rng.uniform(0.63, 0.68)), float(rng.uniform(0.66, 0.71))),
         dome_depth=float(rng.uniform(0.1, 0.14)),
-        ctr=float(rng.uniform(0.38, 0.48) if ctr is None else ctr),
+        ctr=float(rng.uniform(0.4, 0.5) if ctr is None else ctr),
         air=float(rng.uniform(0.62, 0.75)),
         rib_phase=float(rng.random()),
         rib_spacing=float(rng.uniform(0.064, 0.074)),
@@ -404,7 +402,7 @@ def _finding_region(
             dt, dv = (halves[side] - 0.11) / spec.extent, (v - 0.46) / (0.85 * spec.extent)
             haze = np.exp(-(dt * dt + dv * dv)) * lungs[side]
             patchy = 0.7 + 0.6 * _smooth_noise(texture, size, 12)
-            change += haze * patchy * anatomy.air * 0.6 * spec.intensity
+            change += haze * patchy * anatomy.air * 0.4 * spec.intensity
             region = np.maximum(region, haze * 1.4)
     elif label == "Pneumothorax":
         side = sides[0]
@@ -434,11 +432,40 @@ def _blur_matrix(size: int, sigma: float) -> np.ndarray:
 
 
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur as two small matrix products (faster than shifted adds in numpy)."""
+    """Separable Gaussian blur, renormalised at the borders.
+
+    Small images use two matrix products (fastest in numpy); large ones shifted adds, since a
+    multi-threaded BLAS call on a busy machine costs more than it saves there.
+    """
     if sigma <= 0.05:
         return image
     matrix = _blur_matrix(image.shape[0], round(sigma, 2))
-    return matrix @ image @ matrix.T
+    if image.shape[0] <= _MATMUL_BLUR_MAX_SIZE:
+        return matrix @ image @ matrix.T
+    reach = int(np.ceil(3 * sigma))
+    taps = matrix[reach, : 2 * reach + 1] / matrix[reach, : 2 * reach + 1].sum()
+    coverage = np.convolve(np.ones(image.shape[0], dtype=np.float32), taps, mode="same")
+    blurred = image
+    for axis in (0, 1):
+        padded = np.zeros_like(blurred)
+        for offset, tap in zip(range(-reach, reach + 1), taps, strict=True):
+            padded += tap * np.roll(blurred, offset, axis=axis) * _roll_valid(blurred.shape[0], offset, axis)
+        blurred = padded / (coverage[:, None] if axis == 0 else coverage[None, :])
+    return blurred
+
+
+_MATMUL_BLUR_MAX_SIZE = 128
+
+
+@functools.lru_cache(maxsize=256)
+def _roll_valid(size: int, offset: int, axis: int) -> np.ndarray:
+    """1 where ``np.roll`` by ``offset`` brought in a real neighbour, 0 where it wrapped around."""
+    valid = np.ones(size, dtype=np.float32)
+    if offset > 0:
+        valid[:offset] = 0.0
+    elif offset < 0:
+        valid[offset:] = 0.0
+    return valid[:, None] if axis == 0 else valid[None, :]
 
 
 _GAMMA_LEVELS = 4096
@@ -522,9 +549,7 @@ def render_cxr(
         markings = markings * (1.0 - rim)
     if "Edema" in by_label:  # engorged, indistinct vessels
         markings = markings * (1.0 + 0.4 * by_label["Edema"].intensity)
-    hila = sum(
-        _ramp(0.04 - np.hypot(halves[side] - 0.1, (v - 0.44 - 0.02 * side) / 1.6), 0.025) for side in (0, 1)
-    )
+    hila = sum(_ramp(0.04 - np.hypot(halves[side] - 0.1, (v - 0.44 - 0.02 * side) / 1.6), 0.025) for side in (0, 1))
     basal = _clip01((v - 0.3) / 0.45)  # more overlying soft tissue towards the bases
     attenuation = attenuation + 0.3 * np.maximum(np.maximum(mediastinum, heart), knob) + 0.2 * spine
     attenuation = attenuation - anatomy.air * air_space * (1.0 - 0.25 * basal) - 0.25 * trachea - 0.4 * bubble
@@ -535,14 +560,15 @@ def render_cxr(
         distance = np.hypot(u - lead_u, v - lead_v)
         attenuation = attenuation + 0.6 * _ramp(0.017 - distance, 0.004) * _ramp(distance - 0.007, 0.004)
 
-    lesion_mask = np.zeros((image_size, image_size), dtype=np.uint8)
     finding_masks: dict[str, np.ndarray] = {}
-    for label in MASK_PAINT_ORDER:
-        if label not in by_label:
-            continue
-        change, region = _finding_region(label, by_label[label], u, v, anatomy, lungs)
-        attenuation = attenuation + change
-        finding_masks[label] = region > 0.5
+    for label in FINDINGS:
+        if label in by_label:
+            change, region = _finding_region(label, by_label[label], u, v, anatomy, lungs)
+            attenuation = attenuation + change
+            finding_masks[label] = region > 0.5
+    lesion_mask = np.zeros((image_size, image_size), dtype=np.uint8)
+    # Largest region first, so that a smaller finding inside a larger one stays visible.
+    for label in sorted(finding_masks, key=lambda name: -int(finding_masks[name].sum())):
         lesion_mask[finding_masks[label]] = FINDINGS.index(label) + 1
 
     brightness = 1.0 - np.exp(-style.exposure * np.maximum(attenuation, 0.0))

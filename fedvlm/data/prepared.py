@@ -107,9 +107,13 @@ def prepare_cxr_bundle(
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_text_length: int) -> Bundle:
     """Token ids (``int32``) and attention masks (``uint8``), padded/truncated to ``max_text_length``."""
-    tokens = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_text_length,
-                       return_tensors="pt")
-    return {"input_ids": tokens["input_ids"].to(torch.int32), "attention_mask": tokens["attention_mask"].to(torch.uint8)}
+    tokens = tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=max_text_length, return_tensors="pt"
+    )
+    return {
+        "input_ids": tokens["input_ids"].to(torch.int32),
+        "attention_mask": tokens["attention_mask"].to(torch.uint8),
+    }
 
 
 def subset(bundle: Mapping[str, torch.Tensor], rows: Sequence[int] | np.ndarray) -> Bundle:
@@ -190,6 +194,10 @@ def make_loader(
     """A DataLoader over a bundle; shuffling is seeded so a round is reproducible."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        BundleDataset(bundle, augment), batch_size=batch_size, shuffle=shuffle, generator=generator,
-        num_workers=num_workers, persistent_workers=False,
+        BundleDataset(bundle, augment),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        persistent_workers=False,
     )

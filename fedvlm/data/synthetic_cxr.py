@@ -75,14 +75,18 @@ SEVERITY_PROBABILITIES = (0.4, 0.4, 0.2)
 """P(mild), P(moderate), P(severe) of a present finding."""
 # (low, high) of FindingSpec.extent per severity; see fedvlm.data.cxr_render for the meaning.
 EXTENT_BY_SEVERITY = {
-    "Cardiomegaly": ((0.52, 0.56), (0.56, 0.62), (0.62, 0.7)),  # cardiothoracic ratio; normal 0.38–0.48
+    "Cardiomegaly": ((0.51, 0.55), (0.55, 0.6), (0.6, 0.68)),  # cardiothoracic ratio; normal 0.4–0.5
     "Consolidation": ((0.045, 0.065), (0.065, 0.09), (0.09, 0.12)),
     "Edema": ((0.12, 0.15), (0.15, 0.19), (0.19, 0.24)),
     "Pleural Effusion": ((0.04, 0.07), (0.09, 0.15), (0.18, 0.28)),
     "Pneumothorax": ((0.1, 0.16), (0.2, 0.3), (0.35, 0.5)),
 }
 INTENSITY_BY_SEVERITY = ((0.55, 0.75), (0.75, 0.95), (0.95, 1.1))
-SIDE_PROBABILITIES = {"Pleural Effusion": (0.4, 0.3, 0.3), "Consolidation": (0.5, 0.5, 0.0), "Pneumothorax": (0.5, 0.5, 0.0)}
+SIDE_PROBABILITIES = {
+    "Pleural Effusion": (0.4, 0.3, 0.3),
+    "Consolidation": (0.5, 0.5, 0.0),
+    "Pneumothorax": (0.5, 0.5, 0.0),
+}
 """P(right), P(left), P(bilateral) of a lateralised finding; edema is always bilateral."""
 ZONE_PROBABILITIES = (0.25, 0.3, 0.45)
 """P(upper), P(middle), P(lower) zone of a consolidation."""
@@ -472,7 +476,7 @@ def write_report(
         elif label in negate:
             sentences.append(template.negative[label])
     if leads:
-        sentences.append("Cardiac monitoring leads overlie the chest.")
+        sentences.append("ECG monitoring leads overlie the chest.")
     if rng.random() < 0.4:
         sentences.append(BONE_SENTENCES[int(rng.integers(len(BONE_SENTENCES)))])
     if present:
@@ -481,7 +485,10 @@ def write_report(
             impression.append("Findings are consistent with congestive heart failure.")
     else:
         impression = [template.normal_impression]
-    head = " ".join(preamble[name] for name in template.preamble)
+    names = template.preamble
+    if followup and "comparison" not in names:  # a follow-up always refers to its prior study
+        names = (*names, "comparison")
+    head = " ".join(preamble[name] for name in names)
     body = f"{template.findings_header} {' '.join(sentences)} {template.impression_header} {' '.join(impression)}"
     return f"{head} {body}", tuple(phrases)
 
@@ -544,7 +551,7 @@ def generate_cxr_with_truth(config: SynthCxrConfig) -> tuple[CxrDataset, list[Cx
                 lead_points if leads else (),
             )  # fmt: skip
             present = {spec.label for spec in findings_tuple}
-            labels = tuple(float(label in present) for label in FINDINGS) + (float(not present),)
+            labels = (*(float(label in present) for label in FINDINGS), float(not present))
             patient = f"cxr{patient_index:05d}"
             records.append(
                 CxrRecord(
@@ -662,10 +669,9 @@ def read_cxr_manifest(path: Path, check_images: bool = True) -> CxrDataset:
     path = Path(path)
     if path.suffix.lower() != ".csv":
         raise DataError(f"CXR manifest {path}: expected a .csv file")
+    rows = read_table(path, CXR_MANIFEST_COLUMNS, kind="CXR manifest")  # raises for a missing or empty file
     with path.open(newline="", encoding="utf-8-sig") as stream:
-        header = next(csv.reader(stream), None) if path.is_file() else None
-    rows = read_table(path, CXR_MANIFEST_COLUMNS, kind="CXR manifest")
-    assert header is not None  # read_table raised for a missing or empty file
+        header = next(csv.reader(stream))
     label_names = tuple(name.strip() for name in header if name.strip().lower() not in CXR_MANIFEST_COLUMNS)
     if not label_names:
         raise DataError(f"{path}:1: no label columns after {', '.join(CXR_MANIFEST_COLUMNS)}")

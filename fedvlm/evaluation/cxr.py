@@ -71,24 +71,33 @@ class CxrMetrics(torch.nn.Module):
     """
 
     def __init__(
-        self, label_names: Sequence[str], auroc_bins: int | None = AUROC_BINS,
-        retrieval_k: Sequence[int] = (1, 5, 10), keep_embeddings: bool = False,
+        self,
+        label_names: Sequence[str],
+        auroc_bins: int | None = AUROC_BINS,
+        retrieval_k: Sequence[int] = (1, 5, 10),
+        keep_embeddings: bool = False,
     ) -> None:
         super().__init__()
         self.label_names = tuple(label_names)
         num_labels = len(self.label_names)
-        self.zero_shot = MetricCollection({
-            "auroc": MultilabelAUROC(num_labels, average=None, thresholds=auroc_bins, ignore_index=IGNORE),
-            "f1": MultilabelF1Score(num_labels, average=None, ignore_index=IGNORE),
-            "accuracy": MultilabelAccuracy(num_labels, average=None, ignore_index=IGNORE),
-        })
+        self.zero_shot = MetricCollection(
+            {
+                "auroc": MultilabelAUROC(num_labels, average=None, thresholds=auroc_bins, ignore_index=IGNORE),
+                "f1": MultilabelF1Score(num_labels, average=None, ignore_index=IGNORE),
+                "accuracy": MultilabelAccuracy(num_labels, average=None, ignore_index=IGNORE),
+            }
+        )
         self.retrieval_k = tuple(retrieval_k)
         self.keep_embeddings = keep_embeddings
         self._embeddings: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def update(
-        self, probabilities: torch.Tensor, labels: torch.Tensor, image_embeddings: torch.Tensor | None = None,
-        text_embeddings: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+        self,
+        probabilities: torch.Tensor,
+        labels: torch.Tensor,
+        image_embeddings: torch.Tensor | None = None,
+        text_embeddings: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> None:
         """Add a batch: zero-shot ``P(label)`` ``[B, C]``, labels ``[B, C]`` (``nan`` unknown) and,
         for retrieval, the batch's normalised embeddings and report group ids."""
@@ -134,8 +143,13 @@ class CxrMetrics(torch.nn.Module):
 
 
 def linear_probe_auroc(
-    train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray,
-    shots: int, seed: int, weight_decay: float = 1e-3,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    shots: int,
+    seed: int,
+    weight_decay: float = 1e-3,
 ) -> dict[int, float]:
     """Few-shot linear probe: per label, logistic regression on ``shots`` positives and
     ``shots`` negatives drawn (seeded) from the training features; AUROC on the test features.
@@ -158,7 +172,9 @@ def linear_probe_auroc(
         test_targets = test_labels[known_test, label]
         if min(len(positives), len(negatives)) < shots or len(np.unique(test_targets)) < 2:
             continue
-        rows = np.concatenate([rng.choice(positives, shots, replace=False), rng.choice(negatives, shots, replace=False)])
+        rows = np.concatenate(
+            [rng.choice(positives, shots, replace=False), rng.choice(negatives, shots, replace=False)]
+        )
         x = torch.tensor((train_features[rows] - mean) / std, dtype=torch.float64)
         y = torch.tensor(train_labels[rows, label], dtype=torch.float64)
         weights = fit_logistic_regression(x, y, weight_decay)

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from fedvlm.data.prepared import Bundle, bundle_size
-from fedvlm.errors import DataError
+from fedvlm.errors import ConfigError, DataError
 from fedvlm.explain import quality
 from fedvlm.explain.render import index_html, patient_html, save_heatmap_png
 from fedvlm.explain.shapley import (
@@ -233,7 +233,8 @@ class ShapCallback(L.Callback):
         ):
             if values is not None and len(values) != size:
                 raise DataError(f"ShapCallback got {len(values)} {name} for {size} patients")
-        quality.top_k(np.zeros(1), top_k)  # validates top_k
+        if top_k < 1:
+            raise ConfigError(f"ShapCallback top_k must be >= 1, got {top_k}")
         self.output_dir = Path(output_dir)
         self.patients = dict(patients)
         self.settings = ExplainSettings(

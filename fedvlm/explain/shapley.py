@@ -759,7 +759,10 @@ def _held_fixed(
     if not isinstance(encoder, nn.Module):
         yield
         return
-    embedding = encoder(*(sample[key].unsqueeze(0) for key in keys))
+    try:
+        embedding = encoder(*(sample[key].unsqueeze(0) for key in keys))
+    except (TypeError, RuntimeError):  # not an encoder of the LeukemiaModule kind: nothing to cache
+        embedding = None
     if not isinstance(embedding, torch.Tensor):
         yield
         return

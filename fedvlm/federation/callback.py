@@ -44,9 +44,7 @@ class FederatedRoundCallback(L.Callback):
         load_global_state(pl_module, self.global_state)
         if self.proximal_mu > 0:
             self._anchors = {
-                name: param.detach().clone()
-                for name, param in pl_module.named_parameters()
-                if param.requires_grad
+                name: param.detach().clone() for name, param in pl_module.named_parameters() if param.requires_grad
             }
 
     @override
@@ -111,5 +109,5 @@ def static_fingerprint(module: torch.nn.Module, travelling: set[str]) -> str:
     for key, value in sorted(module.state_dict().items()):
         if key not in travelling:
             digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -22,11 +22,14 @@ from omegaconf import DictConfig
 
 from fedvlm.config import CONFIG_FILE_NAME, load_config
 from fedvlm.data.prepared import bundle_size, make_loader
+from fedvlm.errors import FederationError
 from fedvlm.evaluation.metrics import export_state
 from fedvlm.federation import keys
-from fedvlm.errors import FederationError
 from fedvlm.federation.callback import (
-    FederatedRoundCallback, load_global_state, static_fingerprint, travelling_keys,
+    FederatedRoundCallback,
+    load_global_state,
+    static_fingerprint,
+    travelling_keys,
 )
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.tasks import Task, get_task
@@ -67,7 +70,11 @@ def make_trainer(cfg: DictConfig, callbacks: list[L.Callback], max_epochs: int) 
 
 
 def train_locally(
-    task: Task, cfg: DictConfig, run_dir: Path, partition_id: int, global_state: dict[str, torch.Tensor],
+    task: Task,
+    cfg: DictConfig,
+    run_dir: Path,
+    partition_id: int,
+    global_state: dict[str, torch.Tensor],
     round_config: dict[str, Any],
 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
     """One client's round: load global weights, train ``local-epochs``, return the local state.
@@ -84,9 +91,14 @@ def train_locally(
     module.set_encoders_frozen(bool(round_config[keys.FREEZE_ENCODERS]))  # type: ignore[operator]
     module.learning_rate = float(round_config[keys.LEARNING_RATE])  # type: ignore[assignment]
     callback = FederatedRoundCallback(global_state, float(round_config.get(keys.PROXIMAL_MU, 0.0)))
-    trainer = make_trainer(cfg, [callback], int(round_config[keys.LOCAL_EPOCHS]))
+    extra = task.round_callbacks(cfg, run_dir, partition_id, int(round_config[keys.SERVER_ROUND]))
+    trainer = make_trainer(cfg, [callback, *extra], int(round_config[keys.LOCAL_EPOCHS]))
     loader = make_loader(
-        train_bundle, cfg.trainer.batch_size, shuffle=True, seed=round_seed, num_workers=cfg.trainer.num_workers,
+        train_bundle,
+        cfg.trainer.batch_size,
+        shuffle=True,
+        seed=round_seed,
+        num_workers=cfg.trainer.num_workers,
         augment=cfg.data.augment,
     )
     trainer.fit(module, loader)
@@ -95,6 +107,10 @@ def train_locally(
         keys.TRAIN_LOSS: float(train_loss) if train_loss is not None else float("nan"),
         keys.TRAIN_SECONDS: time.perf_counter() - started,
     }
+    for extra_callback in extra:  # only aggregates a callback declares shareable (e.g. explanation quality)
+        shareable = getattr(extra_callback, "shareable_metrics", None)
+        if shareable is not None:
+            metrics.update({k: float(v) for k, v in shareable().items()})
     return callback.local_state, bundle_size(train_bundle), metrics
 
 
@@ -131,67 +147,110 @@ def _static_digest(module: L.LightningModule, run_dir: str) -> str:
     return _DIGESTS[run_dir]
 
 
-def make_client_app(run_dir: Path) -> ClientApp:
+RUN_DIR_KEY = "run-dir"
+"""Node-config key (SuperNode) and run-config key (ServerApp) naming a prepared run directory."""
+
+
+def make_client_app(run_dir: Path | None = None) -> ClientApp:
     """The ClientApp for a prepared run directory.
 
     In simulation every SuperNode sees the same ``run_dir`` and picks its shard by the
-    ``partition-id`` Flower puts in its node config.
+    ``partition-id`` Flower puts in its node config. With ``run_dir=None`` (the deployment engine)
+    each SuperNode names its own copy in its node config as well:
+    ``--node-config "run-dir='/data/fedvlm/site' partition-id=3"``.
     """
     app = ClientApp()
-    run_dir_str = str(run_dir)
+
+    def site_run_dir(context: Context) -> str:
+        if run_dir is not None:
+            return str(run_dir)
+        if RUN_DIR_KEY not in context.node_config:
+            raise FederationError(
+                f"this SuperNode's node config has no {RUN_DIR_KEY!r}: start it with "
+                f"--node-config \"{RUN_DIR_KEY}='/path/to/site/run' {keys.PARTITION_ID}=<id>\""
+            )
+        return str(context.node_config[RUN_DIR_KEY])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
+        run_dir_str = site_run_dir(context)
         partition_id = int(context.node_config[keys.PARTITION_ID])
         train_bundle, _ = _client_data(run_dir_str, partition_id)
         return Message(
-            RecordDict({keys.METRICS: MetricRecord({
-                keys.PARTITION_ID: partition_id, keys.NUM_EXAMPLES: bundle_size(train_bundle),
-            })}),
+            RecordDict(
+                {
+                    keys.METRICS: MetricRecord(
+                        {
+                            keys.PARTITION_ID: partition_id,
+                            keys.NUM_EXAMPLES: bundle_size(train_bundle),
+                        }
+                    )
+                }
+            ),
             reply_to=msg,
         )
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        run_dir_str = site_run_dir(context)
         cfg = _run_config(run_dir_str)
         partition_id = int(context.node_config[keys.PARTITION_ID])
         round_config: dict[str, Any] = dict(msg.content.config_records[keys.CONFIG])
         _maybe_fail(cfg, partition_id, int(round_config[keys.SERVER_ROUND]))
         global_state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
+        from fedvlm.federation.byzantine import client_attack
+
+        attack = client_attack(cfg, partition_id)  # federation.byzantine; a no-op for honest clients
+        attack.poison_training_data(_client_data(run_dir_str, partition_id)[0])
         local_state, num_examples, metrics = train_locally(
             get_task(cfg.task), cfg, Path(run_dir_str), partition_id, dict(global_state), round_config
         )
+        local_state = attack.poison(local_state, global_state, int(round_config[keys.ROUND_SEED]) + partition_id)
         codec = update_codecs.create(str(round_config[keys.UPDATE_CODEC]))
         reference = {k: global_state[k] for k in local_state}
         record = codec.encode(local_state, reference)
         return Message(
-            RecordDict({
-                keys.ARRAYS: record,
-                keys.METRICS: MetricRecord(
-                    {keys.NUM_EXAMPLES: num_examples, keys.PARTITION_ID: partition_id, **metrics}
-                ),
-            }),
+            RecordDict(
+                {
+                    keys.ARRAYS: record,
+                    keys.METRICS: MetricRecord(
+                        {keys.NUM_EXAMPLES: num_examples, keys.PARTITION_ID: partition_id, **metrics}
+                    ),
+                }
+            ),
             reply_to=msg,
         )
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        run_dir_str = site_run_dir(context)
         cfg = _run_config(run_dir_str)
         partition_id = int(context.node_config[keys.PARTITION_ID])
         task = get_task(cfg.task)
         _, val_bundle = _client_data(run_dir_str, partition_id)
         config = msg.content.config_records[keys.CONFIG]
         module = build_global_module(
-            task, cfg, Path(run_dir_str), dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict()),
+            task,
+            cfg,
+            Path(run_dir_str),
+            dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict()),
             str(config.get(keys.STATIC_FINGERPRINT, "")),
         )
         metrics = task.make_metrics(cfg, mergeable=True)
         task.evaluate(module, val_bundle, metrics, cfg.trainer.batch_size)
         state = {f"{keys.EVAL_STATE_PREFIX}{k}": v for k, v in export_state(metrics).items()}
         return Message(
-            RecordDict({keys.METRICS: MetricRecord({
-                keys.NUM_EXAMPLES: bundle_size(val_bundle), keys.PARTITION_ID: partition_id, **state,
-            })}),
+            RecordDict(
+                {
+                    keys.METRICS: MetricRecord(
+                        {
+                            keys.NUM_EXAMPLES: bundle_size(val_bundle),
+                            keys.PARTITION_ID: partition_id,
+                            **state,
+                        }
+                    )
+                }
+            ),
             reply_to=msg,
         )
 
@@ -203,4 +262,4 @@ def _maybe_fail(cfg: DictConfig, partition_id: int, server_round: int) -> None:
         raise RuntimeError(f"injected failure of client {partition_id} in round {server_round} (federation.faults)")
 
 
-__all__ = ["make_client_app", "make_trainer", "train_locally"]
+__all__ = ["RUN_DIR_KEY", "make_client_app", "make_trainer", "train_locally"]

@@ -22,6 +22,7 @@ NUM_EXAMPLES = "num-examples"  # Flower's weighting key (FedAvg, Eq. 4)
 PARTITION_ID = "partition-id"  # also the node_config key Flower sets in simulation
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
+SHARED_PREFIX = "explain/"  # aggregate explanation-quality metrics a client may share
 EVAL_STATE_PREFIX = "state/"  # mergeable metric state, e.g. "state/detection.auroc.confmat"
 
 # Message types

@@ -64,8 +64,11 @@ class Progress:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "completed_round": self.completed_round, "best_value": self.best_value,
-            "best_round": self.best_round, "converged": self.converged, "history": self.history,
+            "completed_round": self.completed_round,
+            "best_value": self.best_value,
+            "best_round": self.best_round,
+            "converged": self.converged,
+            "history": self.history,
         }
 
 
@@ -124,7 +127,11 @@ class FederatedServer:
     """
 
     def __init__(
-        self, cfg: DictConfig, run_dir: Path, task: Task, resume: bool = False,
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        task: Task,
+        resume: bool = False,
         report: RoundReporter | None = None,
     ) -> None:
         self.cfg = cfg
@@ -186,7 +193,8 @@ class FederatedServer:
         messages = [
             Message(
                 RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord(round_config)}),
-                dst_node_id=nodes[pid], message_type=keys.TRAIN,
+                dst_node_id=nodes[pid],
+                message_type=keys.TRAIN,
             )
             for pid in sampled
         ]
@@ -212,7 +220,8 @@ class FederatedServer:
         aggregated = self.strategy.aggregate(updates)
         previous = self.global_state
         self.global_state = {
-            **previous, **{k: v.to(previous[k].dtype) for k, v in aggregated.items()},
+            **previous,
+            **{k: v.to(previous[k].dtype) for k, v in aggregated.items()},
         }
         norm = update_norm(previous, self.global_state)
 
@@ -228,6 +237,14 @@ class FederatedServer:
             }
             for u in updates
         }
+        # Aggregates a client chose to share (explanation quality): per client, and their mean.
+        shared = sorted({k for u in updates for k in u.metrics if k.startswith(keys.SHARED_PREFIX)})
+        for key in shared:
+            values = [float(u.metrics[key]) for u in updates if key in u.metrics]
+            for u in updates:
+                if key in u.metrics:
+                    clients[str(u.partition_id)][key] = float(u.metrics[key])
+            row[key] = sum(values) / len(values)
         if federation.evaluate_clients:
             pooled, per_client, sent, received, eval_failed = self._evaluate_on_clients(grid, nodes)
             bytes_sent += sent
@@ -236,17 +253,19 @@ class FederatedServer:
             row.update({f"val/{k}": v for k, v in pooled.items()})
             for pid, values in per_client.items():
                 clients.setdefault(str(pid), {}).update({f"val/{k}": v for k, v in values.items()})
-        row.update({
-            "round_seconds": time.perf_counter() - started,
-            "bytes_sent": bytes_sent,
-            "bytes_received": bytes_received,
-            "update_norm": norm,
-            "lr": round_config[keys.LEARNING_RATE],
-            "encoders_frozen": frozen,
-            "num_clients": len(updates),
-            "failed_clients": {str(pid): why for pid, why in sorted(failed.items())},
-            "clients": clients,
-        })
+        row.update(
+            {
+                "round_seconds": time.perf_counter() - started,
+                "bytes_sent": bytes_sent,
+                "bytes_received": bytes_received,
+                "update_norm": norm,
+                "lr": round_config[keys.LEARNING_RATE],
+                "encoders_frozen": frozen,
+                "num_clients": len(updates),
+                "failed_clients": {str(pid): why for pid, why in sorted(failed.items())},
+                "clients": clients,
+            }
+        )
         self._complete(server_round, row, norm)
 
     def _downlink(self) -> ArrayRecord:
@@ -289,8 +308,9 @@ class FederatedServer:
         downlink = self._downlink()
         config = ConfigRecord({keys.STATIC_FINGERPRINT: self.static_fingerprint})
         messages = [
-            Message(RecordDict({keys.ARRAYS: downlink, keys.CONFIG: config}), dst_node_id=node,
-                    message_type=keys.EVALUATE)
+            Message(
+                RecordDict({keys.ARRAYS: downlink, keys.CONFIG: config}), dst_node_id=node, message_type=keys.EVALUATE
+            )
             for _, node in sorted(nodes.items())
         ]
         replies, failed = self._exchange(grid, messages, nodes, float(self.cfg.federation.round_timeout))

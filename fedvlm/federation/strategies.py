@@ -4,6 +4,8 @@ A strategy says what it adds to each client's round config and how decoded clien
 become the next global state. FedAvg's weighted mean is Flower's own
 ``aggregate_arrayrecords``; FedProx wraps FedAvg and adds μ to the client config, because the
 proximal term is applied on the client (:class:`~fedvlm.federation.callback.FederatedRoundCallback`).
+The Byzantine-robust strategies (``trimmed_mean``, ``median``, ``krum``, ``multikrum``) apply the
+rules of :mod:`fedvlm.federation.robust` and send μ too when ``federation.robust_proximal`` is set.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any, Protocol
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from typing_extensions import override
 
-from fedvlm.federation import keys
+from fedvlm.errors import FederationError
+from fedvlm.federation import keys, robust
 from fedvlm.registry import Registry
 
 State = dict[str, torch.Tensor]
@@ -95,6 +99,95 @@ class FedProx(FedAvg):
         return {keys.PROXIMAL_MU: float(self.proximal_mu)}
 
 
+class RobustStrategy:
+    """Base of the Byzantine-robust strategies: optional FedProx term, round bookkeeping.
+
+    Args:
+        proximal_mu: μ sent to every client (FedProx's client term, Li et al. 2020); 0 sends none.
+    """
+
+    def __init__(self, proximal_mu: float = 0.0) -> None:
+        self.proximal_mu = proximal_mu
+        self.server_round = 0
+
+    def client_config(self, server_round: int) -> dict[str, Any]:
+        # The round loop asks for the client config once per round, before aggregating: remember
+        # the round so that aggregation errors can name it.
+        self.server_round = server_round
+        return {keys.PROXIMAL_MU: float(self.proximal_mu)} if self.proximal_mu > 0 else {}
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> State:
+        if not updates:
+            raise ValueError("cannot aggregate zero client updates")
+        return self.combine([update.state for update in updates])
+
+    def combine(self, states: Sequence[State]) -> State:
+        """The robust aggregate of the decoded client states (unweighted)."""
+        raise NotImplementedError
+
+
+class TrimmedMean(RobustStrategy):
+    """Coordinate-wise β-trimmed mean (Yin et al. 2018); see :func:`robust.trimmed_mean`.
+
+    Tolerates fewer than ``⌊β·n⌋`` Byzantine clients per coordinate.
+
+    Example:
+        >>> updates = [ClientUpdate(i, 1, {"w": torch.tensor([v])}) for i, v in enumerate([1.0, 2.0, 3.0, 9e9])]
+        >>> TrimmedMean(0.25).aggregate(updates)["w"]
+        tensor([2.5000])
+    """
+
+    def __init__(self, trim_fraction: float, proximal_mu: float = 0.0) -> None:
+        super().__init__(proximal_mu)
+        self.trim_fraction = trim_fraction
+
+    @override
+    def combine(self, states: Sequence[State]) -> State:
+        return robust.trimmed_mean(states, self.trim_fraction)
+
+
+class Median(RobustStrategy):
+    """Coordinate-wise median (Yin et al. 2018), as Flower's ``FedMedian``."""
+
+    @override
+    def combine(self, states: Sequence[State]) -> State:
+        return robust.coordinate_median(states)
+
+
+class MultiKrum(RobustStrategy):
+    """Krum (``num_selected=1``) and Multi-Krum (Blanchard et al. 2017).
+
+    Args:
+        byzantine_f: f, the assumed number of Byzantine clients; each round needs ``n > 2f + 2``
+            updates.
+        num_selected: m, how many of the best-scored updates are averaged; 0 means ``n − f``.
+            At most ``n − f`` of the ``n`` updates that arrived are used.
+        proximal_mu: See :class:`RobustStrategy`.
+    """
+
+    def __init__(self, byzantine_f: int, num_selected: int = 1, proximal_mu: float = 0.0) -> None:
+        super().__init__(proximal_mu)
+        self.byzantine_f = byzantine_f
+        self.num_selected = num_selected
+
+    @override
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> State:
+        count, f = len(updates), self.byzantine_f
+        if count <= 2 * f + 2:
+            clients = ", ".join(str(u.partition_id) for u in updates) or "none"
+            raise FederationError(
+                f"round {self.server_round}: Krum needs more than 2·federation.byzantine_f + 2 = {2 * f + 2} "
+                f"client updates (federation.byzantine_f={f}), but {count} arrived (clients: {clients})"
+            )
+        return super().aggregate(updates)
+
+    @override
+    def combine(self, states: Sequence[State]) -> State:
+        honest = len(states) - self.byzantine_f
+        selected = min(self.num_selected, honest) if self.num_selected > 0 else honest
+        return robust.multikrum(states, self.byzantine_f, selected)
+
+
 strategies: Registry[Strategy] = Registry("strategy")
 
 
@@ -108,3 +201,31 @@ def make_fedavg(federation: Mapping[str, Any]) -> Strategy:
 def make_fedprox(federation: Mapping[str, Any]) -> Strategy:
     """FedProx with ``federation.proximal_mu``."""
     return FedProx(float(federation["proximal_mu"]))
+
+
+def _robust_mu(federation: Mapping[str, Any]) -> float:
+    return float(federation["proximal_mu"]) if federation.get("robust_proximal", False) else 0.0
+
+
+@strategies.register("trimmed_mean")
+def make_trimmed_mean(federation: Mapping[str, Any]) -> Strategy:
+    """Coordinate-wise trimmed mean with β = ``federation.trim_fraction``."""
+    return TrimmedMean(float(federation["trim_fraction"]), _robust_mu(federation))
+
+
+@strategies.register("median")
+def make_median(federation: Mapping[str, Any]) -> Strategy:
+    """Coordinate-wise median."""
+    return Median(_robust_mu(federation))
+
+
+@strategies.register("krum")
+def make_krum(federation: Mapping[str, Any]) -> Strategy:
+    """Krum with f = ``federation.byzantine_f``."""
+    return MultiKrum(int(federation["byzantine_f"]), 1, _robust_mu(federation))
+
+
+@strategies.register("multikrum")
+def make_multikrum(federation: Mapping[str, Any]) -> Strategy:
+    """Multi-Krum with f = ``federation.byzantine_f`` and m = ``federation.multikrum_m`` (0: n − f)."""
+    return MultiKrum(int(federation["byzantine_f"]), int(federation["multikrum_m"]), _robust_mu(federation))

@@ -107,12 +107,14 @@ def apply_lora(
         return []
     wanted = set(targets)
     matches = [
-        (name, child) for name, child in module.named_modules()
+        (name, child)
+        for name, child in module.named_modules()
         if isinstance(child, nn.Linear) and name.rsplit(".", 1)[-1] in wanted
     ]
     if not matches:
-        available = sorted({name.rsplit(".", 1)[-1] for name, child in module.named_modules()
-                            if isinstance(child, nn.Linear)})
+        available = sorted(
+            {name.rsplit(".", 1)[-1] for name, child in module.named_modules() if isinstance(child, nn.Linear)}
+        )
         raise ConfigError(
             f"{where}={list(targets)} matches no linear layer; linear layers are named: "
             f"{', '.join(available) or '(none: use an empty list to freeze this tower)'}"
@@ -131,8 +133,9 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in module.parameters())
 
 
-def adapt_encoders(adapter: Mapping[str, Any] | None, image_encoder: nn.Module | None,
-                   text_encoder: nn.Module | None) -> list[str]:
+def adapt_encoders(
+    adapter: Mapping[str, Any] | None, image_encoder: nn.Module | None, text_encoder: nn.Module | None
+) -> list[str]:
     """Apply the ``model.adapter`` config section to the encoders (a no-op for ``name: none``).
 
     Returns:

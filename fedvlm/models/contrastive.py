@@ -101,18 +101,22 @@ class ContrastiveVLM(L.LightningModule):
         self.image_loss_weight = float(contrastive["image_loss_weight"])
         self.text_loss_weight = float(contrastive["text_loss_weight"])
         self.modality: str = model.get("modality", "fused")
-        self.image_encoder = build_image_encoder(model["image_encoder"], image_size) if self.modality != "text" else None
+        self.image_encoder = (
+            build_image_encoder(model["image_encoder"], image_size) if self.modality != "text" else None
+        )
         self.text_encoder = build_text_encoder(model["text_encoder"], vocab_size) if self.modality != "image" else None
         self.adapter_layers = adapt_encoders(model.get("adapter"), self.image_encoder, self.text_encoder)
         projection_dim = int(contrastive["projection_dim"])
         fused = self.modality == "fused"
         self.image_projection = (
             nn.Linear(self.image_encoder.out_dim, projection_dim, bias=False)
-            if fused and self.image_encoder is not None else None
+            if fused and self.image_encoder is not None
+            else None
         )
         self.text_projection = (
             nn.Linear(self.text_encoder.out_dim, projection_dim, bias=False)
-            if fused and self.text_encoder is not None else None
+            if fused and self.text_encoder is not None
+            else None
         )
         self.logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / float(contrastive["temperature"]))),
@@ -124,11 +128,13 @@ class ContrastiveVLM(L.LightningModule):
         # (the paper's image-only FedAvg-CNN and text-only baselines).
         self.image_label_head = (
             nn.Linear(self.image_encoder.out_dim, num_labels)
-            if self.image_encoder is not None and (self.modality == "image" or self.image_loss_weight) else None
+            if self.image_encoder is not None and (self.modality == "image" or self.image_loss_weight)
+            else None
         )
         self.text_label_head = (
             nn.Linear(self.text_encoder.out_dim, num_labels)
-            if self.text_encoder is not None and (self.modality == "text" or self.text_loss_weight) else None
+            if self.text_encoder is not None and (self.modality == "text" or self.text_loss_weight)
+            else None
         )
         if self.modality != "fused":
             self.image_loss_weight = self.text_loss_weight = 1.0
@@ -187,7 +193,8 @@ class ContrastiveVLM(L.LightningModule):
         image_embeddings, text_embeddings = self(batch)
         return {
             "probabilities": self.zero_shot_probabilities(image_embeddings),
-            "image_embeddings": image_embeddings, "text_embeddings": text_embeddings,
+            "image_embeddings": image_embeddings,
+            "text_embeddings": text_embeddings,
         }
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

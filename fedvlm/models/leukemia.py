@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedvlm.evaluation.metrics import LeukemiaMetrics
-from fedvlm.models.encoders import build_image_encoder, build_text_encoder
 from fedvlm.models.adapters import adapt_encoders, set_encoders_trainable
+from fedvlm.models.encoders import build_image_encoder, build_text_encoder
 from fedvlm.models.fusion import ConcatFusion, fusions
 from fedvlm.models.optim import build_optimizer
 
@@ -62,9 +62,7 @@ class LeukemiaModule(L.LightningModule):
         self.image_encoder = (
             build_image_encoder(model["image_encoder"], image_size) if self.modality != "text" else None
         )
-        self.text_encoder = (
-            build_text_encoder(model["text_encoder"], vocab_size) if self.modality != "image" else None
-        )
+        self.text_encoder = build_text_encoder(model["text_encoder"], vocab_size) if self.modality != "image" else None
         self.adapter_layers = adapt_encoders(model.get("adapter"), self.image_encoder, self.text_encoder)
         in_dims = [enc.out_dim for enc in (self.image_encoder, self.text_encoder) if enc is not None]
         fusion_dim = int(model["fusion_dim"])
@@ -207,9 +205,7 @@ class LeukemiaModule(L.LightningModule):
         binary_logit, stage_logits = self(batch)
         losses = self.compute_loss(binary_logit, stage_logits, batch)
         self.log(f"{prefix}/loss", losses["loss"], batch_size=batch["leukemia"].shape[0])
-        metrics.update(
-            torch.sigmoid(binary_logit), batch["leukemia"], torch.softmax(stage_logits, -1), batch["stage"]
-        )
+        metrics.update(torch.sigmoid(binary_logit), batch["leukemia"], torch.softmax(stage_logits, -1), batch["stage"])
 
     def _log_metrics(self, metrics: LeukemiaMetrics, prefix: str) -> None:
         # State is kept until the next epoch starts, so it can be exported after ``validate``.

@@ -14,7 +14,7 @@ __all__ = ["Task", "get_task", "tasks"]
 
 def get_task(name: str) -> Task:
     """The registered task ``name`` (importing the built-in tasks on first use)."""
-    import fedvlm.tasks.cxr  # noqa: F401 - registers "cxr"
+    import fedvlm.tasks.cxr
     import fedvlm.tasks.leukemia  # noqa: F401 - registers "leukemia"
 
     return tasks.create(name)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import lightning as L
@@ -23,6 +23,12 @@ from fedvlm.registry import Registry
 DATA_DIR = "data"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
+CLIENTS_DIR = "clients"
+
+
+def client_dir(run_dir: Path, partition_id: int) -> Path:
+    """A client's own folder in the run directory (site-local outputs such as explanations)."""
+    return run_dir / CLIENTS_DIR / f"client_{partition_id:03d}"
 
 
 class Task(Protocol):
@@ -71,6 +77,11 @@ class Task(Protocol):
 
     def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
         """Scalar values of ``metrics`` (names without prefix)."""
+        ...
+
+    def round_callbacks(self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int) -> list[L.Callback]:
+        """Extra Lightning callbacks for one client's local round (e.g. explanations). A callback
+        with a ``shareable_metrics()`` method contributes those aggregates to the client's reply."""
         ...
 
 
@@ -130,5 +141,3 @@ def local_split(
             "set data.val_fraction=0 or give the client more data"
         ) from None
     return indices[train_rows], indices[val_rows]
-
-

@@ -22,7 +22,14 @@ from transformers import PreTrainedTokenizerBase
 from fedvlm.data.cxr_records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset
 from fedvlm.data.partition import partition, split_train_test, summarize_partition
 from fedvlm.data.prepared import (
-    Bundle, bundle_size, load_bundle, make_loader, prepare_cxr_bundle, save_bundle, subset, tokenize,
+    Bundle,
+    bundle_size,
+    load_bundle,
+    make_loader,
+    prepare_cxr_bundle,
+    save_bundle,
+    subset,
+    tokenize,
 )
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.evaluation.cxr import CxrMetrics
@@ -30,7 +37,14 @@ from fedvlm.evaluation.metrics import AUROC_BINS
 from fedvlm.models.contrastive import ContrastiveVLM
 from fedvlm.models.tokenizer import load_tokenizer
 from fedvlm.tasks.base import (
-    DATA_DIR, TOKENIZER_DIR, import_class, local_split, make_tokenizer, read_meta, tasks, write_meta,
+    DATA_DIR,
+    TOKENIZER_DIR,
+    import_class,
+    local_split,
+    make_tokenizer,
+    read_meta,
+    tasks,
+    write_meta,
 )
 
 PROMPTS_FILE = "prompts.pt"
@@ -78,9 +92,19 @@ def load_dataset_unselected(cfg: DictConfig) -> CxrDataset:
     if data.format == "synthetic" and data.root is None:
         from fedvlm.data.synthetic_cxr import SynthCxrConfig, generate_cxr
 
-        return generate_cxr(SynthCxrConfig(
-            n=data.synthetic.n, num_sites=data.synthetic.num_sites, image_size=data.image_size, seed=cfg.seed,
-        ))
+        shift = data.synthetic_cxr
+        return generate_cxr(
+            SynthCxrConfig(
+                n=data.synthetic.n,
+                num_sites=data.synthetic.num_sites,
+                image_size=data.image_size,
+                seed=cfg.seed,
+                prevalence=dict(shift.prevalence),
+                prevalence_shift=shift.prevalence_shift,
+                style_shift=shift.style_shift,
+                p_followup=shift.p_followup,
+            )
+        )
     if data.root is None:
         raise DataError(f"data.format={data.format} needs data.root=<folder or manifest>")
     root = Path(data.root).expanduser()
@@ -132,7 +156,7 @@ def default_prompts(names: Sequence[str]) -> dict[str, tuple[str, str]]:
     else ``"There is <label>."`` / ``"No <label>."``."""
     from fedvlm.data.synthetic_cxr import default_prompts as synthetic_prompts
 
-    known = synthetic_prompts()
+    known = synthetic_prompts() | {"No Finding": ("No acute abnormality.", "There is an abnormality.")}
     prompts = {}
     for name in names:
         words = name.replace("_", " ").lower()
@@ -200,9 +224,14 @@ class CxrTask:
         sites = np.array([r.site for r in records], dtype=object)
         shards = partition(
             "single" if centralized else cfg.data.partition.name,
-            classes[train_idx], 1 if centralized else cfg.federation.num_clients, cfg.seed,
-            groups=patients[train_idx], sites=sites[train_idx], alpha=cfg.data.partition.alpha,
-            min_size=cfg.data.partition.min_size, max_size=cfg.data.partition.max_size,
+            classes[train_idx],
+            1 if centralized else cfg.federation.num_clients,
+            cfg.seed,
+            groups=patients[train_idx],
+            sites=sites[train_idx],
+            alpha=cfg.data.partition.alpha,
+            min_size=cfg.data.partition.min_size,
+            max_size=cfg.data.partition.max_size,
         )
         client_indices = [train_idx[shard] for shard in shards]
 
@@ -232,19 +261,23 @@ class CxrTask:
         for row, sizes, indices in zip(summary, client_sizes, client_indices, strict=True):
             row.update(sizes)
             row["sites"] = sorted({str(records[i].site) for i in indices})
-            row["positives_by_label"] = {
-                name: int(np.nansum(labels[indices, c] == 1)) for c, name in enumerate(names)
-            }
+            row["positives_by_label"] = {name: int(np.nansum(labels[indices, c] == 1)) for c, name in enumerate(names)}
         test_positives = {name: int(np.nansum(labels[test_idx, c] == 1)) for c, name in enumerate(names)}
-        (run_dir / "partition.json").write_text(json.dumps(
-            {"clients": summary, "test": {"num_samples": len(test_idx), "positives_by_label": test_positives}},
-            indent=2,
-        ))
+        (run_dir / "partition.json").write_text(
+            json.dumps(
+                {"clients": summary, "test": {"num_samples": len(test_idx), "positives_by_label": test_positives}},
+                indent=2,
+            )
+        )
         meta = {
-            "num_samples": len(records), "num_train": len(train_idx), "num_test": len(test_idx),
-            "num_clients": len(client_indices), "client_sizes": client_sizes,
+            "num_samples": len(records),
+            "num_train": len(train_idx),
+            "num_test": len(test_idx),
+            "num_clients": len(client_indices),
+            "client_sizes": client_sizes,
             "vocab_size": len(tokenizer) if tokenizer is not None else None,
-            "label_names": list(names), "skipped": dict(dataset.skipped),
+            "label_names": list(names),
+            "skipped": dict(dataset.skipped),
             "client_sites": [row["sites"] for row in summary],
         }
         write_meta(run_dir, meta)
@@ -281,7 +314,8 @@ class CxrTask:
 
     def make_metrics(self, cfg: DictConfig, mergeable: bool) -> CxrMetrics:
         return CxrMetrics(
-            label_names(cfg), auroc_bins=AUROC_BINS if mergeable else None,
+            label_names(cfg),
+            auroc_bins=AUROC_BINS if mergeable else None,
             retrieval_k=tuple(cfg.evaluation.retrieval_k),
             keep_embeddings=not mergeable and cfg.model.modality == "fused",
         )
@@ -298,14 +332,20 @@ class CxrTask:
             batch = {k: v.to(device) for k, v in batch.items()}
             outputs = module.label_probabilities(batch)
             metrics.update(
-                outputs["probabilities"].float().cpu(), batch["labels"].cpu(),
-                outputs.get("image_embeddings"), outputs.get("text_embeddings"), batch["report_group"].cpu(),
+                outputs["probabilities"].float().cpu(),
+                batch["labels"].cpu(),
+                outputs.get("image_embeddings"),
+                outputs.get("text_embeddings"),
+                batch["report_group"].cpu(),
             )
         module.train(was_training)
 
     def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
         assert isinstance(metrics, CxrMetrics)
         return metrics.compute_scalars()
+
+    def round_callbacks(self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int) -> list[L.Callback]:
+        return []  # CXR explanations (Grad-CAM, grounding) run after training: `fedvlm explain`
 
 
 def load_run_tokenizer(run_dir: Path) -> PreTrainedTokenizerBase:

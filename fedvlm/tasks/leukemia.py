@@ -18,8 +18,24 @@ from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, make_loader, 
 from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
 from fedvlm.errors import DataError
 from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
+from fedvlm.explain.callback import ShapCallback
 from fedvlm.models.leukemia import LeukemiaModule
-from fedvlm.tasks.base import DATA_DIR, import_class, local_split, make_tokenizer, read_meta, tasks, write_meta
+from fedvlm.models.tokenizer import load_tokenizer
+from fedvlm.tasks.base import (
+    DATA_DIR,
+    TOKENIZER_DIR,
+    client_dir,
+    import_class,
+    local_split,
+    make_tokenizer,
+    read_meta,
+    tasks,
+    write_meta,
+)
+
+TRUTH_FILE = "truth.json"
+EXPLANATIONS_DIR = "explanations"
+
 
 def load_records(cfg: DictConfig) -> list[LeukemiaRecord]:
     """The records ``cfg.data`` names: generated (``format=synthetic``) or read from disk.
@@ -38,7 +54,9 @@ def load_records(cfg: DictConfig) -> list[LeukemiaRecord]:
             raise DataError(f"data.format={data.format} needs data.root=<folder or manifest>")
         fmt = "auto" if data.format == "synthetic" else data.format
         records = load_leukemia(
-            fmt, Path(data.root).expanduser(), Path(data.reports).expanduser() if data.reports else None,
+            fmt,
+            Path(data.root).expanduser(),
+            Path(data.reports).expanduser() if data.reports else None,
             cfg.model.num_stages,
         )
     for record in records:
@@ -84,9 +102,14 @@ class LeukemiaTask:
         sites = np.array([r.site for r in records], dtype=object)
         shards = partition(
             "single" if centralized else cfg.data.partition.name,
-            classes[train_idx], 1 if centralized else cfg.federation.num_clients, cfg.seed,
-            groups=patients[train_idx], sites=sites[train_idx], alpha=cfg.data.partition.alpha,
-            min_size=cfg.data.partition.min_size, max_size=cfg.data.partition.max_size,
+            classes[train_idx],
+            1 if centralized else cfg.federation.num_clients,
+            cfg.seed,
+            groups=patients[train_idx],
+            sites=sites[train_idx],
+            alpha=cfg.data.partition.alpha,
+            min_size=cfg.data.partition.min_size,
+            max_size=cfg.data.partition.max_size,
         )
         client_indices = [train_idx[shard] for shard in shards]
 
@@ -116,9 +139,13 @@ class LeukemiaTask:
         (run_dir / "partition.json").write_text(
             json.dumps({"clients": summary, "test": {"num_samples": len(test_idx), "by_label": test_counts}}, indent=2)
         )
+        write_truth(records, data_dir / TRUTH_FILE)
         meta = {
-            "num_samples": len(records), "num_train": len(train_idx), "num_test": len(test_idx),
-            "num_clients": len(client_indices), "client_sizes": client_sizes,
+            "num_samples": len(records),
+            "num_train": len(train_idx),
+            "num_test": len(test_idx),
+            "num_clients": len(client_indices),
+            "client_sizes": client_sizes,
             "vocab_size": len(tokenizer) if tokenizer is not None else None,
         }
         write_meta(run_dir, meta)
@@ -168,6 +195,82 @@ class LeukemiaTask:
     def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
         assert isinstance(metrics, LeukemiaMetrics)
         return metrics.compute_scalars()
+
+    def round_callbacks(self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int) -> list[L.Callback]:
+        explain = cfg.explain
+        if not explain.enabled or server_round % explain.every != 0:
+            return []
+        train, val = self.load_client(run_dir, partition_id)
+        return [
+            make_shap_callback(
+                cfg,
+                run_dir,
+                val if bundle_size(val) else train,
+                explain.patients,
+                client_dir(run_dir, partition_id) / EXPLANATIONS_DIR,
+                server_round,
+            )
+        ]
+
+
+def make_shap_callback(
+    cfg: DictConfig, run_dir: Path, bundle: Bundle, num_patients: int, output_dir: Path, server_round: int
+) -> ShapCallback:
+    """The :class:`ShapCallback` for the first ``num_patients`` rows of ``bundle`` (with the
+    generator's ground truth when the data are synthetic), configured by ``cfg.explain``."""
+    explain = cfg.explain
+    patients = subset(bundle, range(min(num_patients, bundle_size(bundle))))
+    tokenizer = load_tokenizer(str(run_dir / TOKENIZER_DIR)) if cfg.model.modality != "image" else None
+    blast_points, signal_words = read_truth(
+        run_dir / DATA_DIR / TRUTH_FILE, patients["index"].tolist(), cfg.data.image_size
+    )
+    callback = ShapCallback(
+        output_dir,
+        patients,
+        image_baseline=explain.image_baseline,
+        text_baseline=explain.text_baseline,
+        max_evals=explain.max_evals,
+        top_k=explain.top_k,
+        share_summary=explain.share_summary,
+        tokenizer=tokenizer,
+        blast_points=blast_points,
+        signal_words=signal_words,
+        seed=cfg.seed,
+    )
+    callback.round = server_round
+    return callback
+
+
+def write_truth(records: Sequence[LeukemiaRecord], path: Path) -> None:
+    """Save what the data source knows about where the signal is (blast centres as fractions of
+    the image size, signal words), by global sample index; nothing is written when it knows nothing."""
+    truth = {}
+    for index, record in enumerate(records):
+        if record.blast_points or record.signal_words:
+            height, width = record.image.shape[:2] if isinstance(record.image, np.ndarray) else (None, None)
+            if height is None:
+                from fedvlm.data.images import read_image
+
+                height, width = read_image(Path(record.image)).shape[:2]
+            truth[str(index)] = {
+                "blast_points": [[x / width, y / height] for x, y in record.blast_points],
+                "signal_words": list(record.signal_words),
+            }
+    if truth:
+        path.write_text(json.dumps(truth))
+
+
+def read_truth(
+    path: Path, indices: Sequence[int], image_size: int
+) -> tuple[list[list[tuple[float, float]]] | None, list[list[str]] | None]:
+    """Blast centres (in pixels of ``image_size`` images) and signal words of ``indices``; (None, None)
+    when the data source has no ground truth."""
+    if not path.is_file():
+        return None, None
+    truth = json.loads(path.read_text())
+    entries = [truth.get(str(i), {"blast_points": [], "signal_words": []}) for i in indices]
+    points = [[(x * image_size, y * image_size) for x, y in e["blast_points"]] for e in entries]
+    return points, [list(e["signal_words"]) for e in entries]
 
 
 tasks.register("leukemia")(LeukemiaTask)

@@ -3,6 +3,7 @@ model that looks at one patch and one word, and a few synthetic patients."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -25,6 +26,16 @@ TINY_TEXT = 10
 GENERATED_IMAGE = 32
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Explaining runs thousands of tiny forwards; on a shared CPU, one thread is several times
+    faster than two threads that spin waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @dataclass
 class Patients:
     records: list[LeukemiaRecord]
@@ -45,8 +56,18 @@ def patients(word_tokenizer) -> Patients:  # type: ignore[no-untyped-def]
     return Patients(records, bundle, TokenVocabulary.from_tokenizer(word_tokenizer), len(word_tokenizer))
 
 
-def tiny_module(vocab_size: int, seed: int = 0) -> LeukemiaModule:
-    """The demo architecture (vit_micro + bert_micro, concat fusion) at 24 px."""
+@pytest.fixture
+def tiny_module(patients: Patients) -> Callable[[], LeukemiaModule]:
+    """Builds the demo architecture (vit_micro + bert_micro, concat fusion) at 24 px."""
+    return lambda: _tiny_module(patients.vocab_size)
+
+
+@pytest.fixture
+def planted() -> type[PlantedModule]:
+    return PlantedModule
+
+
+def _tiny_module(vocab_size: int, seed: int = 0) -> LeukemiaModule:
     torch.manual_seed(seed)
     cfg = load_config("leukemia_demo", ["model.dropout=0.0"])
     return LeukemiaModule(

@@ -1,0 +1,96 @@
+"""``fedvlm explain RUN_DIR``: explanations of a trained run, the same outputs as during training.
+
+Leukemia runs get per-patient SHAP (both heads, image patches and report words) written like
+the per-round :class:`~fedvlm.explain.callback.ShapCallback` output; chest X-ray runs get
+Grad-CAM heatmaps, token↔region grounding and their interpretability scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from fedvlm.config import CONFIG_FILE_NAME, load_config
+from fedvlm.data.prepared import bundle_size, subset
+from fedvlm.errors import ConfigError, DataError
+from fedvlm.evaluate import load_trained_module
+from fedvlm.runs import read_metrics
+
+EXPLAIN_DIR = "explanations"
+
+
+def explain_run(
+    run_dir: Path,
+    patients: Sequence[int] | None = None,
+    num_patients: int = 8,
+    out: Path | None = None,
+    overrides: Sequence[str] = (),
+    checkpoint: str = "last",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Explain test-set patients of a trained run.
+
+    Args:
+        run_dir: A run directory written by ``fedvlm fit``.
+        patients: Global sample indices (the ``index`` of the prepared data) of test-set patients;
+            default: the first ``num_patients`` of the test split.
+        num_patients: How many test patients when ``patients`` is not given.
+        out: Output folder (default ``RUN_DIR/explanations/``).
+        overrides: ``explain.*`` overrides (baselines, ``max_evals``, ``top_k``).
+        checkpoint: ``last`` or ``best``.
+        console: Where the summary goes.
+
+    Returns:
+        The aggregate scores written to the output folder.
+
+    Raises:
+        ConfigError: For overrides outside ``explain.*`` or a run without a checkpoint.
+        DataError: If a requested patient is not in the test split.
+    """
+    console = console or Console()
+    if not (run_dir / CONFIG_FILE_NAME).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE_NAME})")
+    outside = [o for o in overrides if not o.startswith("explain.")]
+    if outside:
+        raise ConfigError(f"fedvlm explain only takes explain.* overrides, got: {', '.join(outside)}")
+    cfg = load_config(run_dir / CONFIG_FILE_NAME, list(overrides))
+    out_dir = out or run_dir / EXPLAIN_DIR
+    if cfg.task == "cxr":
+        from fedvlm.explain.cxr_scores import explain_cxr_run
+
+        if patients:
+            raise ConfigError("--patients selects leukemia patients; for a CXR run use --num-patients")
+        scores = explain_cxr_run(run_dir, num_patients, out_dir)
+        console.print(scores)
+        return scores
+
+    from fedvlm.tasks import get_task
+    from fedvlm.tasks.leukemia import make_shap_callback
+
+    task = get_task(cfg.task)
+    module = load_trained_module(run_dir, cfg, checkpoint)
+    test = task.load_test(run_dir)
+    if patients:
+        position = {int(index): row for row, index in enumerate(test["index"].tolist())}
+        missing = [p for p in patients if p not in position]
+        if missing:
+            raise DataError(f"patients {missing} are not in the test split of {run_dir}")
+        chosen = subset(test, [position[p] for p in patients])
+    else:
+        chosen = subset(test, range(min(num_patients, bundle_size(test))))
+    rows = read_metrics(run_dir)
+    callback = make_shap_callback(cfg, run_dir, chosen, bundle_size(chosen), out_dir, rows[-1]["round"] if rows else 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many tiny batched forwards: one thread avoids spinning on small machines
+    try:
+        summary = callback.explain(module)
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in sorted(summary.items()):
+        console.print(f"{key:<36} {value:.4g}")
+    console.print(f"explanations of {bundle_size(chosen)} patients: {out_dir}")
+    return summary
