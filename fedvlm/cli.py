@@ -39,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     evaluate.add_argument("--zero-shot", action="store_true", help="multi-label AUROC from prompts")
     evaluate.add_argument("--retrieval", action="store_true", help="image↔text Recall@K")
-    evaluate.add_argument("--few-shot", type=_int_list, metavar="K,K,...", help="k-shot linear probes")
+    evaluate.add_argument(
+        "--few-shot",
+        type=_int_list,
+        nargs="?",
+        const=[],
+        metavar="K,K,...",
+        help="k-shot linear probes (default shots: evaluation.few_shot)",
+    )
     evaluate.add_argument("--leave-one-hospital-out", action="store_true", help="one federation per held-out client")
     evaluate.add_argument("--hospitals", type=_int_list, metavar="H,H,...", help="held-out clients (default all)")
     evaluate.add_argument("--loho-rounds", type=int, help="rounds of each leave-one-out federation")
@@ -62,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", type=Path, required=True, help="folder to write (existing files are never replaced)")
     certs_mode = certs.add_mutually_exclusive_group()
     certs_mode.add_argument(
-        "--hosts", type=_name_list, default=None, metavar="H,H,...",
+        "--hosts",
+        type=_name_list,
+        default=None,
+        metavar="H,H,...",
         help="IP addresses / DNS names of the SuperLink for the server certificate (default 127.0.0.1,localhost)",
     )
     certs_mode.add_argument(
@@ -104,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from fedvlm.evaluate import evaluate_run
 
-            chosen = args.zero_shot or args.retrieval or args.few_shot or args.leave_one_hospital_out
+            chosen = args.zero_shot or args.retrieval or args.few_shot is not None or args.leave_one_hospital_out
             evaluate_run(
                 args.run_dir,
                 list(args.overrides),
                 zero_shot=args.zero_shot or not chosen,
                 retrieval=args.retrieval,
-                few_shot_k=args.few_shot or (),
+                few_shot_k=args.few_shot,
                 loho=args.leave_one_hospital_out,
                 hospitals=args.hospitals,
                 loho_rounds=args.loho_rounds,
@@ -167,7 +177,8 @@ def _certs(args: argparse.Namespace, console: Console) -> None:
     written = make_certificates(args.out, args.hosts or DEFAULT_HOSTS, args.supernodes, args.days)
     console.print(
         f"wrote {written.ca_cert} (give to every site), {written.server_cert} + {written.server_key} (SuperLink), "
-        f"{written.ca_key} (keep offline)", soft_wrap=True,
+        f"{written.ca_key} (keep offline)",
+        soft_wrap=True,
     )
     for key in written.supernode_keys:
         console.print(f"wrote {key.private_key} + {key.public_key} (SuperNode authentication)", soft_wrap=True)

@@ -84,6 +84,8 @@ class DataConfig:
     """CXR: the labels to train and evaluate (empty: all of the source's labels)."""
     uncertain: str = "ignore"
     """CXR: what an uncertain (-1) CheXpert label becomes: ``ignore`` (unknown), ``zeros``, ``ones``."""
+    equalize: bool = True
+    """CXR: histogram-equalise each radiograph when preparing the data (scanner/hospital intensity shift)."""
 
 
 @dataclass
@@ -286,6 +288,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.adapter.name": ("none", "lora"),
     "data.uncertain": ("ignore", "zeros", "ones"),
     "federation.byzantine.attack": ("none", "sign_flip", "scale", "gaussian", "label_flip"),
+    "explain.image_baseline": ("mean", "blur", "black"),
+    "explain.text_baseline": ("mask", "remove"),
 }
 ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
 
@@ -404,6 +408,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.modality_dropout={cfg.model.modality_dropout} must be in [0, 0.5]")
     if cfg.model.unimodal_loss_weight < 0:
         raise ConfigError(f"model.unimodal_loss_weight={cfg.model.unimodal_loss_weight} must be >= 0")
+    bad_excluded = [c for c in cfg.federation.exclude_clients if not 0 <= c < cfg.federation.num_clients]
+    if bad_excluded:
+        raise ConfigError(f"federation.exclude_clients={bad_excluded}: clients are 0..{cfg.federation.num_clients - 1}")
     if cfg.contrastive.temperature <= 0:
         raise ConfigError(f"contrastive.temperature={cfg.contrastive.temperature} must be positive")
     if cfg.federation.proximal_mu < 0:

@@ -104,7 +104,7 @@ def few_shot(
     batch_size = int(cfg.trainer.batch_size)
     train_x, test_x = image_features(module, train, batch_size), image_features(module, test, batch_size)
     train_y, test_y = train["labels"].numpy(), test["labels"].numpy()
-    names = module.label_names  # type: ignore[attr-defined]
+    names: Sequence[str] = module.label_names  # type: ignore[assignment]
     result: dict[str, Any] = {}
     for k in shots:
         runs = [linear_probe_auroc(train_x, train_y, test_x, test_y, k, seed) for seed in range(seeds)]
@@ -141,12 +141,15 @@ def leave_one_hospital_out(
     hospitals: Sequence[int] | None,
     rounds: int | None,
     console: Console,
+    checkpoint: str = "last",
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """For each held-out hospital: train the same federation without it, test on its data.
 
     Each federation runs in ``RUN_DIR/eval/loho/hospital_NNN/`` on the run's prepared data
-    (``federation.exclude_clients=[h]``). The full run's model, which trained on that hospital,
-    is evaluated on the same data for comparison.
+    (``federation.exclude_clients=[h]``) and is scored with its last round's model. The full
+    run's model (``checkpoint``), which trained on that hospital, is scored on the same data for
+    comparison, with the same ``evaluation.*`` overrides.
     """
     from fedvlm.federation.simulation import simulate
 
@@ -158,7 +161,7 @@ def leave_one_hospital_out(
     bad = [h for h in chosen if not 0 <= h < num_clients]
     if bad:
         raise ConfigError(f"--hospitals {bad}: this run has clients 0..{num_clients - 1}")
-    full_model = load_trained_module(run_dir, cfg)
+    full_model = load_trained_module(run_dir, cfg, checkpoint)
     result: dict[str, Any] = {}
     for hospital in chosen:
         loho_dir = run_dir / EVAL_DIR / "loho" / f"hospital_{hospital:03d}"
@@ -168,8 +171,9 @@ def leave_one_hospital_out(
         for shared in (DATA_DIR, TOKENIZER_DIR):  # the run's prepared data and tokenizer, not copies
             if (run_dir / shared).exists():
                 os.symlink((run_dir / shared).resolve(), loho_dir / shared)
-        overrides = [f"federation.exclude_clients=[{hospital}]"] + ([f"federation.rounds={rounds}"] if rounds else [])
-        loho_cfg = load_config(run_dir / CONFIG_FILE_NAME, overrides)
+        loho_overrides = [*overrides, f"federation.exclude_clients=[{hospital}]"]
+        loho_overrides += [f"federation.rounds={rounds}"] if rounds else []
+        loho_cfg = load_config(run_dir / CONFIG_FILE_NAME, loho_overrides)
         save_config(loho_cfg, loho_dir / CONFIG_FILE_NAME)
         console.print(f"leave-one-hospital-out: hospital {hospital} held out ({loho_cfg.federation.rounds} rounds)")
         simulate(loho_cfg, loho_dir)
@@ -190,7 +194,7 @@ def evaluate_run(
     overrides: Sequence[str] = (),
     zero_shot: bool = True,
     retrieval: bool = True,
-    few_shot_k: Sequence[int] = (),
+    few_shot_k: Sequence[int] | None = None,
     loho: bool = False,
     hospitals: Sequence[int] | None = None,
     loho_rounds: int | None = None,
@@ -204,7 +208,8 @@ def evaluate_run(
         overrides: ``key=value`` overrides of ``evaluation.*`` (prompts, retrieval K, seeds).
         zero_shot: Write ``zero_shot.json`` (multi-label AUROC/F1/accuracy on the test split).
         retrieval: Write ``retrieval.json`` (Recall@K both ways; fused models).
-        few_shot_k: Shots per class of the linear probes (``few_shot.json``); empty: none.
+        few_shot_k: Shots per class of the linear probes (``few_shot.json``); None: no probes;
+            empty: ``evaluation.few_shot``.
         loho: Write ``loho.json`` (one federation per held-out hospital).
         hospitals: Held-out hospitals for ``loho`` (default all).
         loho_rounds: Rounds of each leave-one-out federation (default: the run's).
@@ -252,14 +257,17 @@ def evaluate_run(
             written["retrieval"] = {k: v for k, v in scalars.items() if "_recall@" in k} | {
                 "num_test": bundle_size(test)
             }
-    if few_shot_k:
+    if few_shot_k is not None:
+        few_shot_k = list(few_shot_k) or list(cfg.evaluation.few_shot)
         if cfg.model.modality == "text":
             raise ConfigError("--few-shot probes image features; this run is text-only")
         written["few_shot"] = few_shot(
             module, cfg, pooled_training_data(run_dir, cfg), test, few_shot_k, int(cfg.evaluation.few_shot_seeds)
         )
     if loho:
-        written["loho"] = leave_one_hospital_out(run_dir, cfg, hospitals, loho_rounds, console)
+        written["loho"] = leave_one_hospital_out(
+            run_dir, cfg, hospitals, loho_rounds, console, checkpoint=checkpoint, overrides=overrides
+        )
     for name, values in written.items():
         (out_dir / f"{name}.json").write_text(json.dumps(jsonable(values), indent=2))
     (out_dir / "summary.md").write_text(summary_markdown(run_dir, out_dir))

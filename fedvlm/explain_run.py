@@ -64,7 +64,7 @@ def explain_run(
 
         if patients:
             raise ConfigError("--patients selects leukemia patients; for a CXR run use --num-patients")
-        scores = explain_cxr_run(run_dir, num_patients, out_dir)
+        scores = explain_cxr_run(run_dir, num_patients, out_dir, checkpoint=checkpoint)
         console.print(scores)
         return scores
 

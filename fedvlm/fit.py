@@ -16,6 +16,7 @@ from fedvlm.errors import ConfigError
 from fedvlm.registry import Registry
 from fedvlm.runs import CURVES_FILE, new_run_dir, plot_curves, read_metrics
 from fedvlm.tasks import get_task
+from fedvlm.tasks.base import read_meta
 
 
 def fit(
@@ -71,6 +72,9 @@ def fit(
         task = get_task(cfg.task)
         plot_curves(run_dir, rows, task.curve_metrics)
         console.print(summary_table(rows, cfg, task.selection_metric))
+    skipped = read_meta(run_dir).get("skipped") or {}
+    for reason, count in skipped.items():  # documented, counted skips: never a silent drop
+        console.print(f"[yellow]skipped {count}[/] {reason}")
     console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, {CURVES_FILE})")
     return run_dir
 
@@ -111,7 +115,7 @@ def check_components(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={name!r}: unknown {registry.kind}; valid names: {', '.join(registry.names())}")
 
 
-FROZEN_ON_RESUME = ("task", "seed", "data", "model", "federation.mode", "federation.num_clients")
+FROZEN_ON_RESUME = ("task", "seed", "data", "model", "contrastive", "federation.mode", "federation.num_clients")
 """Config keys that shaped the prepared data or the model: a resumed run cannot change them."""
 
 
@@ -142,8 +146,12 @@ class RoundDisplay:
         self.console = console
         self.metric_keys = metric_keys
         self.progress = Progress(
-            TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True,
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
         )
         self.task_id = self.progress.add_task("rounds", total=int(cfg.federation.rounds))
 

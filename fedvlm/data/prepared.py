@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -77,10 +77,15 @@ def prepare_cxr_bundle(
     image_size: int,
     max_text_length: int,
     indices: Sequence[int] | None = None,
+    equalize: bool = True,
 ) -> Bundle:
     """Turn chest X-ray records into a bundle: one-channel ``uint8`` images ``[N,1,S,S]``,
     ``labels`` ``[N,C]`` (``nan`` unknown), ``report_group`` (rows with identical report text
     share an id, for retrieval) and token tensors.
+
+    With ``equalize`` each radiograph is histogram-equalised first: exposure, window and gamma
+    differ between scanners and hospitals, and BatchNorm statistics averaged across sites by
+    FedAvg fit none of them unless intensities are brought to one distribution.
 
     Raises:
         DataError: From image reading, naming the file at fault.
@@ -92,6 +97,8 @@ def prepare_cxr_bundle(
         pixels = record.image if isinstance(record.image, np.ndarray) else read_image(Path(record.image))
         if pixels.ndim == 3:  # radiographs are grayscale; files decode to RGB
             pixels = pixels.mean(axis=2).round().astype(np.uint8)
+        if equalize:
+            pixels = np.asarray(ImageOps.equalize(Image.fromarray(pixels)))
         images[row, 0] = np.asarray(Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BILINEAR))
     groups: dict[str, int] = {}
     bundle: Bundle = {

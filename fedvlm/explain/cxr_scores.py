@@ -378,7 +378,7 @@ def explain_cxr_run(
             "localisation scores need the synthetic generator's masks or ChestX-ray14's BBox_List_2017.csv boxes"
         )
     bundle = subset(test, rows)
-    if not torch.equal(prepare_cxr_bundle(chosen, None, size, 1)["image"], bundle["image"]):
+    if not torch.equal(prepare_cxr_bundle(chosen, None, size, 1, equalize=cfg.data.equalize)["image"], bundle["image"]):
         raise DataError(
             f"the records regenerated from {run_dir / CONFIG_FILE_NAME} do not match the prepared test images "
             "(was the data source changed after the run was prepared?)"

@@ -13,8 +13,9 @@
   "run-dir='/data/fedvlm/site' partition-id=3"``.
 
 The deployment engine starts the ClientApp in a fresh process for every message. The ClientApp
-keeps nothing across rounds but caches (the run config, the shard, the frozen-weight digest):
-everything a round needs comes from the site directory and the server's message, so it needs no
+keeps nothing in memory across rounds but caches (the run config, the shard, the frozen-weight
+digest): everything a round needs comes from the site directory (which also holds what it writes,
+e.g. explanations compared round to round) and the server's message, so it needs no
 ``context.state``.
 
 :func:`prepare_run` prepares the coordinator's run directory (as ``fedvlm fit`` does, without
@@ -36,16 +37,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
+from fedvlm.data.prepared import load_bundle
 from fedvlm.errors import ConfigError, FederationError
 from fedvlm.federation.client import RUN_DIR_KEY, make_client_app
 from fedvlm.federation.server import FederatedServer
 from fedvlm.runs import METRICS_FILE
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import DATA_DIR, META_FILE, TOKENIZER_DIR, read_meta
+from fedvlm.tasks.leukemia import TRUTH_FILE
 
 RESUME_KEY = "resume"
 """Run-config key: continue the run directory from its last completed round."""
 NODE_POLL_SECONDS = 1.0
+PER_SAMPLE_FILES = (TRUTH_FILE,)
+"""JSON maps keyed by sample index (the synthetic generator's ground truth): cut to a site's own samples."""
 SITE_FILE = "site.json"
 """Written by :func:`export_site`: which partition a site directory holds and where it came from."""
 
@@ -148,7 +153,8 @@ def export_site(run_dir: Path, partition_id: int, out: Path) -> Path:
 
     The site directory holds ``config.yaml``, ``tokenizer/`` (if the run has one), ``data/meta.json``
     without the other clients' sizes, the run's shared non-patient files in ``data/`` (e.g. the CXR
-    prompt bundle), this client's ``data/client_<pid>_{train,val}.pt`` and ``site.json``. Left out:
+    prompt bundle), files keyed by sample index cut to this client's samples (``PER_SAMPLE_FILES``),
+    this client's ``data/client_<pid>_{train,val}.pt`` and ``site.json``. Left out:
     every other client's shard, the server's ``test.pt``, ``partition.json``, checkpoints, metrics.
 
     Note that a word tokenizer (``model.text_encoder.pretrained`` unset) was built from every
@@ -176,6 +182,11 @@ def export_site(run_dir: Path, partition_id: int, out: Path) -> Path:
     missing = sorted(own - {p.name for p in (out / DATA_DIR).iterdir()})
     if missing:
         raise ConfigError(f"{run_dir / DATA_DIR} lacks {', '.join(missing)}")
+    samples = {str(i) for name in own for i in load_bundle(out / DATA_DIR / name)["index"].tolist()}
+    for name in PER_SAMPLE_FILES:
+        if (out / DATA_DIR / name).is_file():
+            entries = json.loads((out / DATA_DIR / name).read_text())
+            (out / DATA_DIR / name).write_text(json.dumps({k: v for k, v in entries.items() if k in samples}))
     site_meta = {k: v for k, v in meta.items() if k != "client_sizes"}
     (out / DATA_DIR / META_FILE).write_text(json.dumps(site_meta, indent=2))
     (out / SITE_FILE).write_text(json.dumps({"partition_id": partition_id, "exported_from": str(run_dir)}, indent=2))

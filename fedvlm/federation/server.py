@@ -240,11 +240,17 @@ class FederatedServer:
         # Aggregates a client chose to share (explanation quality): per client, and their mean.
         shared = sorted({k for u in updates for k in u.metrics if k.startswith(keys.SHARED_PREFIX)})
         for key in shared:
-            values = [float(u.metrics[key]) for u in updates if key in u.metrics]
+            shared_values = [float(u.metrics[key]) for u in updates if key in u.metrics]
             for u in updates:
                 if key in u.metrics:
                     clients[str(u.partition_id)][key] = float(u.metrics[key])
-            row[key] = sum(values) / len(values)
+            # maxima stay maxima, counts add up, everything else is the mean over clients
+            if key.endswith("_max"):
+                row[key] = max(shared_values)
+            elif key == f"{keys.SHARED_PREFIX}patients":
+                row[key] = sum(shared_values)
+            else:
+                row[key] = sum(shared_values) / len(shared_values)
         if federation.evaluate_clients:
             pooled, per_client, sent, received, eval_failed = self._evaluate_on_clients(grid, nodes)
             bytes_sent += sent

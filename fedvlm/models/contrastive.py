@@ -267,6 +267,7 @@ class ContrastiveVLM(L.LightningModule):
         if self._trainer is None or self.trainer.world_size == 1:
             return embeddings
         gathered = self.all_gather(embeddings, sync_grads=True)
+        assert isinstance(gathered, torch.Tensor)
         return gathered.reshape(-1, embeddings.shape[-1])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -111,6 +111,8 @@ def load_dataset_unselected(cfg: DictConfig) -> CxrDataset:
     if data.format == "manifest" or (data.format in ("synthetic", "auto") and root.suffix == ".csv"):
         from fedvlm.data.synthetic_cxr import read_cxr_manifest
 
+        if data.reports:
+            raise ConfigError("data.reports is not used with a CXR manifest (its `report` column holds the text)")
         return read_cxr_manifest(root)
     from fedvlm.data.cxr_layouts import load_cxr
 
@@ -242,7 +244,9 @@ class CxrTask:
             prompt_texts = [text for pair in prompts.values() for text in pair]
             tokenizer = make_tokenizer(cfg, [records[i].report for i in train_idx] + prompt_texts, run_dir)
 
-        everything = prepare_cxr_bundle(records, tokenizer, cfg.data.image_size, cfg.data.max_text_length)
+        everything = prepare_cxr_bundle(
+            records, tokenizer, cfg.data.image_size, cfg.data.max_text_length, equalize=cfg.data.equalize
+        )
         data_dir = run_dir / DATA_DIR
         save_bundle(subset(everything, test_idx), data_dir / "test.pt")
         if tokenizer is not None:

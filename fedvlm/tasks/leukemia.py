@@ -247,11 +247,12 @@ def write_truth(records: Sequence[LeukemiaRecord], path: Path) -> None:
     truth = {}
     for index, record in enumerate(records):
         if record.blast_points or record.signal_words:
-            height, width = record.image.shape[:2] if isinstance(record.image, np.ndarray) else (None, None)
-            if height is None:
+            if isinstance(record.image, np.ndarray):
+                height, width = record.image.shape[:2]
+            else:
                 from fedvlm.data.images import read_image
 
-                height, width = read_image(Path(record.image)).shape[:2]
+                height, width = read_image(record.image).shape[:2]
             truth[str(index)] = {
                 "blast_points": [[x / width, y / height] for x, y in record.blast_points],
                 "signal_words": list(record.signal_words),

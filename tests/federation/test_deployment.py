@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import torch
 from flwr.serverapp import Grid
 
 import fedvlm
+from fedvlm.data.prepared import save_bundle
 from fedvlm.errors import ConfigError, FederationError
 from fedvlm.federation.app import SITE_FILE, export_site, prepare_run, run_dir_from_config, wait_for_nodes
 from fedvlm.federation.certs import make_certificates
@@ -45,8 +47,13 @@ def _fake_run(run_dir: Path) -> None:
     (run_dir / "tokenizer" / "tokenizer.json").write_text("{}")
     meta = {"num_clients": 3, "client_sizes": [{"train": 5}, {"train": 6}, {"train": 7}], "vocab_size": 9}
     (data / "meta.json").write_text(json.dumps(meta))
-    for name in ("test.pt", "prompts.pt", *(f"client_{c:03d}_{s}.pt" for c in range(3) for s in ("train", "val"))):
+    for name in ("test.pt", "prompts.pt"):
         (data / name).write_bytes(name.encode())
+    for client in range(3):  # sample indices 10c (train) and 10c + 1 (val)
+        for offset, split in enumerate(("train", "val")):
+            save_bundle({"index": torch.tensor([10 * client + offset])}, data / f"client_{client:03d}_{split}.pt")
+    truth = {str(10 * c + o): {"signal_words": [f"w{c}"]} for c in range(3) for o in range(2)}
+    (data / "truth.json").write_text(json.dumps(truth))
 
 
 def test_export_site_holds_only_its_own_shard(tmp_path: Path) -> None:
@@ -55,8 +62,9 @@ def test_export_site_holds_only_its_own_shard(tmp_path: Path) -> None:
     files = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
     assert files == [
         "config.yaml", "data/client_001_train.pt", "data/client_001_val.pt", "data/meta.json", "data/prompts.pt",
-        SITE_FILE, "tokenizer/tokenizer.json",
+        "data/truth.json", SITE_FILE, "tokenizer/tokenizer.json",
     ]  # fmt: skip
+    assert sorted(json.loads((site / "data" / "truth.json").read_text())) == ["10", "11"]
     assert json.loads((site / "data" / "meta.json").read_text()) == {"num_clients": 3, "vocab_size": 9}
     assert json.loads((site / SITE_FILE).read_text())["partition_id"] == 1
     with pytest.raises(ConfigError, match="partition id 3 is not a client"):
