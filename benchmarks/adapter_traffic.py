@@ -33,15 +33,19 @@ BERT_BASE = "{hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, 
 
 SIZES: dict[str, dict[str, Any]] = {
     "demo (cxr_demo: ResNet-micro + BERT-micro, 64 px)": {
-        "overrides": ["model.adapter.image_targets=[]"], "vocab_size": 1000,
+        "overrides": ["model.adapter.image_targets=[]"],
+        "vocab_size": 1000,
     },
     "demo ViT (ViT-micro + BERT-micro, 64 px)": {
-        "overrides": ["model.image_encoder.name=vit_micro"], "vocab_size": 1000,
+        "overrides": ["model.image_encoder.name=vit_micro"],
+        "vocab_size": 1000,
     },
     "paper size (ViT-B/16 + BERT-base, 224 px)": {
         "overrides": [
-            "model.image_encoder.name=vit_base", "data.image_size=224",
-            f"model.text_encoder.options={BERT_BASE}", "contrastive.projection_dim=512",
+            "model.image_encoder.name=vit_base",
+            "data.image_size=224",
+            f"model.text_encoder.options={BERT_BASE}",
+            "contrastive.projection_dim=512",
         ],
         "vocab_size": 28996,  # Bio_ClinicalBERT's vocabulary
     },
@@ -54,8 +58,12 @@ def round_bytes(overrides: list[str], vocab_size: int) -> dict[str, Any]:
     assert isinstance(container, dict)
     torch.manual_seed(0)
     module = ContrastiveVLM(
-        container["model"], container["contrastive"], container["optim"], ("a", "b", "c", "d", "e", "f"),
-        cfg.data.image_size, vocab_size,
+        container["model"],
+        container["contrastive"],
+        container["optim"],
+        ("a", "b", "c", "d", "e", "f"),
+        cfg.data.image_size,
+        vocab_size,
     )
     state = module.state_dict()
     down = travelling_keys(module)
@@ -84,15 +92,18 @@ def main() -> None:
         total_full = full["downlink_bytes"] + full["uplink_bytes"]
         total_lora = lora["downlink_bytes"] + lora["uplink_bytes"]
         result["sizes"][name] = {"full": full, "lora": lora, "reduction": total_full / total_lora}
-        print(f"{name}: full {total_full / 1e6:.2f} MB/client/round, LoRA {total_lora / 1e6:.3f} MB "
-              f"→ {total_full / total_lora:.1f}× fewer bytes")
+        print(
+            f"{name}: full {total_full / 1e6:.2f} MB/client/round, LoRA {total_lora / 1e6:.3f} MB "
+            f"→ {total_full / total_lora:.1f}× fewer bytes"
+        )
     for run in args.runs:
         rows = read_metrics(run)
         first = rows[0]
         clients = max(1, len(first["clients"]))
         result["runs"][str(run)] = {
             "adapter": load_config(run / "config.yaml").model.adapter.name,
-            "bytes_sent_per_round": first["bytes_sent"], "bytes_received_per_round": first["bytes_received"],
+            "bytes_sent_per_round": first["bytes_sent"],
+            "bytes_received_per_round": first["bytes_received"],
             "clients": clients,
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--checkpoint", default="last", choices=("last", "best"))
     explain.add_argument("overrides", nargs="*", metavar="explain.key=value", help="explain overrides")
 
+    deploy = commands.add_parser(
+        "deploy", help="prepare a run and per-hospital site folders for Flower's deployment engine"
+    )
+    deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
+    prepare = deploy_commands.add_parser("prepare", help="prepare a run directory on the coordinator (no training)")
+    prepare.add_argument("--recipe", required=True)
+    prepare.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
+    prepare.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    export = deploy_commands.add_parser("export-site", help="copy one hospital's shard and what its SuperNode needs")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--partition", type=int, required=True, help="the hospital's partition id")
+    export.add_argument("--out", type=Path, required=True, metavar="SITE_DIR")
+
     commands.add_parser("recipes", help="list the built-in recipes")
 
     certs = commands.add_parser(
@@ -139,6 +152,17 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint=args.checkpoint,
                 console=console,
             )
+        elif args.command == "deploy":
+            from fedvlm.federation.app import export_site, prepare_run
+
+            if args.deploy_command == "prepare":
+                meta = prepare_run(args.recipe, list(args.overrides), args.out)
+                console.print(
+                    f"prepared {args.out}: {meta['num_clients']} site shard(s), {meta['num_test']} test samples"
+                )
+            else:
+                site = export_site(args.run_dir, args.partition, args.out)
+                console.print(f"site {args.partition}: {site} (give it to the SuperNode as run-dir)")
         elif args.command == "recipes":
             from fedvlm.config import list_recipes
 

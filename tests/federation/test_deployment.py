@@ -294,3 +294,19 @@ def test_flwr_run_on_tls_superlink_with_authenticated_supernodes(
         assert 0.0 <= row["test/accuracy"] <= 1.0
     assert (coordinator_run / "checkpoints" / "last.ckpt").is_file()
     print(f"deployment run took {time.monotonic() - started:.0f}s")
+
+
+def test_deploy_cli_prepares_a_run_and_exports_one_site(tmp_path: Path) -> None:
+    from fedvlm.cli import main
+    from tests.conftest import TINY_OVERRIDES
+
+    run_dir = tmp_path / "run"
+    assert main(["deploy", "prepare", "--recipe", "leukemia_demo", "--out", str(run_dir), *TINY_OVERRIDES]) == 0
+    assert sorted(p.name for p in (run_dir / "data").glob("client_*_train.pt")) == [
+        "client_000_train.pt", "client_001_train.pt", "client_002_train.pt",
+    ]  # fmt: skip
+    assert not (run_dir / "metrics.jsonl").exists()  # prepared, not trained
+    assert main(["deploy", "export-site", str(run_dir), "--partition", "2", "--out", str(tmp_path / "site")]) == 0
+    shards = sorted(p.name for p in (tmp_path / "site" / "data").glob("*.pt"))
+    assert shards == ["client_002_train.pt", "client_002_val.pt"]
+    assert main(["deploy", "prepare", "--recipe", "leukemia_demo", "--out", str(run_dir)]) == 2  # not empty
