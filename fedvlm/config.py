@@ -263,6 +263,27 @@ class ExplainConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Record-level differential privacy of each client's local training: DP-SGD with Opacus
+    (``fedvlm.privacy``; what it guarantees is in docs/privacy.md).
+
+    ``noise_multiplier`` is σ, ``max_grad_norm`` the per-sample clipping bound C; the batch size
+    becomes the expected batch size of Poisson sampling. ε is accounted over all rounds of a
+    client (``accountant``: ``rdp`` or ``prv``) at ``delta``; a client refuses a round that would
+    take it past ``max_epsilon`` and the run stops.
+    """
+
+    dp: bool = False
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    max_epsilon: float | None = None
+    poisson_sampling: bool = True
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass
 class Config:
     """The root of a fedvlm run configuration."""
 
@@ -277,6 +298,7 @@ class Config:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -288,6 +310,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.adapter.name": ("none", "lora"),
     "data.uncertain": ("ignore", "zeros", "ones"),
     "federation.byzantine.attack": ("none", "sign_flip", "scale", "gaussian", "label_flip"),
+    "privacy.accountant": ("rdp", "prv"),
+    "privacy.grad_sample_mode": ("hooks", "functorch"),
     "explain.image_baseline": ("mean", "blur", "black"),
     "explain.text_baseline": ("mask", "remove"),
 }
@@ -416,6 +440,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.federation.proximal_mu < 0:
         raise ConfigError(f"federation.proximal_mu={cfg.federation.proximal_mu} must be >= 0")
     _validate_robustness(cfg.federation)
+    _validate_privacy(cfg)
 
 
 def _validate_robustness(federation: DictConfig) -> None:
@@ -459,6 +484,36 @@ def _validate_robustness(federation: DictConfig) -> None:
             f"federation.byzantine.attack={byzantine.attack} names no client: set federation.byzantine.clients "
             f"or a federation.byzantine.fraction ≥ 1/num_clients"
         )
+
+
+def _validate_privacy(cfg: DictConfig) -> None:
+    """``privacy``: ranges, and the settings under which DP-SGD's guarantee would not hold."""
+    privacy = cfg.privacy
+    for key in ("noise_multiplier", "max_grad_norm"):
+        if privacy[key] <= 0:
+            raise ConfigError(f"privacy.{key}={privacy[key]} must be positive")
+    if not 0.0 < privacy.delta < 1.0:
+        raise ConfigError(f"privacy.delta={privacy.delta} must be in (0, 1)")
+    if privacy.max_epsilon is not None and privacy.max_epsilon <= 0:
+        raise ConfigError(f"privacy.max_epsilon={privacy.max_epsilon} must be positive (or null: no budget)")
+    if not privacy.dp:
+        return
+    if cfg.task == "cxr" and cfg.model.modality == "fused":
+        raise ConfigError(
+            "privacy.dp=true with task=cxr needs model.modality=image or text: the fused model's InfoNCE loss "
+            "couples the samples of a batch (each pair is every other pair's negative), so one record changes "
+            "every per-sample gradient and per-sample clipping bounds nothing; the unimodal label-head losses "
+            "are per-sample and can be trained with DP-SGD"
+        )
+    if cfg.trainer.gradient_clip_val is not None:
+        raise ConfigError(
+            f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val} has no effect under privacy.dp "
+            "(DP-SGD clips each sample's gradient to privacy.max_grad_norm): leave it null"
+        )
+    if str(cfg.trainer.precision) not in ("32-true", "32"):
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision}: privacy.dp trains in 32-true precision only")
+    if str(cfg.trainer.devices) != "1":
+        raise ConfigError(f"trainer.devices={cfg.trainer.devices}: privacy.dp trains each client on one device")
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

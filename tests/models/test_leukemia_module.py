@@ -115,3 +115,29 @@ def test_modality_dropout_out_of_range_is_refused() -> None:
 
     with pytest.raises(ConfigError, match=r"model.modality_dropout=0.7 must be in \[0, 0.5\]"):
         load_config("leukemia_demo", ["model.modality_dropout=0.7"])
+
+
+def test_unimodal_heads_add_their_weighted_mean_loss_and_are_not_used_for_prediction() -> None:
+    torch.manual_seed(0)
+    module = make_module(unimodal_loss_weight=0.5, modality_dropout=0.0, dropout=0.0)
+    assert len(module.unimodal_heads) == 2
+    module.eval()  # no dropout inside the encoders: the parts recombine exactly
+    batch = make_batch()
+    embeddings = module.encode(batch)
+    fused = module.fuse(batch, embeddings)
+    main = module.compute_loss(module.binary_head(fused).squeeze(-1), module.stage_head(fused), batch)["loss"]
+    per_modality = []
+    for head, embedding in zip(module.unimodal_heads, embeddings, strict=True):
+        logits = head(embedding)
+        per_modality.append(module.compute_loss(logits[:, 0], logits[:, 1:], batch)["loss"])
+    expected = main + 0.5 * (per_modality[0] + per_modality[1]) / 2
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no trainer attached
+    torch.testing.assert_close(module.training_step(batch, 0), expected)
+    before = module(batch)
+    with torch.no_grad():
+        for head in module.unimodal_heads:
+            head.weight.add_(1.0)  # changing them leaves predictions alone
+    after = module(batch)
+    torch.testing.assert_close(after[0], before[0])
+    torch.testing.assert_close(after[1], before[1])
+    assert len(make_module(unimodal_loss_weight=0.0).unimodal_heads) == 0
