@@ -331,16 +331,22 @@ _PHRASE = re.compile(r"\[([^\]]*)\]")
 def default_prompts() -> dict[str, tuple[str, str]]:
     """A ``(positive, negative)`` zero-shot prompt pair per finding, in report wording.
 
+    The negative prompt is a normal statement of the same anatomy ("The lungs are clear."), not
+    the negated finding ("No pulmonary edema."): a negated prompt shares the finding's words with
+    the positive one, and small text towers learn negation poorly. On the demo's pooled client
+    validation split, negated negatives gave edema an AUROC of 0.13 (inverted) and a macro AUROC
+    of 0.672, normal statements 0.92 and 0.805 (docs/results.md).
+
     Example:
         >>> default_prompts()["Pleural Effusion"]
-        ('There is a pleural effusion.', 'No pleural effusion.')
+        ('There is a pleural effusion.', 'The lungs are clear.')
     """
     return {
         "Cardiomegaly": ("There is cardiomegaly.", "The heart size is normal."),
-        "Consolidation": ("There is a focal consolidation.", "No focal consolidation."),
-        "Edema": ("There is pulmonary edema.", "No pulmonary edema."),
-        "Pleural Effusion": ("There is a pleural effusion.", "No pleural effusion."),
-        "Pneumothorax": ("There is a pneumothorax.", "No pneumothorax."),
+        "Consolidation": ("There is a focal consolidation.", "The lungs are clear."),
+        "Edema": ("There is pulmonary edema.", "The lungs are clear."),
+        "Pleural Effusion": ("There is a pleural effusion.", "The lungs are clear."),
+        "Pneumothorax": ("There is a pneumothorax.", "The lungs are clear."),
     }
 
 

@@ -26,16 +26,23 @@ class FederatedRoundCallback(L.Callback):
             (Li et al. 2020, Eq. 2); its gradient ``μ (w − w_global)`` is added to every
             trainable parameter's gradient just before the optimiser step — after mixed
             precision has unscaled the gradients, before gradient clipping.
+        proximal_pull: Apply FedProx as a pull after each optimiser step instead,
+            ``w ← w − η·μ·(w − w_global)`` with ``η`` the step's learning rate (a proximal step
+            on the same term). Used under DP-SGD, where a gradient term would be clipped and
+            noised away; it reads only the public ``w_global``, so it costs no privacy.
 
     Attributes:
         local_state: After ``fit``, the trained values of the keys that travel this round
             (the trainable parameters and the floating buffers), on CPU.
     """
 
-    def __init__(self, global_state: Mapping[str, torch.Tensor], proximal_mu: float = 0.0) -> None:
+    def __init__(
+        self, global_state: Mapping[str, torch.Tensor], proximal_mu: float = 0.0, proximal_pull: bool = False
+    ) -> None:
         super().__init__()
         self.global_state = dict(global_state)
         self.proximal_mu = proximal_mu
+        self.proximal_pull = proximal_pull
         self.local_state: dict[str, torch.Tensor] = {}
         self._anchors: dict[str, torch.Tensor] = {}
 
@@ -51,12 +58,26 @@ class FederatedRoundCallback(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self._anchors:
+        if not self._anchors or self.proximal_pull:
             return
         with torch.no_grad():
             for name, param in pl_module.named_parameters():
                 if param.grad is not None and name in self._anchors:
                     param.grad.add_(param - self._anchors[name], alpha=self.proximal_mu)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        if not self._anchors or not self.proximal_pull:
+            return
+        anchors = {id(p): self._anchors[name] for name, p in pl_module.named_parameters() if name in self._anchors}
+        with torch.no_grad():
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        if id(param) in anchors:
+                            param.sub_(param - anchors[id(param)], alpha=float(group["lr"]) * self.proximal_mu)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -12,7 +12,7 @@ import logging
 import time
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -33,6 +33,9 @@ from fedvlm.federation.callback import (
 )
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    from fedvlm.privacy import PrivateTraining
 
 for _name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -90,9 +93,11 @@ def train_locally(
     L.seed_everything(round_seed, workers=True, verbose=False)
     module.set_encoders_frozen(bool(round_config[keys.FREEZE_ENCODERS]))  # type: ignore[operator]
     module.learning_rate = float(round_config[keys.LEARNING_RATE])  # type: ignore[assignment]
-    callback = FederatedRoundCallback(global_state, float(round_config.get(keys.PROXIMAL_MU, 0.0)))
+    # Under DP the FedProx term is a pull after each step: a gradient term would be clipped and noised away.
+    callback = FederatedRoundCallback(
+        global_state, float(round_config.get(keys.PROXIMAL_MU, 0.0)), proximal_pull=bool(cfg.privacy.dp)
+    )
     extra = task.round_callbacks(cfg, run_dir, partition_id, int(round_config[keys.SERVER_ROUND]))
-    trainer = make_trainer(cfg, [callback, *extra], int(round_config[keys.LOCAL_EPOCHS]))
     loader = make_loader(
         train_bundle,
         cfg.trainer.batch_size,
@@ -101,17 +106,36 @@ def train_locally(
         num_workers=cfg.trainer.num_workers,
         augment=cfg.data.augment,
     )
+    private = _private_training(cfg, run_dir, partition_id, int(round_config[keys.SERVER_ROUND]))
+    if private is not None:  # DP-SGD (fedvlm.privacy); refuses the round when the budget would be exceeded
+        loader = private.private_loader(loader, int(round_config[keys.LOCAL_EPOCHS]))
+        extra = [*extra, private]
+    trainer = make_trainer(cfg, [callback, *extra], int(round_config[keys.LOCAL_EPOCHS]))
     trainer.fit(module, loader)
     train_loss = trainer.callback_metrics.get("train/loss")
     metrics = {
         keys.TRAIN_LOSS: float(train_loss) if train_loss is not None else float("nan"),
         keys.TRAIN_SECONDS: time.perf_counter() - started,
     }
+    if private is not None:
+        # The exact training loss is a statistic of the protected records without noise: withheld under DP.
+        metrics[keys.TRAIN_LOSS] = float("nan")
+        metrics[keys.EPSILON] = private.finish()
     for extra_callback in extra:  # only aggregates a callback declares shareable (e.g. explanation quality)
         shareable = getattr(extra_callback, "shareable_metrics", None)
         if shareable is not None:
             metrics.update({k: float(v) for k, v in shareable().items()})
     return callback.local_state, bundle_size(train_bundle), metrics
+
+
+def _private_training(cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int) -> PrivateTraining | None:
+    """The round's DP-SGD callback over the client's privacy ledger, or None without ``privacy.dp``."""
+    if not cfg.privacy.dp:
+        return None
+    from fedvlm.privacy import PrivacyLedger, PrivateTraining, ledger_path  # imports Opacus: only under DP
+
+    ledger = PrivacyLedger(ledger_path(run_dir, partition_id))
+    return PrivateTraining(cfg.privacy, ledger, server_round, f"client {partition_id}")
 
 
 def build_global_module(

@@ -24,6 +24,13 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 SHARED_PREFIX = "explain/"  # aggregate explanation-quality metrics a client may share
 EVAL_STATE_PREFIX = "state/"  # mergeable metric state, e.g. "state/detection.auroc.confmat"
+EPSILON = "privacy/epsilon"  # the client's cumulative DP-SGD ε over all its rounds (privacy.dp)
+
+# metrics.jsonl round-row keys
+EPSILON_MAX = "privacy/epsilon_max"  # the largest ε of the round's clients
+
+# A client's error message that opens with this stops the run (fedvlm.privacy.PrivacyBudgetExhausted)
+BUDGET_EXHAUSTED = "privacy budget exhausted"
 
 # Message types
 QUERY = "query"

@@ -149,6 +149,10 @@ class FederatedServer:
         # frozen for the whole run (backbones in adapter mode) are never sent; clients build them
         # identically and check the fingerprint.
         self.downlink_keys = travelling_keys(self.module)
+        if cfg.privacy.dp:  # fail before round 1 when the model has layers DP-SGD cannot train
+            from fedvlm.privacy import check_private_trainable
+
+            check_private_trainable(self.module)
         self.static_fingerprint = static_fingerprint(self.module, self.downlink_keys)
         if resume:
             self._restore()
@@ -200,6 +204,14 @@ class FederatedServer:
         ]
         bytes_sent = downlink.count_bytes() * len(messages)
         replies, failed = self._exchange(grid, messages, nodes, float(federation.round_timeout))
+        exhausted = {pid: why for pid, why in failed.items() if keys.BUDGET_EXHAUSTED in why}
+        if exhausted:  # not an ordinary failure: going on would train without the clients that hit the budget
+            raise FederationError(
+                f"round {server_round}: stopped, {keys.BUDGET_EXHAUSTED} (privacy.max_epsilon="
+                f"{self.cfg.privacy.max_epsilon}): "
+                + "; ".join(f"client {pid}: {why}" for pid, why in sorted(exhausted.items()))
+                + f". Rounds up to {self.progress.completed_round} are kept in {self.run_dir}"
+            )
         if len(replies) < min(int(federation.min_clients), len(nodes)):
             reasons = "; ".join(f"client {pid}: {why}" for pid, why in sorted(failed.items()))
             raise FederationError(
@@ -251,6 +263,11 @@ class FederatedServer:
                 row[key] = sum(shared_values)
             else:
                 row[key] = sum(shared_values) / len(shared_values)
+        epsilons = {str(u.partition_id): float(u.metrics[keys.EPSILON]) for u in updates if keys.EPSILON in u.metrics}
+        for pid_key, epsilon in epsilons.items():  # cumulative DP-SGD ε per client (privacy.dp)
+            clients[pid_key][keys.EPSILON] = epsilon
+        if epsilons:
+            row[keys.EPSILON_MAX] = max(epsilons.values())
         if federation.evaluate_clients:
             pooled, per_client, sent, received, eval_failed = self._evaluate_on_clients(grid, nodes)
             bytes_sent += sent

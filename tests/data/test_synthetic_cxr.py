@@ -336,8 +336,9 @@ def test_default_prompts_use_report_wording(cohort: Cohort) -> None:
     assert set(prompts) == set(FINDINGS)
     reports = " ".join(r.report for r in dataset.records)
     for label, (positive, negative) in prompts.items():
-        assert negative in reports, label
+        assert negative in reports, label  # a normal statement the reports use
         assert MENTIONS[label].search(positive) and not NEGATION.search(positive)
+        assert not re.search(r"\bno\b", negative, re.IGNORECASE)  # a normal statement, not a negated finding
 
 
 def test_manifest_round_trip(cohort: Cohort, tmp_path: Path) -> None:
