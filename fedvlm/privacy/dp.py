@@ -206,8 +206,9 @@ class PrivateTraining(L.Callback):
             spent = self.ledger.epsilon(self.mechanism, self.delta)
             raise PrivacyBudgetExhausted(
                 f"{BUDGET_EXHAUSTED}: {self.client} has spent ε={spent:.4g} (δ={self.delta:g}) and round "
-                f"{self.server_round}'s {self.planned_steps} steps (σ={self.noise_multiplier:g}, q={self.sample_rate:.4g}) "
-                f"would take it to ε={would_be:.4g} > privacy.max_epsilon={self.max_epsilon:g}; it does not train"
+                f"{self.server_round}'s {self.planned_steps} steps "
+                f"(σ={self.noise_multiplier:g}, q={self.sample_rate:.4g}) would take it to ε={would_be:.4g} "
+                f"> privacy.max_epsilon={self.max_epsilon:g}; it does not train"
             )
         return would_be
 
@@ -270,5 +271,12 @@ class PrivateTraining(L.Callback):
                 f"{self.steps_taken}; ε would be wrong, so the round's update is not sent"
             )
         epsilon = self.ledger.record(self.server_round, history, self.mechanism, self.delta)
-        log.info("%s: round %d, %d DP-SGD steps, ε=%.4g (δ=%g)", self.client, self.server_round, accounted, epsilon, self.delta)
+        log.info(
+            "%s: round %d, %d DP-SGD steps, ε=%.4g (δ=%g)",
+            self.client,
+            self.server_round,
+            accounted,
+            epsilon,
+            self.delta,
+        )
         return epsilon

@@ -15,8 +15,13 @@ from fedvlm.privacy.dp import BUDGET_EXHAUSTED
 
 ROUNDS = [[(1.1, 0.25, 8)], [(1.1, 0.25, 8)], [(0.9, 0.2, 10)]]
 PRIVACY = {
-    "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp", "max_epsilon": None,
-    "poisson_sampling": True, "grad_sample_mode": "hooks",
+    "noise_multiplier": 1.0,
+    "max_grad_norm": 1.0,
+    "delta": 1e-5,
+    "accountant": "rdp",
+    "max_epsilon": None,
+    "poisson_sampling": True,
+    "grad_sample_mode": "hooks",
 }
 
 

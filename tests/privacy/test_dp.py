@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -20,8 +21,13 @@ from fedvlm.privacy import PrivacyLedger, PrivateTraining, check_private_trainab
 from fedvlm.privacy.dp import batch_shaped_ids
 
 PRIVACY: dict[str, Any] = {
-    "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp", "max_epsilon": None,
-    "poisson_sampling": True, "grad_sample_mode": "hooks",
+    "noise_multiplier": 1.0,
+    "max_grad_norm": 1.0,
+    "delta": 1e-5,
+    "accountant": "rdp",
+    "max_epsilon": None,
+    "poisson_sampling": True,
+    "grad_sample_mode": "hooks",
 }
 
 
@@ -51,8 +57,13 @@ def private_fit(
     private = PrivateTraining({**PRIVACY, **privacy}, PrivacyLedger(tmp_path / "accountant.pt"), 1, "client 0")
     loader = private.private_loader(regression_loader(), epochs)
     trainer = L.Trainer(
-        max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[*callbacks, private], accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, private],
+        accelerator="cpu",
     )
     trainer.fit(module, loader)
     return private
@@ -84,8 +95,15 @@ def test_a_step_is_bounded_by_the_clipping_norm(tmp_path: Path) -> None:
         {**PRIVACY, "max_grad_norm": 1e-3, "noise_multiplier": 1e-9}, PrivacyLedger(tmp_path / "a.pt"), 1, "c"
     )
     loader = private.private_loader(regression_loader(), 1)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[private], accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[private],
+        accelerator="cpu",
+    )
     trainer.fit(module, loader)
     assert float((module.linear.weight.detach() - before).norm()) < 1e-3 * 50 / 7
 
@@ -110,10 +128,8 @@ def test_post_step_pull_is_lr_mu_times_distance() -> None:
     callback.on_before_optimizer_step(None, module, None)  # type: ignore[arg-type]
     torch.testing.assert_close(module.linear.weight.grad, torch.zeros(1, 3))  # no gradient term under DP
 
-    class Trainer:
-        optimizers = [module.configure_optimizers()]
-
-    callback.on_train_batch_end(Trainer(), module, None, None, 0)  # type: ignore[arg-type]
+    trainer = SimpleNamespace(optimizers=[module.configure_optimizers()])
+    callback.on_train_batch_end(trainer, module, None, None, 0)  # type: ignore[arg-type]
     torch.testing.assert_close(module.linear.weight.detach(), torch.tensor([[0.8, 1.6, -1.6]]))  # w − 0.1·2·w
 
 
@@ -163,8 +179,15 @@ def test_bert_per_sample_gradients_are_exact_with_batch_shaped_ids() -> None:
     engine = PrivacyEngine()
     optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
     loader = DataLoader(TensorDataset(ids), batch_size=3)
-    hooks, _, _ = engine.make_private(module=encoder, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                                      max_grad_norm=1.0, wrap_model=False, poisson_sampling=False)
+    hooks, _, _ = engine.make_private(
+        module=encoder,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        wrap_model=False,
+        poisson_sampling=False,
+    )
     encoder.zero_grad()
     (encoder(ids, mask) @ weights).sum().backward()
     for name in ("model.embeddings.position_embeddings.weight", "model.embeddings.token_type_embeddings.weight"):

@@ -34,8 +34,18 @@ def test_epsilon_accumulates_over_rounds_and_the_budget_stops_the_run(
     # A budget between the round-1 and round-2 ε: round 2 is refused and the run stops.
     budget = (first["privacy/epsilon_max"] + second["privacy/epsilon_max"]) / 2
     stopped = tmp_path / "stopped"
-    code = main(["fit", "--recipe", "leukemia_demo", "--out", str(stopped), *tiny_overrides, *DP,
-                 f"privacy.max_epsilon={budget}"])
+    code = main(
+        [
+            "fit",
+            "--recipe",
+            "leukemia_demo",
+            "--out",
+            str(stopped),
+            *tiny_overrides,
+            *DP,
+            f"privacy.max_epsilon={budget}",
+        ]
+    )
     assert code == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "round 2: stopped, privacy budget exhausted" in out and f"privacy.max_epsilon={budget:g}" in out
