@@ -76,6 +76,7 @@ def measure(size: str, patients: int, budgets: list[int]) -> list[dict[str, Any]
                 "model_evals_per_patient": sum(m.model_evals for m in parts) / patients,
                 "seconds_per_patient": seconds / patients,
                 "efficiency_error_max": max(max(m.efficiency_error.values()) for m in parts),
+                "first_call_seconds": warm_up,
             }
         )
         print(rows[-1], flush=True)
