@@ -34,6 +34,9 @@ class PartitionConfig:
     alpha: float = 0.5
     min_size: int = 0
     max_size: int = 0
+    site_fallback: str | None = None
+    """With ``name: site``: the partitioner used when the data carry no site (e.g. MIMIC-CXR);
+    None makes site-less data an error."""
 
 
 @dataclass

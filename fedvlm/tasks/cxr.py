@@ -224,8 +224,11 @@ class CxrTask:
             train_idx, test_idx = split_train_test(classes, patients, cfg.data.test_fraction, cfg.seed)
         centralized = cfg.federation.mode == "centralized"
         sites = np.array([r.site for r in records], dtype=object)
+        partitioner = cfg.data.partition.name
+        if partitioner == "site" and all(site is None for site in sites) and cfg.data.partition.site_fallback:
+            partitioner = cfg.data.partition.site_fallback  # recorded in meta.json as "partitioner"
         shards = partition(
-            "single" if centralized else cfg.data.partition.name,
+            "single" if centralized else partitioner,
             classes[train_idx],
             1 if centralized else cfg.federation.num_clients,
             cfg.seed,
@@ -283,6 +286,7 @@ class CxrTask:
             "label_names": list(names),
             "skipped": dict(dataset.skipped),
             "client_sites": [row["sites"] for row in summary],
+            "partitioner": "single" if centralized else partitioner,
         }
         write_meta(run_dir, meta)
         return meta
