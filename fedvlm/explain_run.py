@@ -60,7 +60,7 @@ def explain_run(
     cfg = load_config(run_dir / CONFIG_FILE_NAME, list(overrides))
     out_dir = out or run_dir / EXPLAIN_DIR
     if cfg.task == "cxr":
-        from fedvlm.explain.cxr_scores import explain_cxr_run
+        from fedvlm.explain_cxr import explain_cxr_run
 
         if patients:
             raise ConfigError("--patients selects leukemia patients; for a CXR run use --num-patients")

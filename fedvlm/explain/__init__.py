@@ -3,13 +3,13 @@
 :func:`explain_patients` is the one code path: :class:`ShapCallback` calls it at the end of
 each local round, and a ``fedvlm explain RUN_DIR`` command can call it on saved weights.
 
-Chest X-ray runs are explained by :func:`explain_cxr_run`: Grad-CAM (:mod:`.gradcam`) and
-token↔region grounding (:mod:`.grounding`) heatmaps, scored against known lesions
+Chest X-ray runs are explained by :func:`fedvlm.explain_cxr.explain_cxr_run`: Grad-CAM
+(:mod:`.gradcam`) and token↔region grounding (:mod:`.grounding`) heatmaps, scored against known lesions
 (:mod:`.cxr_scores`: pointing accuracy, mIoU, text alignment, with chance levels).
 """
 
 from fedvlm.explain.callback import ShapCallback, load_round, summarize, write_round
-from fedvlm.explain.cxr_scores import HeatmapThreshold, LocalizationScores, explain_cxr_run
+from fedvlm.explain.cxr_scores import HeatmapThreshold, LocalizationScores
 from fedvlm.explain.gradcam import cxr_grad_cam, grad_cam
 from fedvlm.explain.grounding import TextAlignmentScores, phrase_heatmaps, region_embeddings
 from fedvlm.explain.shapley import (
@@ -41,7 +41,6 @@ __all__ = [
     "TokenVocabulary",
     "cxr_grad_cam",
     "exact_shapley",
-    "explain_cxr_run",
     "explain_patients",
     "fused_profile",
     "grad_cam",

@@ -16,11 +16,11 @@ from fedvlm.explain.cxr_scores import (
     LocalizationScores,
     box_mask,
     chance_iou,
-    explain_cxr_run,
     iou,
     label_regions,
     pointing_score,
 )
+from fedvlm.explain_cxr import explain_cxr_run
 
 RAMP = np.arange(16, dtype=np.float64).reshape(4, 4)
 """0..15 row-major: the top quarter is the bottom row."""
