@@ -58,9 +58,17 @@ def info_nce(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logi
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Multi-label BCE over the known entries of ``labels`` (``nan`` = unknown, skipped)."""
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """Multi-label BCE over the known entries of ``labels`` (``nan`` = unknown, skipped).
+
+    The mean runs over the known entries; with ``per_sample`` over all ``B × C`` entries instead
+    (unknown ones count zero), so a record's gradient does not depend on how many labels the other
+    records of the batch have (needed for per-sample clipping under DP).
+    """
     known = ~torch.isnan(labels)
+    if per_sample:
+        terms = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels), reduction="none")
+        return (terms * known.to(terms.dtype)).sum() / labels.numel()
     if not known.any():
         return logits.sum() * 0.0  # keeps the graph (and DDP) consistent
     return F.binary_cross_entropy_with_logits(logits[known], labels[known])
@@ -98,6 +106,8 @@ class ContrastiveVLM(L.LightningModule):
         self.save_hyperparameters()
         self.label_names = tuple(label_names)
         self.learning_rate: float = float(optim["lr"])
+        self.per_sample_loss = False
+        """Set by DP training: label-head losses as sums of per-record terms over the batch size."""
         self.image_loss_weight = float(contrastive["image_loss_weight"])
         self.text_loss_weight = float(contrastive["text_loss_weight"])
         self.modality: str = model.get("modality", "fused")
@@ -254,10 +264,14 @@ class ContrastiveVLM(L.LightningModule):
             )
             loss = loss + losses["contrastive_loss"]
         if self.image_label_head is not None and image_features is not None:
-            losses["image_loss"] = masked_bce(self.image_label_head(self.dropout(image_features)), batch["labels"])
+            losses["image_loss"] = masked_bce(
+                self.image_label_head(self.dropout(image_features)), batch["labels"], self.per_sample_loss
+            )
             loss = loss + self.image_loss_weight * losses["image_loss"]
         if self.text_label_head is not None and text_features is not None:
-            losses["text_loss"] = masked_bce(self.text_label_head(self.dropout(text_features)), batch["labels"])
+            losses["text_loss"] = masked_bce(
+                self.text_label_head(self.dropout(text_features)), batch["labels"], self.per_sample_loss
+            )
             loss = loss + self.text_loss_weight * losses["text_loss"]
         losses["loss"] = loss
         return losses

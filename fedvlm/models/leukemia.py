@@ -59,6 +59,8 @@ class LeukemiaModule(L.LightningModule):
         self.learning_rate: float = float(optim["lr"])
         self.modality_dropout: float = float(model.get("modality_dropout", 0.0))
         self.unimodal_loss_weight: float = float(model.get("unimodal_loss_weight", 0.0))
+        self.per_sample_loss = False
+        """Set by DP training: every loss term a sum of per-record terms over the batch size."""
         self.image_encoder = (
             build_image_encoder(model["image_encoder"], image_size) if self.modality != "text" else None
         )
@@ -150,7 +152,12 @@ class LeukemiaModule(L.LightningModule):
         """``L = L_bin + γ · L_stage``; ``L_stage`` averages over positives with a known stage."""
         binary_loss = F.binary_cross_entropy_with_logits(binary_logit, batch["leukemia"].float())
         staged = batch["stage"] >= 0
-        if staged.any():
+        if self.per_sample_loss:
+            # Σ over staged positives / batch size: each record's gradient depends on that record
+            # only (a mean over the staged subset divides by a count the other records set).
+            per_record = F.cross_entropy(stage_logits, batch["stage"].clamp(min=0), reduction="none")
+            stage_loss = (per_record * staged.to(per_record.dtype)).sum() / staged.numel()
+        elif staged.any():
             stage_loss = F.cross_entropy(stage_logits[staged], batch["stage"][staged])
         else:
             stage_loss = stage_logits.sum() * 0.0  # keeps the graph (and DDP) consistent

@@ -219,6 +219,8 @@ class PrivateTraining(L.Callback):
         if len(trainer.optimizers) != 1:
             raise ConfigError(f"privacy.dp supports modules with one optimizer, got {len(trainer.optimizers)}")
         check_private_trainable(pl_module)
+        if hasattr(pl_module, "per_sample_loss"):
+            pl_module.per_sample_loss = True  # type: ignore[assignment]  # losses decompose per record
         optimizer = trainer.optimizers[0]
         self.engine = PrivacyEngine(accountant=self.mechanism)
         hooks, dp_optimizer, _ = self.engine.make_private(

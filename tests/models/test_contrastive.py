@@ -141,3 +141,20 @@ def test_a_training_step_moves_the_embeddings_of_pairs_together() -> None:
         module.compute_loss(data)["loss"].backward()
         optimizer.step()
     assert float(module.compute_loss(data)["contrastive_loss"]) < 0.5 * before
+
+
+def test_per_sample_masked_bce_sums_known_terms_over_all_entries() -> None:
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]], requires_grad=True)
+    labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    expected = (
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.tensor([2.0, 0.5, 3.0]), torch.tensor([1.0, 0.0, 1.0]), reduction="sum"
+        )
+        / 4
+    )
+    assert float(masked_bce(logits, labels, per_sample=True)) == pytest.approx(float(expected))
+    (gradient,) = torch.autograd.grad(masked_bce(logits, labels, per_sample=True), logits)
+    fewer = labels.clone()
+    fewer[1, 1] = float("nan")  # another record's label becomes unknown
+    (again,) = torch.autograd.grad(masked_bce(logits, fewer, per_sample=True), logits)
+    torch.testing.assert_close(again[0], gradient[0])

@@ -141,3 +141,22 @@ def test_unimodal_heads_add_their_weighted_mean_loss_and_are_not_used_for_predic
     torch.testing.assert_close(after[0], before[0])
     torch.testing.assert_close(after[1], before[1])
     assert len(make_module(unimodal_loss_weight=0.0).unimodal_heads) == 0
+
+
+def test_per_sample_loss_makes_each_records_gradient_independent_of_the_others() -> None:
+    torch.manual_seed(0)
+    module = make_module()
+    module.per_sample_loss = True
+    binary_logit = torch.tensor([0.3, -1.0, 2.0, 0.1, -0.2, 0.0])
+    stage_logits = torch.randn(6, 4, requires_grad=True)
+    batch = make_batch()
+    stage_loss = module.compute_loss(binary_logit, stage_logits, batch)["stage_loss"]
+    # Σ over the staged positives (rows 0 and 1) divided by the batch size, not by their count
+    expected = F.cross_entropy(stage_logits[:2], torch.tensor([0, 3]), reduction="sum") / 6
+    torch.testing.assert_close(stage_loss, expected)
+    (row_0_gradient,) = torch.autograd.grad(stage_loss, stage_logits)
+    other = dict(batch, stage=torch.tensor([0, -1, -1, -1, -1, -1]))  # another record loses its stage
+    (row_0_again,) = torch.autograd.grad(
+        module.compute_loss(binary_logit, stage_logits, other)["stage_loss"], stage_logits
+    )
+    torch.testing.assert_close(row_0_again[0], row_0_gradient[0])  # record 0 is unaffected
