@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="data utilities")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    synth = data_commands.add_parser("synth", help="write the synthetic leukemia dataset as a manifest")
+    synth = data_commands.add_parser("synth", help="write a synthetic dataset (leukemia or cxr) as a manifest")
+    synth.add_argument("--task", choices=("leukemia", "cxr"), default="leukemia")
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--n", type=int, default=5400)
     synth.add_argument("--size", type=int, default=128, help="image side in pixels")
@@ -209,6 +210,13 @@ def _certs(args: argparse.Namespace, console: Console) -> None:
 
 
 def _synth(args: argparse.Namespace, console: Console) -> None:
+    if args.task == "cxr":
+        from fedvlm.data.synthetic_cxr import SynthCxrConfig, generate_cxr, write_cxr_manifest
+
+        dataset = generate_cxr(SynthCxrConfig(n=args.n, image_size=args.size, num_sites=args.sites, seed=args.seed))
+        path = write_cxr_manifest(dataset, args.out)
+        console.print(f"wrote {len(dataset.records)} radiographs with reports to {path}")
+        return
     from fedvlm.data.manifest import write_manifest
     from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
 

@@ -141,3 +141,29 @@ def test_cxr_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFi
     assert "data.labels" in capsys.readouterr().out and not (tmp_path / "x").exists()
     assert main(["fit", "--recipe", "cxr_demo", "--out", str(tmp_path / "y"), "data.format=dicom"]) == 2
     assert "data.format='dicom'" in capsys.readouterr().out
+
+
+def test_data_synth_writes_a_cxr_manifest_that_the_cxr_task_reads(tmp_path: Path) -> None:
+    from fedvlm.data.synthetic_cxr import SYNTH_CXR_LABELS
+    from fedvlm.tasks.cxr import load_dataset
+
+    argv = [
+        "data",
+        "synth",
+        "--task",
+        "cxr",
+        "--out",
+        str(tmp_path / "cxr"),
+        "--n",
+        "30",
+        "--size",
+        "32",
+        "--sites",
+        "3",
+    ]
+    assert main(argv) == 0
+    cfg = load_config("cxr_demo", ["data.format=manifest", f"data.root={tmp_path / 'cxr' / 'manifest.csv'}"])
+    dataset = load_dataset(cfg)
+    assert len(dataset.records) == 30 and tuple(dataset.label_names) == tuple(SYNTH_CXR_LABELS)
+    assert {r.site for r in dataset.records} == {"hospital_00", "hospital_01", "hospital_02"}
+    assert all(r.report for r in dataset.records)
