@@ -141,3 +141,51 @@ def local_split(
             "set data.val_fraction=0 or give the client more data"
         ) from None
     return indices[train_rows], indices[val_rows]
+
+
+def client_shard_path(run_dir: Path, partition_id: int, split: str) -> Path:
+    """``RUN_DIR/data/client_NNN_{train,val}.pt``: one client's prepared shard."""
+    return run_dir / DATA_DIR / f"client_{partition_id:03d}_{split}.pt"
+
+
+def test_shard_path(run_dir: Path) -> Path:
+    """``RUN_DIR/data/test.pt``: the server's held-out test set."""
+    return run_dir / DATA_DIR / "test.pt"
+
+
+def save_shards(
+    cfg: DictConfig,
+    run_dir: Path,
+    everything: dict[str, torch.Tensor],
+    test_idx: np.ndarray,
+    client_indices: Sequence[np.ndarray],
+    classes: np.ndarray,
+    patients: np.ndarray,
+) -> list[dict[str, int]]:
+    """Write the test set and every client's local train/validation shards (split by patient).
+
+    Returns:
+        Per client ``{"train": n, "val": n}``.
+    """
+    from fedvlm.data.prepared import save_bundle, subset
+
+    save_bundle(subset(everything, test_idx), test_shard_path(run_dir))
+    sizes = []
+    for client, indices in enumerate(client_indices):
+        local_train, local_val = local_split(
+            classes, patients, indices, cfg.data.val_fraction, cfg.seed + client, client
+        )
+        save_bundle(subset(everything, local_train), client_shard_path(run_dir, client, "train"))
+        save_bundle(subset(everything, local_val), client_shard_path(run_dir, client, "val"))
+        sizes.append({"train": len(local_train), "val": len(local_val)})
+    return sizes
+
+
+def load_client_shards(run_dir: Path, partition_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One client's (train, local validation) shards."""
+    from fedvlm.data.prepared import load_bundle
+
+    return (
+        load_bundle(client_shard_path(run_dir, partition_id, "train")),
+        load_bundle(client_shard_path(run_dir, partition_id, "val")),
+    )

@@ -28,7 +28,6 @@ from fedvlm.data.prepared import (
     make_loader,
     prepare_cxr_bundle,
     save_bundle,
-    subset,
     tokenize,
 )
 from fedvlm.errors import ConfigError, DataError
@@ -40,10 +39,12 @@ from fedvlm.tasks.base import (
     DATA_DIR,
     TOKENIZER_DIR,
     import_class,
-    local_split,
+    load_client_shards,
     make_tokenizer,
     read_meta,
+    save_shards,
     tasks,
+    test_shard_path,
     write_meta,
 )
 
@@ -251,17 +252,9 @@ class CxrTask:
             records, tokenizer, cfg.data.image_size, cfg.data.max_text_length, equalize=cfg.data.equalize
         )
         data_dir = run_dir / DATA_DIR
-        save_bundle(subset(everything, test_idx), data_dir / "test.pt")
         if tokenizer is not None:
             save_bundle(tokenize_prompts(tokenizer, prompts, names, cfg.data.max_text_length), data_dir / PROMPTS_FILE)
-        client_sizes = []
-        for client, indices in enumerate(client_indices):
-            local_train, local_val = local_split(
-                classes, patients, indices, cfg.data.val_fraction, cfg.seed + client, client
-            )
-            save_bundle(subset(everything, local_train), data_dir / f"client_{client:03d}_train.pt")
-            save_bundle(subset(everything, local_val), data_dir / f"client_{client:03d}_val.pt")
-            client_sizes.append({"train": len(local_train), "val": len(local_val)})
+        client_sizes = save_shards(cfg, run_dir, everything, test_idx, client_indices, classes, patients)
 
         class_names = {c: names[c] for c in range(len(names))} | {len(names): "no_finding", len(names) + 1: "unknown"}
         summary = summarize_partition(shards, classes[train_idx], class_names)
@@ -311,14 +304,10 @@ class CxrTask:
         return module
 
     def load_client(self, run_dir: Path, partition_id: int) -> tuple[Bundle, Bundle]:
-        data_dir = run_dir / DATA_DIR
-        return (
-            load_bundle(data_dir / f"client_{partition_id:03d}_train.pt"),
-            load_bundle(data_dir / f"client_{partition_id:03d}_val.pt"),
-        )
+        return load_client_shards(run_dir, partition_id)
 
     def load_test(self, run_dir: Path) -> Bundle:
-        return load_bundle(run_dir / DATA_DIR / "test.pt")
+        return load_bundle(test_shard_path(run_dir))
 
     def make_metrics(self, cfg: DictConfig, mergeable: bool) -> CxrMetrics:
         return CxrMetrics(

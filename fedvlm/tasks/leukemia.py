@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedvlm.data.leukemia_layouts import load_leukemia
 from fedvlm.data.partition import partition, split_train_test, summarize_partition
-from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, make_loader, prepare_bundle, save_bundle, subset
+from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, make_loader, prepare_bundle, subset
 from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
 from fedvlm.errors import DataError
 from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
@@ -26,10 +26,12 @@ from fedvlm.tasks.base import (
     TOKENIZER_DIR,
     client_dir,
     import_class,
-    local_split,
+    load_client_shards,
     make_tokenizer,
     read_meta,
+    save_shards,
     tasks,
+    test_shard_path,
     write_meta,
 )
 
@@ -119,15 +121,7 @@ class LeukemiaTask:
 
         everything = prepare_bundle(records, tokenizer, cfg.data.image_size, cfg.data.max_text_length)
         data_dir = run_dir / DATA_DIR
-        save_bundle(subset(everything, test_idx), data_dir / "test.pt")
-        client_sizes = []
-        for client, indices in enumerate(client_indices):
-            local_train, local_val = local_split(
-                classes, patients, indices, cfg.data.val_fraction, cfg.seed + client, client
-            )
-            save_bundle(subset(everything, local_train), data_dir / f"client_{client:03d}_train.pt")
-            save_bundle(subset(everything, local_val), data_dir / f"client_{client:03d}_val.pt")
-            client_sizes.append({"train": len(local_train), "val": len(local_val)})
+        client_sizes = save_shards(cfg, run_dir, everything, test_idx, client_indices, classes, patients)
 
         names = class_names(num_stages)
         summary = summarize_partition(shards, classes[train_idx], names)
@@ -164,14 +158,10 @@ class LeukemiaTask:
         )
 
     def load_client(self, run_dir: Path, partition_id: int) -> tuple[Bundle, Bundle]:
-        data_dir = run_dir / DATA_DIR
-        return (
-            load_bundle(data_dir / f"client_{partition_id:03d}_train.pt"),
-            load_bundle(data_dir / f"client_{partition_id:03d}_val.pt"),
-        )
+        return load_client_shards(run_dir, partition_id)
 
     def load_test(self, run_dir: Path) -> Bundle:
-        return load_bundle(run_dir / DATA_DIR / "test.pt")
+        return load_bundle(test_shard_path(run_dir))
 
     def make_metrics(self, cfg: DictConfig, mergeable: bool) -> LeukemiaMetrics:
         return LeukemiaMetrics(cfg.model.num_stages, auroc_bins=AUROC_BINS if mergeable else None)
