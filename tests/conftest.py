@@ -23,6 +23,18 @@ TINY_OVERRIDES = [
 ]
 """A run of the demo recipe small enough for tests (seconds per round)."""
 
+CXR_TINY = [
+    "data.synthetic.n=240",
+    "data.synthetic.num_sites=3",
+    "federation.num_clients=3",
+    "federation.rounds=2",
+    "data.image_size=32",
+    "data.max_text_length=48",
+    "trainer.batch_size=32",
+    "trainer.local_epochs=1",
+]
+"""A run of the ``cxr_demo`` recipe small enough for tests (one client per synthetic hospital)."""
+
 
 @pytest.fixture
 def tiny_overrides() -> list[str]:

@@ -13,17 +13,7 @@ from fedvlm.config import load_config
 from fedvlm.federation.callback import travelling_keys
 from fedvlm.runs import load_checkpoint, read_metrics
 from fedvlm.tasks import get_task
-
-CXR_TINY = [
-    "data.synthetic.n=240",
-    "data.synthetic.num_sites=3",
-    "federation.num_clients=3",
-    "federation.rounds=2",
-    "data.image_size=32",
-    "data.max_text_length=48",
-    "trainer.batch_size=32",
-    "trainer.local_epochs=1",
-]
+from tests.conftest import CXR_TINY
 
 
 @pytest.fixture(scope="module")

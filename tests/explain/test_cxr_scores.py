@@ -21,6 +21,7 @@ from fedvlm.explain.cxr_scores import (
     pointing_score,
 )
 from fedvlm.explain_cxr import explain_cxr_run
+from tests.conftest import CXR_TINY
 
 RAMP = np.arange(16, dtype=np.float64).reshape(4, 4)
 """0..15 row-major: the top quarter is the bottom row."""
@@ -150,14 +151,7 @@ def test_explain_cxr_run_end_to_end(tmp_path: Path) -> None:
             "cxr_demo",
             "--out",
             str(run_dir),
-            "data.synthetic.n=240",
-            "data.synthetic.num_sites=3",
-            "federation.num_clients=3",
-            "federation.rounds=2",
-            "data.image_size=32",
-            "data.max_text_length=48",
-            "trainer.batch_size=32",
-            "trainer.local_epochs=1",
+            *CXR_TINY,
         ]
     )
     out_dir = tmp_path / "explain"
