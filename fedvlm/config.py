@@ -208,6 +208,28 @@ class ByzantineConfig:
 
 
 @dataclass
+class SecureAggregationConfig:
+    """Secure aggregation with Flower's SecAgg+ protocol (``fedvlm.federation.secure``): the
+    server learns only the example-weighted sum of the clients' updates.
+
+    Clients send the *delta* ``local − global`` of every floating-point entry; each coordinate of
+    ``(n_k / max_weight)·delta`` is clipped to ±``clipping_range`` and stochastically quantised to
+    ``quantization_range`` levels. ``max_weight`` null means the largest sampled client's size
+    (clients report their size when the run starts). ``num_shares`` ≤ 1 is a fraction of the
+    round's clients (1.0: every client shares its keys with every other), > 1 a count;
+    ``reconstruction_threshold`` ≤ 1 is a fraction of ``num_shares``, > 1 a count: the fewest
+    surviving neighbours from which a dropped client's mask is rebuilt.
+    """
+
+    enabled: bool = False
+    clipping_range: float = 1.0
+    quantization_range: int = 4194304
+    max_weight: float | None = None
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.5
+
+
+@dataclass
 class FederationConfig:
     """The federated round loop.
 
@@ -243,6 +265,7 @@ class FederationConfig:
     robust_proximal: bool = False
     """Robust strategies also send ``proximal_mu``, so clients add FedProx's proximal term."""
     byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
 
 @dataclass
@@ -266,6 +289,24 @@ class ExplainConfig:
 
 
 @dataclass
+class CentralDPConfig:
+    """Central (update-level, user-level) DP: DP-FedAvg, as Flower's fixed-clipping wrappers
+    (``fedvlm.privacy.central``; what it guarantees is in docs/privacy.md).
+
+    ``clipping`` is ``none`` (off), ``server`` (the server clips each client's update) or
+    ``client`` (each client clips its own update before sending). Updates are clipped to L2 norm
+    ``clipping_norm`` (C), averaged uniformly over the round's m clients, and the server adds
+    ``N(0, (noise_multiplier·C/m)²)`` to every coordinate; ε is accounted at ``delta``.
+    Independent of ``privacy.dp`` (record-level DP-SGD): both may be on.
+    """
+
+    clipping: str = "none"
+    clipping_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+
+
+@dataclass
 class PrivacyConfig:
     """Record-level differential privacy of each client's local training: DP-SGD with Opacus
     (``fedvlm.privacy``; what it guarantees is in docs/privacy.md).
@@ -284,6 +325,7 @@ class PrivacyConfig:
     max_epsilon: float | None = None
     poisson_sampling: bool = True
     grad_sample_mode: str = "hooks"
+    central: CentralDPConfig = field(default_factory=CentralDPConfig)
 
 
 @dataclass
@@ -315,10 +357,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.byzantine.attack": ("none", "sign_flip", "scale", "gaussian", "label_flip"),
     "privacy.accountant": ("rdp", "prv"),
     "privacy.grad_sample_mode": ("hooks", "functorch"),
+    "privacy.central.clipping": ("none", "server", "client"),
     "explain.image_baseline": ("mean", "blur", "black"),
     "explain.text_baseline": ("mask", "remove"),
 }
 ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
+SECURE_STRATEGIES = ("fedavg", "fedprox")
+"""Strategies that need only the (weighted) sum of the updates: what secure aggregation reveals."""
 
 
 def list_recipes(recipes_dir: Path = RECIPES_DIR) -> dict[str, str]:
@@ -443,6 +488,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.federation.proximal_mu < 0:
         raise ConfigError(f"federation.proximal_mu={cfg.federation.proximal_mu} must be >= 0")
     _validate_robustness(cfg.federation)
+    _validate_secure_aggregation(cfg.federation)
     _validate_privacy(cfg)
 
 
@@ -489,6 +535,40 @@ def _validate_robustness(federation: DictConfig) -> None:
         )
 
 
+def _validate_secure_aggregation(federation: DictConfig) -> None:
+    """``federation.secure_aggregation``: ranges, and what cannot be computed from a sum alone."""
+    secure = federation.secure_aggregation
+    if secure.clipping_range <= 0:
+        raise ConfigError(f"federation.secure_aggregation.clipping_range={secure.clipping_range} must be positive")
+    if not 2 <= secure.quantization_range < 2**31:
+        raise ConfigError(
+            f"federation.secure_aggregation.quantization_range={secure.quantization_range} must be in [2, 2**31)"
+        )
+    if secure.max_weight is not None and secure.max_weight <= 0:
+        raise ConfigError(f"federation.secure_aggregation.max_weight={secure.max_weight} must be positive")
+    for key in ("num_shares", "reconstruction_threshold"):
+        value = secure[key]
+        if value <= 0 or (value > 1 and value != int(value)):
+            raise ConfigError(
+                f"federation.secure_aggregation.{key}={value} must be a fraction in (0, 1] or a whole count"
+            )
+    if not secure.enabled:
+        return
+    if federation.strategy not in SECURE_STRATEGIES:
+        raise ConfigError(
+            f"federation.secure_aggregation.enabled: the server sees only the sum of the updates, so "
+            f"federation.strategy={federation.strategy} (which needs each client's update) cannot run; "
+            f"use one of: {', '.join(SECURE_STRATEGIES)}"
+        )
+    if federation.update_codec != "none":
+        raise ConfigError(
+            f"federation.secure_aggregation.enabled quantises the updates itself: "
+            f"federation.update_codec={federation.update_codec} must be none"
+        )
+    if federation.mode == "centralized":
+        raise ConfigError("federation.secure_aggregation.enabled needs federation.mode=simulation (several clients)")
+
+
 def _validate_privacy(cfg: DictConfig) -> None:
     """``privacy``: ranges, and the settings under which DP-SGD's guarantee would not hold."""
     privacy = cfg.privacy
@@ -499,6 +579,7 @@ def _validate_privacy(cfg: DictConfig) -> None:
         raise ConfigError(f"privacy.delta={privacy.delta} must be in (0, 1)")
     if privacy.max_epsilon is not None and privacy.max_epsilon <= 0:
         raise ConfigError(f"privacy.max_epsilon={privacy.max_epsilon} must be positive (or null: no budget)")
+    _validate_central_dp(cfg)
     if not privacy.dp:
         return
     if cfg.task == "cxr" and cfg.model.modality == "fused":
@@ -517,6 +598,27 @@ def _validate_privacy(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision}: privacy.dp trains in 32-true precision only")
     if str(cfg.trainer.devices) != "1":
         raise ConfigError(f"trainer.devices={cfg.trainer.devices}: privacy.dp trains each client on one device")
+
+
+def _validate_central_dp(cfg: DictConfig) -> None:
+    """``privacy.central``: ranges, and the strategies its noise is calibrated for."""
+    central = cfg.privacy.central
+    if central.clipping_norm <= 0:
+        raise ConfigError(f"privacy.central.clipping_norm={central.clipping_norm} must be positive")
+    if central.noise_multiplier < 0:
+        raise ConfigError(f"privacy.central.noise_multiplier={central.noise_multiplier} must be >= 0")
+    if not 0.0 < central.delta < 1.0:
+        raise ConfigError(f"privacy.central.delta={central.delta} must be in (0, 1)")
+    if central.clipping != "none":
+        # Imported here: fedvlm.privacy pulls in Opacus and Lightning, which a config needs only now.
+        from fedvlm.privacy.central import check_central_strategy
+
+        check_central_strategy(cfg.federation.strategy)
+        if central.clipping == "server" and cfg.federation.secure_aggregation.enabled:
+            raise ConfigError(
+                "privacy.central.clipping=server needs each client's update, which "
+                "federation.secure_aggregation.enabled hides from the server: use privacy.central.clipping=client"
+            )
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

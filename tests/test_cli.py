@@ -16,8 +16,17 @@ from fedvlm.runs import load_checkpoint, read_metrics
 from fedvlm.tasks import get_task
 
 REQUIRED_KEYS = {
-    "round", "test/accuracy", "test/auroc", "test/stage_macro_f1", "test/stage_macro_precision",
-    "test/stage_macro_recall", "train/loss", "round_seconds", "bytes_sent", "bytes_received", "update_norm",
+    "round",
+    "test/accuracy",
+    "test/auroc",
+    "test/stage_macro_f1",
+    "test/stage_macro_precision",
+    "test/stage_macro_recall",
+    "train/loss",
+    "round_seconds",
+    "bytes_sent",
+    "bytes_received",
+    "update_norm",
 }
 
 
@@ -42,7 +51,12 @@ def test_fit_demo_recipe_writes_a_complete_run_directory(tmp_path: Path, tiny_ov
     assert sum(client["num_samples"] for client in partition["clients"]) == meta["num_train"]
     assert partition["test"]["num_samples"] == meta["num_test"] == pytest.approx(0.2 * 240, abs=6)
     assert set(partition["clients"][0]["by_label"]) == {
-        "negative", "stage_I", "stage_II", "stage_III", "stage_IV", "positive_unknown_stage",
+        "negative",
+        "stage_I",
+        "stage_II",
+        "stage_III",
+        "stage_IV",
+        "positive_unknown_stage",
     }
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -104,10 +118,18 @@ def test_too_few_clients_stop_the_run_naming_them(
     tmp_path: Path, tiny_overrides: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
-    code = main([
-        "fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides,
-        "federation.min_clients=3", "federation.faults=[2@1]",
-    ])
+    code = main(
+        [
+            "fit",
+            "--recipe",
+            "leukemia_demo",
+            "--out",
+            str(run_dir),
+            *tiny_overrides,
+            "federation.min_clients=3",
+            "federation.faults=[2@1]",
+        ]
+    )
     assert code == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "round 1: only 2 of 3 clients answered (federation.min_clients=3); client 2: injected failure" in out
@@ -117,8 +139,12 @@ def test_too_few_clients_stop_the_run_naming_them(
 @pytest.mark.slow
 def test_centralized_baseline_trains_one_client_on_the_pooled_data(tmp_path: Path, tiny_overrides: list[str]) -> None:
     run_dir = tmp_path / "central"
-    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides,
-                 "federation.mode=centralized"]) == 0
+    assert (
+        main(
+            ["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides, "federation.mode=centralized"]
+        )
+        == 0
+    )
     partition = json.loads((run_dir / "partition.json").read_text())
     meta = json.loads((run_dir / "data" / "meta.json").read_text())
     assert len(partition["clients"]) == 1 and partition["clients"][0]["num_samples"] == meta["num_train"]
@@ -128,8 +154,12 @@ def test_centralized_baseline_trains_one_client_on_the_pooled_data(tmp_path: Pat
 def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     missing = tmp_path / "no_such_data"
-    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), "data.format=manifest",
-                 f"data.root={missing}"]) == 2
+    assert (
+        main(
+            ["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), "data.format=manifest", f"data.root={missing}"]
+        )
+        == 2
+    )
     assert str(missing) in " ".join(capsys.readouterr().out.split())
     assert not run_dir.exists()
     assert main(["fit", "--recipe", "nope"]) == 2
@@ -172,11 +202,24 @@ def test_data_synth_writes_a_readable_manifest(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sampling_freeze_fedprox_and_codec_compose_in_one_run(tmp_path: Path, tiny_overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
-    assert main([
-        "fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides,
-        "federation.clients_per_round=2", "federation.freeze_encoders_rounds=1", "federation.strategy=fedprox",
-        "federation.proximal_mu=0.1", "federation.update_codec=fp16",
-    ]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--recipe",
+                "leukemia_demo",
+                "--out",
+                str(run_dir),
+                *tiny_overrides,
+                "federation.clients_per_round=2",
+                "federation.freeze_encoders_rounds=1",
+                "federation.strategy=fedprox",
+                "federation.proximal_mu=0.1",
+                "federation.update_codec=fp16",
+            ]
+        )
+        == 0
+    )
     first, second = read_metrics(run_dir)
     assert [first["encoders_frozen"], second["encoders_frozen"]] == [True, False]
     assert first["num_clients"] == second["num_clients"] == 2

@@ -76,8 +76,7 @@ def write_image(path: Path, pixels: np.ndarray) -> None:
     path = Path(path)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise DataError(
-            f"cannot write {path}: expected an H×W×3 uint8 array, "
-            f"got shape {pixels.shape} dtype {pixels.dtype}"
+            f"cannot write {path}: expected an H×W×3 uint8 array, got shape {pixels.shape} dtype {pixels.dtype}"
         )
     with atomic_destination(path) as temp_path:
         Image.fromarray(pixels).save(temp_path, format="PNG")
@@ -149,8 +148,6 @@ def _scale_to_uint8(pixels: np.ndarray, path: Path) -> np.ndarray:
         return np.rint(pixels.astype(np.float64) * (255.0 / full_scale)).astype(np.uint8)
     if np.issubdtype(pixels.dtype, np.floating):
         if pixels.size and (np.isnan(pixels).any() or pixels.min() < 0.0 or pixels.max() > 1.0):
-            raise DataError(
-                f"cannot use image {path}: floating-point pixels must lie in 0..1"
-            )
+            raise DataError(f"cannot use image {path}: floating-point pixels must lie in 0..1")
         return np.rint(pixels.astype(np.float64) * 255.0).astype(np.uint8)
     raise DataError(f"cannot use image {path}: unsupported pixel type {pixels.dtype}")

@@ -70,9 +70,7 @@ def parse_all_idb_name(file_name: str) -> tuple[str, int]:
     """
     match = _ALL_IDB_NAME.fullmatch(Path(file_name).stem)
     if match is None:
-        raise DataError(
-            f"{file_name!r} is not an ALL-IDB image name ImNNN_Y (Y = 1 leukemia, 0 healthy)"
-        )
+        raise DataError(f"{file_name!r} is not an ALL-IDB image name ImNNN_Y (Y = 1 leukemia, 0 healthy)")
     return match.group(1), int(match.group(2))
 
 
@@ -119,9 +117,7 @@ def read_blast_points(path: Path) -> tuple[tuple[float, float], ...]:
         try:
             x, y = (float(field) for field in fields)
         except ValueError:
-            raise DataError(
-                f"{path}:{line_number}: expected a blast centre 'x y', got {line.strip()!r}"
-            ) from None
+            raise DataError(f"{path}:{line_number}: expected a blast centre 'x y', got {line.strip()!r}") from None
         points.append((x, y))
     return tuple(points)
 
@@ -136,8 +132,7 @@ def load_manifest_layout(root: Path, reports: Path | None, num_stages: int) -> l
     """
     if reports is not None:
         raise DataError(
-            f"a manifest carries its own reports; drop the reports file {reports} "
-            "or merge it into the manifest"
+            f"a manifest carries its own reports; drop the reports file {reports} or merge it into the manifest"
         )
     if root.is_file():
         return read_manifest(root, num_stages)
@@ -166,10 +161,7 @@ def load_all_idb1(root: Path, reports: Path | None, num_stages: int) -> list[Leu
     xyc_paths = {path.stem: path for path in _list_files(xyc_dir, frozenset({".xyc"}))}
     orphans = sorted(set(xyc_paths) - {path.stem for path in image_paths})
     if orphans:
-        raise DataError(
-            f"blast-centre file {xyc_paths[orphans[0]]} has no image {orphans[0]}.jpg "
-            f"in {image_dir}"
-        )
+        raise DataError(f"blast-centre file {xyc_paths[orphans[0]]} has no image {orphans[0]}.jpg in {image_dir}")
     images = []
     for path in image_paths:
         patient, leukemia = _parse_in_folder(parse_all_idb_name, path)
@@ -299,22 +291,16 @@ def _layout_folder(root: Path, official: str) -> Path:
     return root / official if (root / official).is_dir() else root
 
 
-def _list_files(
-    folder: Path, suffixes: frozenset[str], required: str | None = None
-) -> list[Path]:
+def _list_files(folder: Path, suffixes: frozenset[str], required: str | None = None) -> list[Path]:
     """Files in ``folder`` with one of ``suffixes`` (any case), sorted; at least one when
     ``required`` names what was expected."""
-    paths = sorted(
-        path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in suffixes
-    )
+    paths = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in suffixes)
     if required is not None and not paths:
         raise DataError(f"no {required} images in {folder}")
     return paths
 
 
-def _parse_in_folder(
-    parse_name: Callable[[str], tuple[str, int]], path: Path
-) -> tuple[str, int]:
+def _parse_in_folder(parse_name: Callable[[str], tuple[str, int]], path: Path) -> tuple[str, int]:
     """``parse_name(path.name)``, with the full path in the error message."""
     try:
         return parse_name(path.name)
@@ -325,9 +311,7 @@ def _parse_in_folder(
 def _has_all_idb_images(root: Path, official: str, suffixes: frozenset[str]) -> bool:
     """Whether the official folder (or root) holds an ``ImNNN_Y`` image with ``suffixes``."""
     return any(
-        path.is_file()
-        and path.suffix.lower() in suffixes
-        and _ALL_IDB_NAME.fullmatch(path.stem) is not None
+        path.is_file() and path.suffix.lower() in suffixes and _ALL_IDB_NAME.fullmatch(path.stem) is not None
         for folder in {root / official, root}
         if folder.is_dir()
         for path in folder.iterdir()
@@ -340,15 +324,11 @@ def _cnmc_folds(root: Path) -> list[Path]:
     return sorted(
         path
         for path in base.iterdir()
-        if path.is_dir()
-        and _CNMC_FOLD.fullmatch(path.name)
-        and any((path / name).is_dir() for name in _CNMC_CLASSES)
+        if path.is_dir() and _CNMC_FOLD.fullmatch(path.name) and any((path / name).is_dir() for name in _CNMC_CLASSES)
     )
 
 
-def _attach_reports(
-    images: Sequence[_LabelledImage], reports: Path | None, num_stages: int
-) -> list[LeukemiaRecord]:
+def _attach_reports(images: Sequence[_LabelledImage], reports: Path | None, num_stages: int) -> list[LeukemiaRecord]:
     """Build records, joining each image to its row in the ``reports`` CSV when given."""
     images = sorted(images, key=lambda image: image.path)
     report_by_path: dict[Path, tuple[str, int | None, str]] = {}
@@ -359,8 +339,7 @@ def _attach_reports(
         report, stage, source = report_by_path.get(image.path, ("", None, str(image.path)))
         if stage is not None and image.leukemia == 0:
             raise DataError(
-                f"{source}: a stage is given for {image.path.name}, whose name marks it "
-                "healthy (leukemia=0)"
+                f"{source}: a stage is given for {image.path.name}, whose name marks it healthy (leukemia=0)"
             )
         record = LeukemiaRecord(
             image=image.path,
@@ -397,9 +376,7 @@ def _read_reports(
         if path is None:
             raise DataError(f"{where}: column 'image': no image named {name!r} in the data folder")
         if path in joined:
-            raise DataError(
-                f"{where}: a second report for {path.name} (first at {joined[path][2]})"
-            )
+            raise DataError(f"{where}: a second report for {path.name} (first at {joined[path][2]})")
         report = row.text("report")
         if not report.strip():
             raise DataError(f"{where}: column 'report' is empty")

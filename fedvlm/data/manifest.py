@@ -91,9 +91,7 @@ def read_table(path: Path, required_columns: Sequence[str], kind: str) -> list[T
     return rows
 
 
-def read_manifest(
-    path: Path, num_stages: int = NUM_STAGES_DEFAULT, check_images: bool = True
-) -> list[LeukemiaRecord]:
+def read_manifest(path: Path, num_stages: int = NUM_STAGES_DEFAULT, check_images: bool = True) -> list[LeukemiaRecord]:
     """Read a manifest into records, in file order.
 
     Args:
@@ -172,10 +170,7 @@ def write_manifest(
         writer.writerow(MANIFEST_COLUMNS)
         for record, image_cell in zip(records, image_cells, strict=True):
             stage_cell = "" if record.stage is None else str(record.stage + 1)
-            writer.writerow(
-                [image_cell, record.report, record.leukemia, stage_cell, record.site or "",
-                 record.patient]
-            )
+            writer.writerow([image_cell, record.report, record.leukemia, stage_cell, record.site or "", record.patient])
     return manifest_path
 
 
@@ -220,18 +215,14 @@ def _read_jsonl_rows(path: Path, required_columns: Sequence[str]) -> list[TableR
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line}: malformed JSON line ({error})") from None
             if not isinstance(value, dict):
-                raise DataError(
-                    f"{path}:{line}: expected a JSON object, got {type(value).__name__}"
-                )
+                raise DataError(f"{path}:{line}: expected a JSON object, got {type(value).__name__}")
             cells = {str(key).strip().lower(): cell for key, cell in value.items()}
             _check_columns(path, list(cells), required_columns, where=f"{path}:{line}")
             rows.append(TableRow(line, cells))
     return rows
 
 
-def _check_columns(
-    path: Path, columns: Sequence[str], required_columns: Sequence[str], where: str
-) -> None:
+def _check_columns(path: Path, columns: Sequence[str], required_columns: Sequence[str], where: str) -> None:
     """Raise if a column is duplicated or a required one is missing."""
     duplicated = sorted({column for column in columns if columns.count(column) > 1})
     if duplicated:
@@ -255,9 +246,7 @@ def _parse_leukemia(text: str, where: str) -> int:
     return int(value)
 
 
-def _record_from_row(
-    row: TableRow, path: Path, num_stages: int, check_images: bool
-) -> LeukemiaRecord:
+def _record_from_row(row: TableRow, path: Path, num_stages: int, check_images: bool) -> LeukemiaRecord:
     """Turn one manifest row into a checked record."""
     where = f"{path}:{row.line}"
     image_text = row.text("image").strip()
@@ -269,9 +258,7 @@ def _record_from_row(
     leukemia = _parse_leukemia(row.text("leukemia"), f"{where}: column 'leukemia'")
     stage = parse_stage(row.text("stage"), num_stages, f"{where}: column 'stage'")
     if stage is not None and leukemia == 0:
-        raise DataError(
-            f"{where}: column 'stage': a negative sample (leukemia=0) cannot have a stage"
-        )
+        raise DataError(f"{where}: column 'stage': a negative sample (leukemia=0) cannot have a stage")
     report = row.text("report")
     if not report.strip():
         raise DataError(f"{where}: column 'report' is empty")
@@ -310,8 +297,7 @@ def _check_writable(record: LeukemiaRecord, index: int, num_stages: int) -> None
 def _save_images(records: Sequence[LeukemiaRecord], out_dir: Path) -> list[str]:
     """Save array images under ``out_dir/images``; the manifest ``image`` cell of each record."""
     cells: list[str | None] = [
-        None if isinstance(record.image, np.ndarray) else _path_cell(Path(record.image), out_dir)
-        for record in records
+        None if isinstance(record.image, np.ndarray) else _path_cell(Path(record.image), out_dir) for record in records
     ]
     # Lower-cased, because on case-insensitive file systems "P1.png" and "p1.png" collide.
     taken = {cell.lower() for cell in cells if cell is not None}

@@ -94,15 +94,11 @@ def _as_names(values: Sequence[Any] | np.ndarray, what: str, num_samples: int) -
     value_array = np.asarray(values, dtype=object)
     if value_array.ndim != 1 or len(value_array) != num_samples:
         raise DataError(
-            f"{what} must hold one value per sample: got shape {value_array.shape} "
-            f"for {num_samples} labels"
+            f"{what} must hold one value per sample: got shape {value_array.shape} for {num_samples} labels"
         )
     missing = [index for index, value in enumerate(value_array) if _is_missing(value)]
     if missing:
-        raise DataError(
-            f"{what} is missing (None/NaN) for {len(missing)} sample(s), first at index "
-            f"{missing[0]}"
-        )
+        raise DataError(f"{what} is missing (None/NaN) for {len(missing)} sample(s), first at index {missing[0]}")
     return value_array.astype(str)
 
 
@@ -113,9 +109,7 @@ def _group_samples(labels: np.ndarray, groups: Sequence[Any] | np.ndarray | None
         group_names = np.arange(num_samples).astype(str)
         sample_group = np.arange(num_samples)
     else:
-        group_names, sample_group = np.unique(
-            _as_names(groups, "groups", num_samples), return_inverse=True
-        )
+        group_names, sample_group = np.unique(_as_names(groups, "groups", num_samples), return_inverse=True)
     label_values, sample_label = np.unique(labels, return_inverse=True)
     label_counts = np.zeros((len(group_names), len(label_values)), dtype=np.int64)
     np.add.at(label_counts, (sample_group, sample_label), 1)
@@ -133,9 +127,7 @@ def _shards(groups: _Groups, client_of_group: np.ndarray, num_clients: int) -> l
     return [np.flatnonzero(client_of_sample == client) for client in range(num_clients)]
 
 
-def _fill_in_order(
-    group_order: np.ndarray, group_size: np.ndarray, client_target: np.ndarray
-) -> np.ndarray:
+def _fill_in_order(group_order: np.ndarray, group_size: np.ndarray, client_target: np.ndarray) -> np.ndarray:
     """Client of each group in ``group_order`` when the groups are laid end to end and cut at
     the cumulative client targets.
 
@@ -256,9 +248,7 @@ def partition_iid(
     table = _group_samples(_as_labels(labels), groups)
     num_groups = len(table.size)
     if num_groups < num_clients:
-        raise DataError(
-            f"iid partition: {num_groups} group(s) (patients) cannot fill {num_clients} clients"
-        )
+        raise DataError(f"iid partition: {num_groups} group(s) (patients) cannot fill {num_clients} clients")
     client_of_group = np.empty(num_groups, dtype=np.int64)
     size_and_client = [(0, client) for client in range(num_clients)]
     for group in rng.permutation(num_groups):
@@ -371,8 +361,7 @@ def partition_quantity(
     num_samples = len(label_array)
     if not 1 <= min_size <= max_size:
         raise ConfigError(
-            f"quantity partition needs 1 <= min_size <= max_size, got min_size={min_size}, "
-            f"max_size={max_size}"
+            f"quantity partition needs 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}"
         )
     if not num_clients * min_size <= num_samples <= num_clients * max_size:
         raise ConfigError(
@@ -417,9 +406,7 @@ def partition_site(
     label_array = _as_labels(labels)
     if sites is None:
         raise ConfigError("site partition needs `sites`, one site name per sample")
-    site_names, client_of_sample = np.unique(
-        _as_names(sites, "sites", len(label_array)), return_inverse=True
-    )
+    site_names, client_of_sample = np.unique(_as_names(sites, "sites", len(label_array)), return_inverse=True)
     if len(site_names) != num_clients:
         raise ConfigError(
             f"site partition: num_clients={num_clients}, but the data has {len(site_names)} "
@@ -459,30 +446,21 @@ def partition_single(
     """
     label_array = _as_labels(labels)
     if num_clients != 1:
-        raise ConfigError(
-            f"single partition (centralized baseline) needs num_clients=1, got {num_clients}"
-        )
+        raise ConfigError(f"single partition (centralized baseline) needs num_clients=1, got {num_clients}")
     return [np.arange(len(label_array))]
 
 
-def _check_exact_cover(
-    name: str, shards: list[np.ndarray], num_samples: int, num_clients: int
-) -> None:
+def _check_exact_cover(name: str, shards: list[np.ndarray], num_samples: int, num_clients: int) -> None:
     """Raise if ``shards`` are not ``num_clients`` sorted arrays covering each index once."""
     if len(shards) != num_clients:
-        raise RuntimeError(
-            f"partitioner {name!r} returned {len(shards)} shards for {num_clients} clients"
-        )
+        raise RuntimeError(f"partitioner {name!r} returned {len(shards)} shards for {num_clients} clients")
     for client, shard in enumerate(shards):
         if shard.ndim != 1 or np.any(np.diff(shard) <= 0):
             raise RuntimeError(
-                f"partitioner {name!r}: client {client}'s indices are not a sorted 1-D array "
-                "without repeats"
+                f"partitioner {name!r}: client {client}'s indices are not a sorted 1-D array without repeats"
             )
     all_indices = np.concatenate(shards)
-    if len(all_indices) != num_samples or not np.array_equal(
-        np.sort(all_indices), np.arange(num_samples)
-    ):
+    if len(all_indices) != num_samples or not np.array_equal(np.sort(all_indices), np.arange(num_samples)):
         raise RuntimeError(
             f"partitioner {name!r} did not cover each of the {num_samples} samples exactly "
             f"once ({len(all_indices)} indices, {len(np.unique(all_indices))} distinct)"
@@ -556,16 +534,11 @@ def summarize_partition(
     label_array = _as_labels(labels)
     unnamed = sorted(set(np.unique(label_array).tolist()) - set(label_names))
     if unnamed:
-        raise DataError(
-            f"labels {unnamed} have no name in label_names (named: {sorted(label_names)})"
-        )
+        raise DataError(f"labels {unnamed} have no name in label_names (named: {sorted(label_names)})")
     summary = []
     for client, shard in enumerate(partitions):
         client_labels = label_array[shard]
-        by_label = {
-            label_names[label]: int(np.count_nonzero(client_labels == label))
-            for label in sorted(label_names)
-        }
+        by_label = {label_names[label]: int(np.count_nonzero(client_labels == label)) for label in sorted(label_names)}
         summary.append({"client": client, "num_samples": len(shard), "by_label": by_label})
     return summary
 

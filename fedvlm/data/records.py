@@ -61,9 +61,7 @@ class LeukemiaRecord:
             if self.leukemia == 0:
                 raise DataError(f"{where}: a negative sample (leukemia=0) cannot have a stage")
             if not 0 <= self.stage < num_stages:
-                raise DataError(
-                    f"{where}: stage {self.stage + 1} is out of range 1..{num_stages}"
-                )
+                raise DataError(f"{where}: stage {self.stage + 1} is out of range 1..{num_stages}")
 
 
 def parse_stage(value: object, num_stages: int, where: str) -> int | None:

@@ -32,6 +32,7 @@ from fedvlm.federation.callback import (
     travelling_keys,
 )
 from fedvlm.federation.codecs import update_codecs
+from fedvlm.federation.secure import secure_aggregation_mod
 from fedvlm.tasks import Task, get_task
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
             reply_to=msg,
         )
 
-    @app.train()
+    @app.train(mods=[secure_aggregation_mod])  # SecAgg+ when the server runs it, else a no-op
     def train(msg: Message, context: Context) -> Message:
         run_dir_str = site_run_dir(context)
         cfg = _run_config(run_dir_str)
@@ -229,6 +230,18 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
         local_state, num_examples, metrics = train_locally(
             get_task(cfg.task), cfg, Path(run_dir_str), partition_id, dict(global_state), round_config
         )
+        diverged = sorted(k for k, v in local_state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        if diverged:  # never send NaN/Inf: averaged in, they would destroy the global model
+            raise FederationError(
+                f"local training diverged: non-finite weights in {diverged[:3]}"
+                f"{' …' if len(diverged) > 3 else ''} (trainer.precision={cfg.trainer.precision}, "
+                f"lr={round_config[keys.LEARNING_RATE]})"
+            )
+        if keys.CENTRAL_CLIPPING_NORM in round_config:  # privacy.central.clipping=client: bound this client's update
+            from fedvlm.privacy.central import clip_update
+
+            reference_state = {k: global_state[k] for k in local_state}
+            local_state = clip_update(local_state, reference_state, float(round_config[keys.CENTRAL_CLIPPING_NORM]))[0]
         local_state = attack.poison(local_state, global_state, int(round_config[keys.ROUND_SEED]) + partition_id)
         codec = update_codecs.create(str(round_config[keys.UPDATE_CODEC]))
         reference = {k: global_state[k] for k in local_state}

@@ -15,6 +15,8 @@ FREEZE_ENCODERS = "freeze-encoders"
 LOCAL_EPOCHS = "local-epochs"
 ROUND_SEED = "round-seed"
 UPDATE_CODEC = "update-codec"
+UNIFORM_WEIGHTS = "uniform-weights"  # central DP: every client weighs 1 in the (secure) sum
+CENTRAL_CLIPPING_NORM = "central-clipping-norm"  # privacy.central.clipping=client: clip the update to this norm
 STATIC_FINGERPRINT = "static-fingerprint"  # digest of the weights that never travel (frozen backbones)
 
 # MetricRecord keys (client → server)
@@ -28,6 +30,7 @@ EPSILON = "privacy/epsilon"  # the client's cumulative DP-SGD ε over all its ro
 
 # metrics.jsonl round-row keys
 EPSILON_MAX = "privacy/epsilon_max"  # the largest ε of the round's clients
+CENTRAL_EPSILON = "privacy/central_epsilon"  # user-level ε of central DP after this round (privacy.central)
 
 # A client's error message that opens with this stops the run (fedvlm.privacy.PrivacyBudgetExhausted)
 BUDGET_EXHAUSTED = "privacy budget exhausted"

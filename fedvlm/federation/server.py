@@ -19,6 +19,7 @@ Flower's ``Strategy.start()`` has no resume and counts rounds from 1, hence this
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ from fedvlm.evaluation.metrics import merge_states
 from fedvlm.federation import keys
 from fedvlm.federation.callback import load_global_state, static_fingerprint, travelling_keys
 from fedvlm.federation.codecs import update_codecs
+from fedvlm.federation.secure import CLIPPED_FRACTION, SecureAggregator
 from fedvlm.federation.strategies import ClientUpdate, strategies
+from fedvlm.privacy.central import add_central_noise, central_epsilon, clip_update, uniform_mean
 from fedvlm.runs import (
     BEST_CHECKPOINT,
     CHECKPOINT_DIR,
@@ -154,6 +157,15 @@ class FederatedServer:
 
             check_private_trainable(self.module)
         self.static_fingerprint = static_fingerprint(self.module, self.downlink_keys)
+        self.central_dp = cfg.privacy.central.clipping != "none"
+        # Central DP noise must be unpredictable: not derived from the run seed saved in config.yaml.
+        self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.client_sizes: dict[int, int] = {}  # partition id → training examples, as each client reports
+        self.secure = (
+            SecureAggregator(cfg.federation.secure_aggregation, float(cfg.federation.round_timeout))
+            if cfg.federation.secure_aggregation.enabled
+            else None
+        )
         if resume:
             self._restore()
 
@@ -192,44 +204,31 @@ class FederatedServer:
             keys.UPDATE_CODEC: federation.update_codec,
             keys.STATIC_FINGERPRINT: self.static_fingerprint,
             **self.strategy.client_config(server_round),
+            **self._central_dp_config(),
         }
         downlink = self._downlink()
-        messages = [
-            Message(
-                RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord(round_config)}),
-                dst_node_id=nodes[pid],
-                message_type=keys.TRAIN,
+        contents = {
+            pid: RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord(round_config)}) for pid in sampled
+        }
+        timeout = float(federation.round_timeout)
+        if self.secure is None:
+            updates, failed, bytes_sent, bytes_received = self._train(grid, contents, nodes, timeout)
+            self._check_answers(server_round, len(updates), len(sampled), len(nodes), failed)
+            aggregated = self._aggregate(updates)
+        else:
+            secure = self.secure.run(
+                grid, contents, nodes, self.global_state, self.client_sizes, server_round, uniform=self.central_dp
             )
-            for pid in sampled
-        ]
-        bytes_sent = downlink.count_bytes() * len(messages)
-        replies, failed = self._exchange(grid, messages, nodes, float(federation.round_timeout))
-        exhausted = {pid: why for pid, why in failed.items() if keys.BUDGET_EXHAUSTED in why}
-        if exhausted:  # not an ordinary failure: going on would train without the clients that hit the budget
-            raise FederationError(
-                f"round {server_round}: stopped, {keys.BUDGET_EXHAUSTED} (privacy.max_epsilon="
-                f"{self.cfg.privacy.max_epsilon}): "
-                + "; ".join(f"client {pid}: {why}" for pid, why in sorted(exhausted.items()))
-                + f". Rounds up to {self.progress.completed_round} are kept in {self.run_dir}"
-            )
-        if len(replies) < min(int(federation.min_clients), len(nodes)):
-            reasons = "; ".join(f"client {pid}: {why}" for pid, why in sorted(failed.items()))
-            raise FederationError(
-                f"round {server_round}: only {len(replies)} of {len(sampled)} clients answered "
-                f"(federation.min_clients={federation.min_clients}); {reasons}. Rounds up to "
-                f"{self.progress.completed_round} are saved: continue with `fedvlm fit --resume {self.run_dir}`"
-            )
-
-        updates = []
-        bytes_received = 0
-        for pid, reply in sorted(replies.items()):
-            record = reply.content.array_records[keys.ARRAYS]
-            bytes_received += record.count_bytes()
-            metrics = {k: float(v) for k, v in reply.content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
-            reference = {k: self.global_state[k] for k in record}
-            state = self.codec.decode(record, reference)
-            updates.append(ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), state, metrics))
-        aggregated = self.strategy.aggregate(updates)
+            failed, bytes_sent, bytes_received = secure.failed, secure.bytes_sent, secure.bytes_received
+            updates = [
+                ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), {}, metrics)
+                for pid, metrics in sorted(secure.replies.items())
+            ]
+            self._check_answers(server_round, len(updates) if secure.completed else 0, len(sampled), len(nodes), failed)
+            # FedAvg of the updates = the global state plus the weighted mean delta SecAgg+ unmasked
+            aggregated = {k: self.global_state[k].double() + delta for k, delta in secure.mean_delta.items()}
+            if self.central_dp:  # the clients clipped; the mean is uniform (weights 1): add the noise
+                aggregated = self._add_noise(aggregated, len(updates))
         previous = self.global_state
         self.global_state = {
             **previous,
@@ -268,6 +267,14 @@ class FederatedServer:
             clients[pid_key][keys.EPSILON] = epsilon
         if epsilons:
             row[keys.EPSILON_MAX] = max(epsilons.values())
+        if self.central_dp:  # user-level ε of the whole run so far (privacy.central)
+            central = self.cfg.privacy.central
+            row[keys.CENTRAL_EPSILON] = central_epsilon(
+                float(central.noise_multiplier), len(sampled) / len(nodes), server_round, float(central.delta)
+            )
+        clipped = [float(u.metrics[CLIPPED_FRACTION]) for u in updates if CLIPPED_FRACTION in u.metrics]
+        if clipped:  # coordinates SecAgg+ had to clip to ±clipping_range: should stay ~0
+            row[f"{CLIPPED_FRACTION}_max"] = max(clipped)
         if federation.evaluate_clients:
             pooled, per_client, sent, received, eval_failed = self._evaluate_on_clients(grid, nodes)
             bytes_sent += sent
@@ -290,6 +297,78 @@ class FederatedServer:
             }
         )
         self._complete(server_round, row, norm)
+
+    def _train(
+        self, grid: Grid, contents: Mapping[int, RecordDict], nodes: Mapping[int, int], timeout: float
+    ) -> tuple[list[ClientUpdate], dict[int, str], int, int]:
+        """The plain exchange: every client's decoded update, the failures, bytes sent and received."""
+        messages = [
+            Message(content, dst_node_id=nodes[pid], message_type=keys.TRAIN) for pid, content in contents.items()
+        ]
+        bytes_sent = sum(content.array_records[keys.ARRAYS].count_bytes() for content in contents.values())
+        replies, failed = self._exchange(grid, messages, nodes, timeout)
+        updates = []
+        bytes_received = 0
+        for pid, reply in sorted(replies.items()):
+            record = reply.content.array_records[keys.ARRAYS]
+            bytes_received += record.count_bytes()
+            metrics = {k: float(v) for k, v in reply.content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
+            reference = {k: self.global_state[k] for k in record}
+            state = self.codec.decode(record, reference)
+            non_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+            if non_finite:  # a faulty or malicious client: left out like one that raised
+                failed[pid] = f"sent non-finite weights (NaN/Inf) in {non_finite[:3]}"
+                continue
+            updates.append(ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), state, metrics))
+        return updates, failed, bytes_sent, bytes_received
+
+    def _check_answers(
+        self, server_round: int, answered: int, asked: int, available: int, failed: Mapping[int, str]
+    ) -> None:
+        """Stop the run (keeping every completed round) on an exhausted privacy budget or too few answers."""
+        federation = self.cfg.federation
+        exhausted = {pid: why for pid, why in failed.items() if keys.BUDGET_EXHAUSTED in why}
+        if exhausted:  # not an ordinary failure: going on would train without the clients that hit the budget
+            raise FederationError(
+                f"round {server_round}: stopped, {keys.BUDGET_EXHAUSTED} (privacy.max_epsilon="
+                f"{self.cfg.privacy.max_epsilon}): "
+                + "; ".join(f"client {pid}: {why}" for pid, why in sorted(exhausted.items()))
+                + f". Rounds up to {self.progress.completed_round} are kept in {self.run_dir}"
+            )
+        if answered < min(int(federation.min_clients), available):
+            reasons = "; ".join(f"client {pid}: {why}" for pid, why in sorted(failed.items()))
+            raise FederationError(
+                f"round {server_round}: only {answered} of {asked} clients answered "
+                f"(federation.min_clients={federation.min_clients}); {reasons}. Rounds up to "
+                f"{self.progress.completed_round} are saved: continue with `fedvlm fit --resume {self.run_dir}`"
+            )
+
+    def _aggregate(self, updates: Sequence[ClientUpdate]) -> State:
+        """The strategy's aggregate, or under central DP with server-side clipping the noised
+        uniform mean of the clipped updates (clients that clip are re-clipped: it is idempotent)."""
+        if not self.central_dp:
+            return self.strategy.aggregate(updates)
+        norm = float(self.cfg.privacy.central.clipping_norm)
+        clipped = [clip_update(u.state, {k: self.global_state[k] for k in u.state}, norm)[0] for u in updates]
+        return self._add_noise(uniform_mean(clipped), len(updates))
+
+    def _add_noise(self, aggregated: Mapping[str, torch.Tensor], num_clients: int) -> State:
+        central = self.cfg.privacy.central
+        reference = {k: self.global_state[k] for k in aggregated}
+        return add_central_noise(
+            aggregated,
+            reference,
+            float(central.noise_multiplier),
+            float(central.clipping_norm),
+            num_clients,
+            self.noise_generator,
+        )
+
+    def _central_dp_config(self) -> dict[str, Any]:
+        central = self.cfg.privacy.central
+        if central.clipping != "client":
+            return {keys.UNIFORM_WEIGHTS: self.central_dp}
+        return {keys.UNIFORM_WEIGHTS: True, keys.CENTRAL_CLIPPING_NORM: float(central.clipping_norm)}
 
     def _downlink(self) -> ArrayRecord:
         return ArrayRecord(torch_state_dict={k: v for k, v in self.global_state.items() if k in self.downlink_keys})
@@ -416,6 +495,7 @@ class FederatedServer:
             if pid in nodes:
                 raise FederationError(f"two SuperNodes claim partition {pid}")
             nodes[pid] = reply.metadata.src_node_id
+            self.client_sizes[pid] = int(reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])  # type: ignore[arg-type]
         return nodes
 
 

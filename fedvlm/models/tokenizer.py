@@ -52,7 +52,10 @@ def build_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTra
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         mask_token="[MASK]",
     )
 

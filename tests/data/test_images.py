@@ -113,9 +113,7 @@ def test_undecodable_file_names_the_path(tmp_path: Path, name: str) -> None:
 
 def test_truncated_jpeg_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "Im007_1.jpg"
-    Image.fromarray(
-        np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    ).save(path)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
     with pytest.raises(DataError, match=r"cannot decode image .*Im007_1\.jpg"):
@@ -140,9 +138,7 @@ def test_write_image_rejects_a_non_rgb_uint8_array(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_write_keeps_the_old_file_and_no_partial_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_write_keeps_the_old_file_and_no_partial_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "smear.png"
     old_pixels = _smear_pixels(4)
     write_image(path, old_pixels)

@@ -86,9 +86,7 @@ def test_every_registered_format_has_a_fixture() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_each_layout_is_detected_and_loads_like_its_explicit_format(
-    tmp_path: Path, name: str
-) -> None:
+def test_each_layout_is_detected_and_loads_like_its_explicit_format(tmp_path: Path, name: str) -> None:
     root = LAYOUTS[name](tmp_path / name)
 
     assert detect_format(root) == name
@@ -110,9 +108,7 @@ def test_all_idb1_labels_patients_and_blast_points(tmp_path: Path) -> None:
 
     records = load_leukemia("all_idb1", root)
 
-    assert [r.image for r in records] == [
-        root / "im" / f"{name}.jpg" for name in ("Im001_1", "Im002_1", "Im003_0")
-    ]
+    assert [r.image for r in records] == [root / "im" / f"{name}.jpg" for name in ("Im001_1", "Im002_1", "Im003_0")]
     assert [r.leukemia for r in records] == [1, 1, 0]
     assert [r.patient for r in records] == ["Im001", "Im002", "Im003"]
     assert [r.blast_points for r in records] == [((10.0, 20.0), (30.0, 40.5)), (), ()]
@@ -174,10 +170,7 @@ def test_reports_join_by_file_name_or_stem(tmp_path: Path) -> None:
     root = make_all_idb1(tmp_path / "data")
     reports = _write_text(
         tmp_path / "reports.csv",
-        "image,report,stage\n"
-        "Im001_1.jpg,blasts 60%,III\n"
-        "Im002_1,blasts 20%,\n"
-        "Im003_0.jpg,normal count,\n",
+        "image,report,stage\nIm001_1.jpg,blasts 60%,III\nIm002_1,blasts 20%,\nIm003_0.jpg,normal count,\n",
     )
 
     records = load_leukemia("all_idb1", root, reports=reports)
@@ -193,18 +186,24 @@ def test_reports_join_by_file_name_or_stem(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("rows", "match"),
     [
-        ("Im001_1.jpg,a,\nIm002_1.jpg,b,\n",
-         r"no report row in .*reports\.csv for image .*Im003_0\.jpg"),
-        ("Im001_1.jpg,a,\nIm002_1.jpg,b,\nIm003_0.jpg,c,\nIm009_1.jpg,d,\n",
-         r"reports\.csv:5: column 'image': no image named 'Im009_1\.jpg'"),
-        ("Im001_1.jpg,a,\nIm002_1.jpg, ,\nIm003_0.jpg,c,\n",
-         r"reports\.csv:3: column 'report' is empty"),
-        ("Im001_1.jpg,a,\nIm001_1,again,\nIm002_1.jpg,b,\nIm003_0.jpg,c,\n",
-         r"reports\.csv:3: a second report for Im001_1\.jpg \(first at reports\.csv:2\)"),
-        ("Im001_1.jpg,a,\nIm002_1.jpg,b,\nIm003_0.jpg,c,II\n",
-         r"reports\.csv:4: a stage is given for Im003_0\.jpg, whose name marks it healthy"),
-        ("Im001_1.jpg,a,9\nIm002_1.jpg,b,\nIm003_0.jpg,c,\n",
-         r"reports\.csv:2: column 'stage': stage '9' is out of range 1\.\.4"),
+        ("Im001_1.jpg,a,\nIm002_1.jpg,b,\n", r"no report row in .*reports\.csv for image .*Im003_0\.jpg"),
+        (
+            "Im001_1.jpg,a,\nIm002_1.jpg,b,\nIm003_0.jpg,c,\nIm009_1.jpg,d,\n",
+            r"reports\.csv:5: column 'image': no image named 'Im009_1\.jpg'",
+        ),
+        ("Im001_1.jpg,a,\nIm002_1.jpg, ,\nIm003_0.jpg,c,\n", r"reports\.csv:3: column 'report' is empty"),
+        (
+            "Im001_1.jpg,a,\nIm001_1,again,\nIm002_1.jpg,b,\nIm003_0.jpg,c,\n",
+            r"reports\.csv:3: a second report for Im001_1\.jpg \(first at reports\.csv:2\)",
+        ),
+        (
+            "Im001_1.jpg,a,\nIm002_1.jpg,b,\nIm003_0.jpg,c,II\n",
+            r"reports\.csv:4: a stage is given for Im003_0\.jpg, whose name marks it healthy",
+        ),
+        (
+            "Im001_1.jpg,a,9\nIm002_1.jpg,b,\nIm003_0.jpg,c,\n",
+            r"reports\.csv:2: column 'stage': stage '9' is out of range 1\.\.4",
+        ),
     ],
 )
 def test_bad_reports_join_names_the_row_or_image(tmp_path: Path, rows: str, match: str) -> None:
@@ -250,14 +249,26 @@ def test_unknown_format_and_missing_root(tmp_path: Path) -> None:
         ({"fold_0/all/readme.txt": ""}, "cnmc", r"no C-NMC \.bmp images in the all/hem folders"),
         ({"fold_0/other/x.txt": ""}, "cnmc", r"no C-NMC fold_k folders in"),
         ({"im/Im001.jpg": None}, "all_idb1", r"im/Im001\.jpg: 'Im001\.jpg' is not an ALL-IDB"),
-        ({"im/Im001_1.jpg": None, "xyc/Im001_1.xyc": "5 6\n7\n"}, "all_idb1",
-         r"Im001_1\.xyc:2: expected a blast centre 'x y', got '7'"),
-        ({"im/Im001_1.jpg": None, "xyc/Im002_1.xyc": "5 6\n"}, "all_idb1",
-         r"blast-centre file .*Im002_1\.xyc has no image Im002_1\.jpg"),
-        ({"fold_0/hem/UID_4_1_1_all.bmp": None}, "cnmc",
-         r"UID_4_1_1_all\.bmp: the name's class disagrees with its folder"),
-        ({"manifest.csv": "x", "manifest.jsonl": "x"}, "manifest",
-         r"has both manifest\.csv and manifest\.jsonl; keep one"),
+        (
+            {"im/Im001_1.jpg": None, "xyc/Im001_1.xyc": "5 6\n7\n"},
+            "all_idb1",
+            r"Im001_1\.xyc:2: expected a blast centre 'x y', got '7'",
+        ),
+        (
+            {"im/Im001_1.jpg": None, "xyc/Im002_1.xyc": "5 6\n"},
+            "all_idb1",
+            r"blast-centre file .*Im002_1\.xyc has no image Im002_1\.jpg",
+        ),
+        (
+            {"fold_0/hem/UID_4_1_1_all.bmp": None},
+            "cnmc",
+            r"UID_4_1_1_all\.bmp: the name's class disagrees with its folder",
+        ),
+        (
+            {"manifest.csv": "x", "manifest.jsonl": "x"},
+            "manifest",
+            r"has both manifest\.csv and manifest\.jsonl; keep one",
+        ),
         ({"notes.txt": ""}, "manifest", r"has neither manifest\.csv nor manifest\.jsonl"),
     ],
 )

@@ -57,9 +57,7 @@ def test_csv_manifest_rows_become_records(tmp_path: Path) -> None:
 def test_csv_source_is_the_line_where_a_multiline_row_starts(tmp_path: Path) -> None:
     path = _manifest(
         tmp_path,
-        COLUMNS
-        + 'a.png,"line one\nline two",1,1\n'
-        + "b.png,next,0,\n",
+        COLUMNS + 'a.png,"line one\nline two",1,1\n' + "b.png,next,0,\n",
     )
 
     records = read_manifest(path, check_images=False)
@@ -99,22 +97,16 @@ def test_check_images_false_does_not_look_at_the_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("image,report\na.png,x\n",
-         r"manifest\.csv:1: missing required column\(s\) 'leukemia', 'stage'"),
-        ("image,report,leukemia,stage,stage\na.png,x,1,,\n",
-         r"manifest\.csv:1: duplicated column\(s\) 'stage'"),
-        (COLUMNS + "a.png,x,1,\nb.png,y,yes,\n",
-         r"manifest\.csv:3: column 'leukemia': cannot parse 'yes'"),
-        (COLUMNS + "a.png,x,2,\n",
-         r"manifest\.csv:2: column 'leukemia': label must be 0 or 1, got '2'"),
-        (COLUMNS + "a.png,x,1,5\n",
-         r"manifest\.csv:2: column 'stage': stage '5' is out of range 1\.\.4"),
+        ("image,report\na.png,x\n", r"manifest\.csv:1: missing required column\(s\) 'leukemia', 'stage'"),
+        ("image,report,leukemia,stage,stage\na.png,x,1,,\n", r"manifest\.csv:1: duplicated column\(s\) 'stage'"),
+        (COLUMNS + "a.png,x,1,\nb.png,y,yes,\n", r"manifest\.csv:3: column 'leukemia': cannot parse 'yes'"),
+        (COLUMNS + "a.png,x,2,\n", r"manifest\.csv:2: column 'leukemia': label must be 0 or 1, got '2'"),
+        (COLUMNS + "a.png,x,1,5\n", r"manifest\.csv:2: column 'stage': stage '5' is out of range 1\.\.4"),
         (COLUMNS + "a.png,x,1,V\n", r"manifest\.csv:2: column 'stage': cannot parse stage 'V'"),
         (COLUMNS + "a.png,x,0,II\n", r"manifest\.csv:2: column 'stage': a negative sample"),
         (COLUMNS + "a.png,   ,1,1\n", r"manifest\.csv:2: column 'report' is empty"),
         (COLUMNS + ",x,1,1\n", r"manifest\.csv:2: column 'image' is empty"),
-        (COLUMNS + "ghost.png,x,1,1\n",
-         r"manifest\.csv:2: column 'image': file not found: .*ghost\.png"),
+        (COLUMNS + "ghost.png,x,1,1\n", r"manifest\.csv:2: column 'image': file not found: .*ghost\.png"),
         (COLUMNS + "a.png,x,1\n", r"manifest\.csv:2: row has 3 cells but the header has 4"),
         (COLUMNS, r"manifest .*manifest\.csv has no data rows"),
         ("", r"manifest\.csv is empty; expected a header row"),
@@ -131,17 +123,16 @@ def test_bad_csv_manifest_names_file_row_and_column(tmp_path: Path, text: str, m
 @pytest.mark.parametrize(
     ("lines", "match"),
     [
-        (['{"image": "a.png", "report": "x", "leukemia": 1, "stage": 1}', '{"image": "a.png",'],
-         r"manifest\.jsonl:2: malformed JSON line"),
+        (
+            ['{"image": "a.png", "report": "x", "leukemia": 1, "stage": 1}', '{"image": "a.png",'],
+            r"manifest\.jsonl:2: malformed JSON line",
+        ),
         (['["a.png", "x", 1, 1]'], r"manifest\.jsonl:1: expected a JSON object, got list"),
-        (['{"image": "a.png", "leukemia": 1}'],
-         r"manifest\.jsonl:1: missing required column\(s\) 'report', 'stage'"),
+        (['{"image": "a.png", "leukemia": 1}'], r"manifest\.jsonl:1: missing required column\(s\) 'report', 'stage'"),
         (["", "  "], r"manifest .*manifest\.jsonl has no data rows"),
     ],
 )
-def test_bad_jsonl_manifest_names_file_and_line(
-    tmp_path: Path, lines: list[str], match: str
-) -> None:
+def test_bad_jsonl_manifest_names_file_and_line(tmp_path: Path, lines: list[str], match: str) -> None:
     _write_png(tmp_path / "a.png")
     path = _manifest(tmp_path, "\n".join(lines) + "\n", "manifest.jsonl")
 
@@ -186,18 +177,18 @@ def test_write_then_read_gives_back_labels_reports_and_identical_pixels(tmp_path
     assert manifest == out_dir / "manifest.csv"
     for before, after in zip(records, loaded, strict=True):
         assert (after.leukemia, after.stage, after.report, after.site, after.patient) == (
-            before.leukemia, before.stage, before.report, before.site, before.patient
+            before.leukemia,
+            before.stage,
+            before.report,
+            before.site,
+            before.patient,
         )
-        expected = before.image if isinstance(before.image, np.ndarray) else read_image(
-            Path(before.image)
-        )
+        expected = before.image if isinstance(before.image, np.ndarray) else read_image(Path(before.image))
         assert isinstance(after.image, Path)
         np.testing.assert_array_equal(read_image(after.image), expected)
     with manifest.open(newline="") as stream:
         cells = [row["image"] for row in csv.DictReader(stream)]
-    assert cells == [
-        "images/P1.png", "images/P1_1.png", "images/P_2.png", "raw/inside.png", str(outside)
-    ]
+    assert cells == ["images/P1.png", "images/P1_1.png", "images/P_2.png", "raw/inside.png", str(outside)]
     assert not [path for path in out_dir.rglob("*.tmp")]
 
 
@@ -236,9 +227,7 @@ def test_write_manifest_rejects_no_records_and_non_csv_names(tmp_path: Path) -> 
         write_manifest([record], tmp_path, name="sub/m.csv")
 
 
-def test_failed_manifest_write_keeps_the_previous_manifest(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_manifest_write_keeps_the_previous_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     records = [LeukemiaRecord(_pixels(0), "first", 1, None, "P1")]
     manifest = write_manifest(records, tmp_path)
     previous = manifest.read_text()

@@ -187,9 +187,7 @@ def test_quantity_keeps_labels_iid_within_clients() -> None:
 )
 def test_quantity_rejects_infeasible_ranges(min_size: int, max_size: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        partition(
-            "quantity", np.zeros(10, dtype=int), 5, seed=0, min_size=min_size, max_size=max_size
-        )
+        partition("quantity", np.zeros(10, dtype=int), 5, seed=0, min_size=min_size, max_size=max_size)
 
 
 def test_quantity_rejects_patients_too_large_to_fill_every_client() -> None:
@@ -217,9 +215,7 @@ def test_site_requires_sites() -> None:
 
 
 def test_site_rejects_a_client_count_other_than_the_site_count() -> None:
-    with pytest.raises(
-        ConfigError, match=r"num_clients=3, but the data has 2 site.*: lab-a, lab-b"
-    ):
+    with pytest.raises(ConfigError, match=r"num_clients=3, but the data has 2 site.*: lab-a, lab-b"):
         partition("site", [0, 1, 0], num_clients=3, seed=0, sites=["lab-b", "lab-a", "lab-b"])
 
 
@@ -405,9 +401,7 @@ def test_split_rejects_data_where_one_side_would_be_empty() -> None:
 
 def test_summarize_partition_counts_every_label_including_zeros() -> None:
     labels = np.array([0, 1, 1, 2, 0])
-    summary = summarize_partition(
-        [np.array([0, 4]), np.array([1, 2, 3])], labels, {0: "healthy", 1: "ALL", 2: "AML"}
-    )
+    summary = summarize_partition([np.array([0, 4]), np.array([1, 2, 3])], labels, {0: "healthy", 1: "ALL", 2: "AML"})
     assert summary == [
         {"client": 0, "num_samples": 2, "by_label": {"healthy": 2, "ALL": 0, "AML": 0}},
         {"client": 1, "num_samples": 3, "by_label": {"healthy": 0, "ALL": 2, "AML": 1}},

@@ -30,8 +30,13 @@ def fit(module: L.LightningModule, callback: FederatedRoundCallback, epochs: int
     x = torch.randn(64, 3)
     y = x @ torch.tensor([[2.0], [-1.0], [0.5]]) + 3.0
     trainer = L.Trainer(
-        max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[callback], accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        accelerator="cpu",
     )
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
 

@@ -1,0 +1,230 @@
+"""What crosses the wire: the real server and ClientApp, one round each, over an in-process grid.
+
+Every message is recorded, so these tests check the transport itself: only parameters and
+scalar metrics (or sum-reduced metric counts) leave a client, low-precision weights travel,
+and central DP really clips and noises what the server aggregates.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
+from fedvlm.data.prepared import bundle_size
+from fedvlm.errors import FederationError
+from fedvlm.federation import keys
+from fedvlm.federation.callback import travelling_keys
+from fedvlm.federation.client import make_client_app
+from fedvlm.federation.server import FederatedServer
+from fedvlm.privacy.central import central_epsilon, clip_update, uniform_mean
+from fedvlm.tasks import get_task
+from tests.conftest import CXR_TINY, TINY_OVERRIDES
+from tests.federation.conftest import InProcessGrid
+
+RECIPES = {"leukemia_demo": TINY_OVERRIDES, "cxr_demo": CXR_TINY}
+
+
+def _federation(tmp_path: Path, recipe: str, *overrides: str) -> tuple[FederatedServer, InProcessGrid]:
+    cfg = load_config(recipe, [*RECIPES[recipe], "federation.rounds=1", *overrides])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(cfg, run_dir / CONFIG_FILE_NAME)
+    task = get_task(cfg.task)
+    task.prepare(cfg, run_dir)
+    grid = InProcessGrid(
+        make_client_app(run_dir),
+        {1000 + pid: {keys.PARTITION_ID: pid} for pid in range(int(cfg.federation.num_clients))},
+    )
+    return FederatedServer(cfg, run_dir, task), grid
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_only_parameters_and_scalar_metrics_leave_a_client(tmp_path: Path, recipe: str) -> None:
+    server, grid = _federation(tmp_path, recipe)
+    server.run(cast(Grid, grid))
+    run_dir = server.run_dir
+    sizes = {pid: bundle_size(get_task(server.cfg.task).load_client(run_dir, pid)[1]) for pid in range(3)}
+    assert len(set(sizes.values())) > 1  # the clients' validation splits differ in size
+
+    model_keys = travelling_keys(server.module)
+    train_replies = [m for m in grid.received if m.metadata.message_type == keys.TRAIN]
+    eval_replies = [m for m in grid.received if m.metadata.message_type == keys.EVALUATE]
+    assert len(train_replies) == len(eval_replies) == 3
+    for reply in grid.received:
+        content = reply.content
+        assert not content.config_records  # no strings or bytes (text, file names) leave a client
+        for record in content.array_records.values():
+            # Only model entries, each with the model's shape: no images, token ids or embeddings.
+            assert set(record) <= model_keys
+            for key, array in record.to_torch_state_dict().items():
+                assert array.shape == server.global_state[key].shape
+        for record in content.metric_records.values():
+            for name, value in record.items():
+                if name.startswith(keys.EVAL_STATE_PREFIX):
+                    assert isinstance(value, list)
+                else:
+                    assert _is_scalar(value), (name, value)
+
+    # Metric states are sum-reduced counts: their lengths do not depend on how many patients a
+    # client has, so no per-sample score can hide in them.
+    layouts = [
+        {k: len(v) for k, v in reply.content.metric_records[keys.METRICS].items() if isinstance(v, list)}
+        for reply in eval_replies
+    ]
+    assert layouts[0] and all(layout == layouts[0] for layout in layouts)
+    for reply in eval_replies:
+        state = reply.content.metric_records[keys.METRICS]
+        counts = [x for k, v in state.items() if isinstance(v, list) for x in v]
+        assert all(float(x).is_integer() and x >= 0 for x in counts)  # counts, not scores
+
+
+def test_bfloat16_clients_send_weights_the_server_can_aggregate(tmp_path: Path) -> None:
+    server, grid = _federation(tmp_path, "leukemia_demo", "trainer.precision=bf16-true")
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    server.run(cast(Grid, grid))
+
+    for reply in (m for m in grid.received if m.metadata.message_type == keys.TRAIN):
+        for array in reply.content.array_records[keys.ARRAYS].to_torch_state_dict().values():
+            assert array.dtype in (torch.float32, torch.int64)  # ArrayRecord has no bfloat16: float32, lossless
+    changed = 0
+    for key, value in server.global_state.items():
+        assert value.dtype == before[key].dtype  # the global model stays in the server's precision
+        assert torch.isfinite(value.float()).all()
+        changed += int(not torch.equal(value, before[key]))
+    assert changed > 0
+    assert server.progress.completed_round == 1
+
+
+def test_clients_whose_training_diverges_are_named_and_nothing_is_averaged(tmp_path: Path) -> None:
+    # Pure float16 training (no loss scaling) of the demo overflows: the clients refuse to send
+    # NaN weights, and with no update left the run stops naming them, before any round is saved.
+    server, grid = _federation(tmp_path, "leukemia_demo", "trainer.precision=16-true")
+    with pytest.raises(FederationError, match=r"only 0 of 3 clients answered.*client 0: .*non-finite weights"):
+        server.run(cast(Grid, grid))
+    assert server.progress.completed_round == 0
+    assert not (server.run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_the_server_leaves_out_an_update_with_nan(tmp_path: Path) -> None:
+    server, grid = _federation(tmp_path, "leukemia_demo")
+    honest_send = grid.send_and_receive
+
+    def poisoned(messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = honest_send(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.message_type == keys.TRAIN and reply.metadata.src_node_id == 1001:
+                record = reply.content.array_records[keys.ARRAYS]
+                state = record.to_torch_state_dict()
+                name = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+                state[name][0] = float("nan")
+                reply.content.array_records[keys.ARRAYS] = ArrayRecord(torch_state_dict=state)
+        return replies
+
+    grid.send_and_receive = poisoned  # type: ignore[method-assign]
+    server.run(cast(Grid, grid))
+    row = server.progress.history[-1]
+    assert row["num_clients"] == 2 and "non-finite" in row["failed_clients"]["1"]
+    assert all(torch.isfinite(v.float()).all() for v in server.global_state.values())
+
+
+def _client_states(grid: InProcessGrid) -> dict[int, dict[str, torch.Tensor]]:
+    replies = [m for m in grid.received if m.metadata.message_type == keys.TRAIN]
+    return {
+        int(r.content.metric_records[keys.METRICS][keys.PARTITION_ID]): r.content.array_records[  # type: ignore[arg-type]
+            keys.ARRAYS
+        ].to_torch_state_dict()
+        for r in replies
+    }
+
+
+def test_server_side_central_dp_is_the_uniform_mean_of_clipped_updates(tmp_path: Path) -> None:
+    norm = 0.05
+    server, grid = _federation(
+        tmp_path,
+        "leukemia_demo",
+        "privacy.central.clipping=server",
+        f"privacy.central.clipping_norm={norm}",
+        "privacy.central.noise_multiplier=0",
+        "data.partition.name=dirichlet",
+    )
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    server.run(cast(Grid, grid))
+
+    states = _client_states(grid)
+    raw_norms = [
+        math.sqrt(sum(float((s[k].double() - before[k].double()).pow(2).sum()) for k in s if s[k].is_floating_point()))
+        for s in states.values()
+    ]
+    assert min(raw_norms) > 10 * norm  # every client really was clipped
+    clipped = [clip_update(s, {k: before[k] for k in s}, norm)[0] for _, s in sorted(states.items())]
+    expected = uniform_mean(clipped)
+    for key, value in expected.items():
+        torch.testing.assert_close(server.global_state[key], value.to(before[key].dtype), rtol=0, atol=1e-6)
+    row = server.progress.history[-1]
+    assert row[keys.CENTRAL_EPSILON] == math.inf  # σ = 0 protects nothing, and says so
+
+
+def test_central_noise_has_the_calibrated_scale_and_epsilon_is_logged(tmp_path: Path) -> None:
+    norm, sigma = 0.05, 1.0
+    server, grid = _federation(
+        tmp_path,
+        "leukemia_demo",
+        "privacy.central.clipping=server",
+        f"privacy.central.clipping_norm={norm}",
+        f"privacy.central.noise_multiplier={sigma}",
+    )
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    server.run(cast(Grid, grid))
+
+    states = _client_states(grid)
+    clipped = [clip_update(s, {k: before[k] for k in s}, norm)[0] for _, s in sorted(states.items())]
+    noiseless = uniform_mean(clipped)
+    noise = torch.cat([(server.global_state[k].double() - noiseless[k].double()).flatten() for k in noiseless])
+    expected_std = sigma * norm / len(states)
+    assert noise.numel() > 10_000
+    assert abs(float(noise.std()) / expected_std - 1) < 0.05
+    assert abs(float(noise.mean())) < 0.05 * expected_std
+    row = server.progress.history[-1]
+    assert row[keys.CENTRAL_EPSILON] == pytest.approx(central_epsilon(sigma, 1.0, 1, 1e-5))
+
+
+def test_client_side_clipping_bounds_what_leaves_and_composes_with_secagg(tmp_path: Path) -> None:
+    norm = 0.05
+    server, grid = _federation(
+        tmp_path,
+        "leukemia_demo",
+        "privacy.central.clipping=client",
+        f"privacy.central.clipping_norm={norm}",
+        "privacy.central.noise_multiplier=0",
+        "federation.secure_aggregation.enabled=true",
+        "data.partition.name=dirichlet",
+    )
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    server.run(cast(Grid, grid))
+
+    # Under SecAgg+ nothing the server received holds a client's weights ...
+    assert all(len(r) == 0 for m in grid.received for r in m.content.array_records.values())
+    # ... and the new global model moved by the uniform mean of clipped updates: at most C.
+    moved = math.sqrt(
+        sum(
+            float((server.global_state[k].double() - before[k].double()).pow(2).sum())
+            for k in before
+            if before[k].is_floating_point()
+        )
+    )
+    assert 0.2 * norm < moved <= norm * (1 + 1e-3)
+    row = server.progress.history[-1]
+    assert keys.CENTRAL_EPSILON in row and row["num_clients"] == 3
+    # The clients still report their true example counts in the clear.
+    assert sorted(c["num_examples"] for c in row["clients"].values()) == sorted(server.client_sizes.values())
