@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import time
 from pathlib import Path
 
-from fedvlm.cli import main as fedvlm_main
+from runner import fit_variant  # benchmarks/runner.py (scripts run from benchmarks/)
+
 from fedvlm.config import CONFIG_FILE_NAME, load_config
 from fedvlm.federation.byzantine import byzantine_clients
-from fedvlm.runs import read_metrics
 
 ROBUST = ("fedavg", "trimmed_mean", "median", "krum")
 VARIANTS = ("clean_fedavg", *(f"signflip_{strategy}" for strategy in ROBUST))
@@ -58,25 +57,10 @@ def variant_overrides(variant: str, fraction: float, scale: float) -> list[str]:
 
 def run_variant(variant: str, runs_dir: Path, common: list[str], fraction: float, scale: float) -> dict[str, object]:
     out = runs_dir / variant
-    argv = [
-        "fit",
-        "--recipe",
-        "leukemia_demo",
-        "--out",
-        str(out),
-        *common,
-        *variant_overrides(variant, fraction, scale),
-    ]
-    started = time.perf_counter()
-    code = fedvlm_main(argv)
-    result: dict[str, object] = {"command": shlex.join(["fedvlm", *argv]), "run_dir": str(out), "exit_code": code}
-    if code != 0:
-        return result
-    last = read_metrics(out)[-1]
-    cfg = load_config(out / CONFIG_FILE_NAME)
-    result["byzantine_clients"] = byzantine_clients(cfg.federation, int(cfg.seed))
-    result.update({"round": last["round"], **{key: last.get(key) for key in METRICS}})
-    result["seconds"] = round(time.perf_counter() - started, 1)
+    result = fit_variant("leukemia_demo", out, [*common, *variant_overrides(variant, fraction, scale)], METRICS)
+    if result["exit_code"] == 0:
+        cfg = load_config(out / CONFIG_FILE_NAME)
+        result["byzantine_clients"] = byzantine_clients(cfg.federation, int(cfg.seed))
     return result
 
 

@@ -65,8 +65,10 @@ def main() -> None:
         "overhead_ratio_wall": federated["wall_seconds"] / centralized["wall_seconds"],
         "overhead_ratio_rounds": federated["round_seconds_total"] / centralized["round_seconds_total"],
         "machine": {
-            "cpus": torch.get_num_threads(), "platform": platform.platform(),
-            "cuda": torch.cuda.is_available(), "torch": torch.__version__,
+            "cpus": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "cuda": torch.cuda.is_available(),
+            "torch": torch.__version__,
         },
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

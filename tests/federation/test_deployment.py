@@ -26,6 +26,7 @@ from fedvlm.data.prepared import save_bundle
 from fedvlm.errors import ConfigError, FederationError
 from fedvlm.federation.app import SITE_FILE, export_site, prepare_run, run_dir_from_config, wait_for_nodes
 from fedvlm.federation.certs import make_certificates
+from fedvlm.federation.secure import CLIPPED_FRACTION
 
 REPO_ROOT = Path(fedvlm.__file__).resolve().parents[1]
 CONNECTION = "fedvlm-test"
@@ -208,8 +209,9 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not (REPO_ROOT / "pyproject.toml").is_file(), reason="needs the source checkout's pyproject.toml")
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
 def test_flwr_run_on_tls_superlink_with_authenticated_supernodes(
-    tmp_path: Path, tiny_overrides: list[str], processes: Processes
+    tmp_path: Path, tiny_overrides: list[str], processes: Processes, secure: bool
 ) -> None:
     started = time.monotonic()
     certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"], num_supernodes=2)
@@ -218,6 +220,8 @@ def test_flwr_run_on_tls_superlink_with_authenticated_supernodes(
         "federation.num_clients=2", "federation.rounds=2", "federation.evaluate_clients=false",
         "federation.round_timeout=300",
     ]  # fmt: skip
+    if secure:  # SecAgg+ across processes: the key-agreement stages each start a fresh ClientApp
+        overrides.append("federation.secure_aggregation.enabled=true")
     coordinator_run = tmp_path / "coordinator" / "run"
     prepare_run("leukemia_demo", overrides, coordinator_run)
     sites = [export_site(coordinator_run, pid, tmp_path / f"site{pid}" / "run") for pid in range(2)]
@@ -292,6 +296,7 @@ def test_flwr_run_on_tls_superlink_with_authenticated_supernodes(
         assert sorted(row["clients"]) == ["0", "1"]
         assert row["failed_clients"] == {}
         assert 0.0 <= row["test/accuracy"] <= 1.0
+        assert (f"{CLIPPED_FRACTION}_max" in row) == secure
     assert (coordinator_run / "checkpoints" / "last.ckpt").is_file()
     print(f"deployment run took {time.monotonic() - started:.0f}s")
 
