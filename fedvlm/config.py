@@ -245,6 +245,10 @@ class FederationConfig:
     clients_per_round: int = 0
     min_clients: int = 1
     proximal_mu: float = 0.01
+    server_learning_rate: float = 1.0
+    """``fedavgm``: η, the server's step along the momentum."""
+    server_momentum: float = 0.9
+    """``fedavgm``: β, the server momentum (0 with η = 1 is FedAvg)."""
     freeze_encoders_rounds: int = 0
     convergence_tol: float = 0.0
     round_timeout: float = 3600.0
@@ -362,7 +366,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "explain.text_baseline": ("mask", "remove"),
 }
 ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
-SECURE_STRATEGIES = ("fedavg", "fedprox")
+SECURE_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
 """Strategies that need only the (weighted) sum of the updates: what secure aggregation reveals."""
 
 
@@ -487,6 +491,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"contrastive.temperature={cfg.contrastive.temperature} must be positive")
     if cfg.federation.proximal_mu < 0:
         raise ConfigError(f"federation.proximal_mu={cfg.federation.proximal_mu} must be >= 0")
+    if cfg.federation.server_learning_rate <= 0:
+        raise ConfigError(f"federation.server_learning_rate={cfg.federation.server_learning_rate} must be positive")
+    if not 0.0 <= cfg.federation.server_momentum < 1.0:
+        raise ConfigError(f"federation.server_momentum={cfg.federation.server_momentum} must be in [0, 1)")
     _validate_robustness(cfg.federation)
     _validate_secure_aggregation(cfg.federation)
     _validate_privacy(cfg)

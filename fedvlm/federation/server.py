@@ -52,6 +52,8 @@ from fedvlm.runs import (
 from fedvlm.tasks import Task
 
 State = dict[str, torch.Tensor]
+STRATEGY_STATE = "strategy_state"
+"""Checkpoint entry (under ``"fedvlm"``) holding what the strategy carries across rounds."""
 RoundReporter = Callable[[dict[str, Any]], None]
 
 
@@ -230,6 +232,7 @@ class FederatedServer:
             if self.central_dp:  # the clients clipped; the mean is uniform (weights 1): add the noise
                 aggregated = self._add_noise(aggregated, len(updates))
         previous = self.global_state
+        aggregated = self.strategy.server_update(previous, aggregated)  # e.g. FedAvgM's server momentum
         self.global_state = {
             **previous,
             **{k: v.to(previous[k].dtype) for k, v in aggregated.items()},
@@ -455,9 +458,10 @@ class FederatedServer:
         if improved:
             progress.best_value, progress.best_round = value, server_round
         hparams = dict(self.module.hparams)
-        save_checkpoint(checkpoints / LAST_CHECKPOINT, self.global_state, hparams, progress.as_dict())
+        resumable = {**progress.as_dict(), STRATEGY_STATE: self.strategy.state_dict()}
+        save_checkpoint(checkpoints / LAST_CHECKPOINT, self.global_state, hparams, resumable)
         if improved:
-            save_checkpoint(checkpoints / BEST_CHECKPOINT, self.global_state, hparams, progress.as_dict())
+            save_checkpoint(checkpoints / BEST_CHECKPOINT, self.global_state, hparams, resumable)
         write_metrics(self.run_dir, progress.history)
         self.report(row)
 
@@ -466,7 +470,9 @@ class FederatedServer:
         if not path.is_file():
             return  # no round was completed: start from round 1 on the prepared data
         checkpoint = load_checkpoint(path)
-        self.progress = Progress(**checkpoint["fedvlm"])
+        saved = dict(checkpoint["fedvlm"])
+        self.strategy.load_state_dict(saved.pop(STRATEGY_STATE, {}))  # e.g. FedAvgM's momentum
+        self.progress = Progress(**saved)
         # Convergence is judged with the tolerance in force now (a resume may relax it).
         tolerance = float(self.cfg.federation.convergence_tol)
         last_norm = self.progress.history[-1]["update_norm"] if self.progress.history else math.inf

@@ -54,8 +54,40 @@ class Strategy(Protocol):
         """The aggregated state over the keys the updates carry."""
         ...
 
+    def server_update(self, previous: State, aggregated: State) -> State:
+        """The next global values of ``aggregated``'s keys, given the global state before the round.
 
-class FedAvg:
+        Called with the aggregate however it was formed (plain, under secure aggregation or
+        central DP), so server-side optimisers see every round.
+        """
+        ...
+
+    def state_dict(self) -> State:
+        """What the strategy must carry across rounds (saved in checkpoints, for ``--resume``)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` from a checkpoint."""
+        ...
+
+
+class Stateless:
+    """The server takes the aggregate as the new global state and keeps nothing between rounds."""
+
+    def server_update(self, previous: State, aggregated: State) -> State:
+        return aggregated
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise FederationError(
+                f"{type(self).__name__} keeps no server state, but the checkpoint holds {sorted(state)[:3]}"
+            )
+
+
+class FedAvg(Stateless):
     """FedAvg (McMahan et al. 2017), Eq. 4 of Fed-MMX: ``θ = Σ_k (n_k / n) θ_k``.
 
     Example:
@@ -99,7 +131,56 @@ class FedProx(FedAvg):
         return {keys.PROXIMAL_MU: float(self.proximal_mu)}
 
 
-class RobustStrategy:
+class FedAvgM(FedAvg):
+    """FedAvg with server momentum (Hsu, Qi & Brown 2019), as Flower's ``FedAvgM``.
+
+    The round's FedAvg aggregate defines a pseudo-gradient ``Δ = w − w_avg``; the server keeps
+    ``v ← β·v + Δ`` and moves ``w ← w − η·v``. With β = 0 and η = 1 this is FedAvg. Momentum lets
+    the global model keep the direction of several rounds, which helps when each round's local
+    training moves it only a little (many clients with few local steps each).
+
+    Args:
+        server_learning_rate: η.
+        server_momentum: β in [0, 1).
+
+    Example:
+        >>> strategy = FedAvgM(server_learning_rate=1.0, server_momentum=0.9)
+        >>> w = strategy.server_update({"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5])})
+        >>> w["w"]  # v = 0.5
+        tensor([0.5000])
+        >>> strategy.server_update(w, {"w": torch.tensor([0.3])})["w"]  # v = 0.9·0.5 + 0.2
+        tensor([-0.1500])
+    """
+
+    def __init__(self, server_learning_rate: float, server_momentum: float) -> None:
+        self.server_learning_rate = server_learning_rate
+        self.server_momentum = server_momentum
+        self.velocity: State = {}
+
+    @override
+    def server_update(self, previous: State, aggregated: State) -> State:
+        updated = {}
+        for key, value in aggregated.items():
+            if not value.is_floating_point():
+                updated[key] = value
+                continue
+            pseudo_gradient = previous[key].double() - value.double()
+            velocity = self.velocity.get(key)
+            velocity = pseudo_gradient if velocity is None else self.server_momentum * velocity + pseudo_gradient
+            self.velocity[key] = velocity
+            updated[key] = (previous[key].double() - self.server_learning_rate * velocity).to(value.dtype)
+        return updated
+
+    @override
+    def state_dict(self) -> State:
+        return {f"velocity.{key}": value for key, value in self.velocity.items()}
+
+    @override
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.velocity = {key.removeprefix("velocity."): value.double() for key, value in state.items()}
+
+
+class RobustStrategy(Stateless):
     """Base of the Byzantine-robust strategies: optional FedProx term, round bookkeeping.
 
     Args:
@@ -201,6 +282,12 @@ def make_fedavg(federation: Mapping[str, Any]) -> Strategy:
 def make_fedprox(federation: Mapping[str, Any]) -> Strategy:
     """FedProx with ``federation.proximal_mu``."""
     return FedProx(float(federation["proximal_mu"]))
+
+
+@strategies.register("fedavgm")
+def make_fedavgm(federation: Mapping[str, Any]) -> Strategy:
+    """FedAvg with server momentum ``federation.server_momentum`` and rate ``federation.server_learning_rate``."""
+    return FedAvgM(float(federation["server_learning_rate"]), float(federation["server_momentum"]))
 
 
 def _robust_mu(federation: Mapping[str, Any]) -> float:

@@ -41,7 +41,7 @@ from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_std
 from fedvlm.errors import ConfigError
 from fedvlm.privacy.accountant import compute_epsilon
 
-CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
 """Strategies whose aggregate is the (uniform) mean that central DP's analysis covers."""
 
 State = dict[str, torch.Tensor]

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
 from fedvlm.data.prepared import bundle_size
 from fedvlm.errors import FederationError
+from fedvlm.federation import client as client_module
 from fedvlm.federation import keys
 from fedvlm.federation.callback import travelling_keys
 from fedvlm.federation.client import make_client_app
@@ -34,7 +35,7 @@ RECIPES = {"leukemia_demo": TINY_OVERRIDES, "cxr_demo": CXR_TINY}
 def _federation(tmp_path: Path, recipe: str, *overrides: str) -> tuple[FederatedServer, InProcessGrid]:
     cfg = load_config(recipe, [*RECIPES[recipe], "federation.rounds=1", *overrides])
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / CONFIG_FILE_NAME)
     task = get_task(cfg.task)
     task.prepare(cfg, run_dir)
@@ -228,3 +229,32 @@ def test_client_side_clipping_bounds_what_leaves_and_composes_with_secagg(tmp_pa
     assert keys.CENTRAL_EPSILON in row and row["num_clients"] == 3
     # The clients still report their true example counts in the clear.
     assert sorted(c["num_examples"] for c in row["clients"].values()) == sorted(server.client_sizes.values())
+
+
+def test_server_momentum_survives_a_resume(tmp_path: Path) -> None:
+    """FedAvgM's velocity is saved with every round: 2 rounds + resume = 3 rounds straight."""
+    straight_server, straight_grid = _federation(
+        tmp_path / "a", "leukemia_demo", "federation.strategy=fedavgm", "federation.rounds=3"
+    )
+    straight_server.run(cast(Grid, straight_grid))
+
+    # Every client fails in round 3 (the lr schedule depends on the number of rounds: keep it).
+    broken, grid = _federation(
+        tmp_path / "b",
+        "leukemia_demo",
+        "federation.strategy=fedavgm",
+        "federation.rounds=3",
+        "federation.min_clients=3",
+        "federation.faults=[0@3,1@3,2@3]",
+    )
+    with pytest.raises(FederationError, match="round 3"):
+        broken.run(cast(Grid, grid))
+    cfg = load_config(broken.run_dir / CONFIG_FILE_NAME, ["federation.faults=[]"])
+    save_config(cfg, broken.run_dir / CONFIG_FILE_NAME)  # the ClientApps read the run's config ...
+    client_module._run_config.cache_clear()  # ... afresh, as new ClientApp processes would
+    resumed = FederatedServer(cfg, broken.run_dir, get_task(cfg.task), resume=True)
+    resumed.run(cast(Grid, grid))
+
+    assert resumed.progress.completed_round == 3
+    for key, value in straight_server.global_state.items():
+        torch.testing.assert_close(resumed.global_state[key], value, rtol=0, atol=0)
