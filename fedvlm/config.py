@@ -134,6 +134,9 @@ class ModelConfig:
     num_stages: int = 4
     stage_loss_weight: float = 1.0
     unimodal_loss_weight: float = 0.0
+    fusion_gradient_scale: float = 1.0
+    """Leukemia task: scale of the gradient the fusion path sends into the encoders (1: joint
+    training; 0: each encoder learns only from its auxiliary head, needs unimodal_loss_weight > 0)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     module_class: str | None = None
 
@@ -484,6 +487,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.modality_dropout={cfg.model.modality_dropout} must be in [0, 0.5]")
     if cfg.model.unimodal_loss_weight < 0:
         raise ConfigError(f"model.unimodal_loss_weight={cfg.model.unimodal_loss_weight} must be >= 0")
+    if not 0.0 <= cfg.model.fusion_gradient_scale <= 1.0:
+        raise ConfigError(f"model.fusion_gradient_scale={cfg.model.fusion_gradient_scale} must be in [0, 1]")
+    if cfg.model.fusion_gradient_scale == 0 and cfg.model.unimodal_loss_weight == 0:
+        raise ConfigError(
+            "model.fusion_gradient_scale=0 leaves the encoders without any gradient: set model.unimodal_loss_weight > 0"
+        )
     bad_excluded = [c for c in cfg.federation.exclude_clients if not 0 <= c < cfg.federation.num_clients]
     if bad_excluded:
         raise ConfigError(f"federation.exclude_clients={bad_excluded}: clients are 0..{cfg.federation.num_clients - 1}")

@@ -59,6 +59,7 @@ class LeukemiaModule(L.LightningModule):
         self.learning_rate: float = float(optim["lr"])
         self.modality_dropout: float = float(model.get("modality_dropout", 0.0))
         self.unimodal_loss_weight: float = float(model.get("unimodal_loss_weight", 0.0))
+        self.fusion_gradient_scale: float = float(model.get("fusion_gradient_scale", 1.0))
         self.per_sample_loss = False
         """Set by DP training: every loss term a sum of per-record terms over the batch size."""
         self.image_encoder = (
@@ -107,6 +108,8 @@ class LeukemiaModule(L.LightningModule):
         """The fused patient representation ``[B, fusion_dim]`` (from ``embeddings`` when given)."""
         if embeddings is None:
             embeddings = self.encode(batch)
+        if self.fusion_gradient_scale != 1.0 and len(embeddings) == 2:
+            embeddings = [_scale_gradient(e, self.fusion_gradient_scale) for e in embeddings]
         if self.training and self.modality_dropout > 0 and len(embeddings) == 2:
             embeddings = self._drop_modalities(embeddings)
         return self.dropout(self.fusion(embeddings))
@@ -218,3 +221,22 @@ class LeukemiaModule(L.LightningModule):
         # State is kept until the next epoch starts, so it can be exported after ``validate``.
         for name, value in metrics.compute_scalars().items():
             self.log(f"{prefix}/{name}", value)
+
+
+def _scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward; backward multiplies the gradient by ``scale`` (0 blocks it).
+
+    With ``model.fusion_gradient_scale < 1`` the encoders learn mostly from their own auxiliary
+    heads and the fusion layer learns to combine what they found: the modality that wins joint
+    training (the report) can no longer drown the other's gradient — the modality-imbalance
+    problem of multimodal training (Wang et al. 2020, "What Makes Training Multi-modal
+    Classification Networks Hard?"; Peng et al. 2022, OGM-GE).
+
+    Example:
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> _scale_gradient(x, 0.25).sum().backward()
+        >>> x.grad
+        tensor([0.2500, 0.2500])
+    """
+    detached = tensor.detach()
+    return detached + scale * (tensor - detached)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from fedvlm.config import load_config
+from fedvlm.errors import ConfigError
 from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.runs import load_checkpoint, save_checkpoint
 
@@ -160,3 +161,38 @@ def test_per_sample_loss_makes_each_records_gradient_independent_of_the_others()
         module.compute_loss(binary_logit, stage_logits, other)["stage_loss"], stage_logits
     )
     torch.testing.assert_close(row_0_again[0], row_0_gradient[0])  # record 0 is unaffected
+
+
+def test_fusion_gradient_scale_blocks_only_the_fusion_paths_gradient_into_the_encoders() -> None:
+    batch = make_batch()
+
+    def encoder_grads(scale: float, with_unimodal: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        module = make_module(unimodal_loss_weight=1.0, modality_dropout=0.0, dropout=0.0, fusion_gradient_scale=scale)
+        embeddings = module.encode(batch)
+        fused = module.fuse(batch, embeddings)
+        binary_logit, stage_logits = module.binary_head(fused).squeeze(-1), module.stage_head(fused)
+        loss = module.compute_loss(binary_logit, stage_logits, batch)["loss"]
+        if with_unimodal:
+            loss = loss + module.unimodal_loss(embeddings, batch)
+        loss.backward()
+        grads = [p.grad.clone() for enc in module.encoders() for p in enc.parameters() if p.grad is not None]
+        return stage_logits.detach(), grads
+
+    joint_logits, joint = encoder_grads(1.0, with_unimodal=False)
+    blocked_logits, blocked = encoder_grads(0.0, with_unimodal=False)
+    torch.testing.assert_close(blocked_logits, joint_logits)  # the forward pass is unchanged
+    assert any(g.abs().sum() > 0 for g in joint)
+    assert all(g.abs().sum() == 0 for g in blocked)  # the fused loss no longer reaches the encoders
+    _, half = encoder_grads(0.5, with_unimodal=False)
+    for g_half, g_joint in zip(half, joint, strict=True):
+        torch.testing.assert_close(g_half, 0.5 * g_joint)
+    _, aux_only = encoder_grads(0.0, with_unimodal=True)
+    assert any(g.abs().sum() > 0 for g in aux_only)  # the auxiliary heads still train them
+
+
+def test_fusion_gradient_scale_zero_needs_auxiliary_heads() -> None:
+    with pytest.raises(ConfigError, match="model.fusion_gradient_scale=0 leaves the encoders"):
+        load_config("leukemia_demo", ["model.fusion_gradient_scale=0", "model.unimodal_loss_weight=0"])
+    with pytest.raises(ConfigError, match=r"model.fusion_gradient_scale=1.5 must be in \[0, 1\]"):
+        load_config("leukemia_demo", ["model.fusion_gradient_scale=1.5"])
