@@ -262,18 +262,18 @@ def check_central_strategy(strategy_name: str) -> None:
 
     Raises:
         ConfigError: Naming ``privacy.central`` and ``federation.strategy`` unless the strategy is
-            ``fedavg`` or ``fedprox``.
+            ``fedavg``, ``fedprox`` or ``fedavgm`` (server momentum only post-processes the noised mean).
 
     Example:
         >>> check_central_strategy("fedprox")
         >>> check_central_strategy("krum")
         Traceback (most recent call last):
         ...
-        fedvlm.errors.ConfigError: privacy.central.clipping needs federation.strategy=fedavg or fedprox, not 'krum': ...
+        fedvlm.errors.ConfigError: privacy.central.clipping needs federation.strategy in (fedavg, fedprox, fedavgm), not 'krum': ...
     """
     if strategy_name not in CENTRAL_DP_STRATEGIES:
         raise ConfigError(
-            f"privacy.central.clipping needs federation.strategy={' or '.join(CENTRAL_DP_STRATEGIES)}, not "
+            f"privacy.central.clipping needs federation.strategy in ({', '.join(CENTRAL_DP_STRATEGIES)}), not "
             f"{strategy_name!r}: central DP's noise σ·C/m is calibrated to the uniform mean of clipped updates, "
             "and robust aggregation rules are not analysed with it (set privacy.central.clipping=none)"
         )

@@ -147,7 +147,7 @@ def test_central_epsilon_grows_with_rounds_and_is_infinite_without_noise() -> No
 def test_check_central_strategy_names_both_keys() -> None:
     check_central_strategy("fedavg")
     check_central_strategy("fedprox")
-    with pytest.raises(ConfigError, match=r"privacy\.central.*federation\.strategy=fedavg or fedprox, not 'median'"):
+    with pytest.raises(ConfigError, match=r"privacy\.central.*federation\.strategy in \(fedavg, fedprox, fedavgm\), not 'median'"):
         check_central_strategy("median")
 
 
@@ -172,7 +172,7 @@ def test_central_dp_config_defaults_and_coexists_with_dp_sgd() -> None:
         (["privacy.central.clipin=server"], "Key 'clipin' not in 'CentralDPConfig'"),
         (
             ["privacy.central.clipping=server", "federation.strategy=krum", "federation.byzantine_f=1"],
-            r"privacy.central.clipping needs federation.strategy=fedavg or fedprox, not 'krum'",
+            r"privacy.central.clipping needs federation.strategy in \(fedavg, fedprox, fedavgm\), not 'krum'",
         ),
     ],
 )
