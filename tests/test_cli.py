@@ -168,7 +168,8 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path: Path, caps
     assert "Key 'roundz' not in 'FederationConfig'" in capsys.readouterr().out
     # Unknown component names fail before any data is prepared.
     assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), "federation.strategy=fedsgd"]) == 2
-    assert "federation.strategy='fedsgd': unknown strategy; valid names: fedavg, fedavgm, fedprox" in capsys.readouterr().out
+    unknown = "federation.strategy='fedsgd': unknown strategy; valid names: fedavg, fedavgm, fedprox"
+    assert unknown in capsys.readouterr().out
     assert not run_dir.exists()
 
 

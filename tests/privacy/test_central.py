@@ -147,7 +147,8 @@ def test_central_epsilon_grows_with_rounds_and_is_infinite_without_noise() -> No
 def test_check_central_strategy_names_both_keys() -> None:
     check_central_strategy("fedavg")
     check_central_strategy("fedprox")
-    with pytest.raises(ConfigError, match=r"privacy\.central.*federation\.strategy in \(fedavg, fedprox, fedavgm\), not 'median'"):
+    expected = r"privacy\.central.*federation\.strategy in \(fedavg, fedprox, fedavgm\), not 'median'"
+    with pytest.raises(ConfigError, match=expected):
         check_central_strategy("median")
 
 
