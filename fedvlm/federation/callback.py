@@ -101,6 +101,12 @@ def travelling_keys(module: torch.nn.Module) -> set[str]:
     return keys
 
 
+def non_finite_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The floating-point entries of ``state`` holding NaN or Inf, sorted: an update with any
+    must not be averaged into the global model."""
+    return sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+
+
 def load_global_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into ``module``; every key must exist in the module with the same shape.
 

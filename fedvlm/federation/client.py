@@ -28,6 +28,7 @@ from fedvlm.federation import keys
 from fedvlm.federation.callback import (
     FederatedRoundCallback,
     load_global_state,
+    non_finite_keys,
     static_fingerprint,
     travelling_keys,
 )
@@ -230,21 +231,20 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
         local_state, num_examples, metrics = train_locally(
             get_task(cfg.task), cfg, Path(run_dir_str), partition_id, dict(global_state), round_config
         )
-        diverged = sorted(k for k, v in local_state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        diverged = non_finite_keys(local_state)
         if diverged:  # never send NaN/Inf: averaged in, they would destroy the global model
             raise FederationError(
                 f"local training diverged: non-finite weights in {diverged[:3]}"
                 f"{' …' if len(diverged) > 3 else ''} (trainer.precision={cfg.trainer.precision}, "
                 f"lr={round_config[keys.LEARNING_RATE]})"
             )
+        reference = {k: global_state[k] for k in local_state}
         if keys.CENTRAL_CLIPPING_NORM in round_config:  # privacy.central.clipping=client: bound this client's update
             from fedvlm.privacy.central import clip_update
 
-            reference_state = {k: global_state[k] for k in local_state}
-            local_state = clip_update(local_state, reference_state, float(round_config[keys.CENTRAL_CLIPPING_NORM]))[0]
+            local_state = clip_update(local_state, reference, float(round_config[keys.CENTRAL_CLIPPING_NORM]))[0]
         local_state = attack.poison(local_state, global_state, int(round_config[keys.ROUND_SEED]) + partition_id)
         codec = update_codecs.create(str(round_config[keys.UPDATE_CODEC]))
-        reference = {k: global_state[k] for k in local_state}
         record = codec.encode(local_state, reference)
         return Message(
             RecordDict(

@@ -49,6 +49,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedvlm.federation import keys
+from fedvlm.federation.messages import error_reason
 
 State = dict[str, torch.Tensor]
 
@@ -201,7 +202,7 @@ class _MeteredGrid:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             if reply.has_error():
-                self.errors[reply.metadata.src_node_id] = str(reply.error.reason)
+                self.errors[reply.metadata.src_node_id] = error_reason(reply)
             else:
                 self.bytes_received += _content_bytes(reply.content)
         return replies
@@ -235,7 +236,6 @@ class SecureAggregator:
         reference: Mapping[str, torch.Tensor],
         client_sizes: Mapping[int, int],
         server_round: int,
-        uniform: bool = False,
     ) -> SecureRound:
         """One round: ``contents`` maps partition id → the train message content for that client.
 
@@ -246,11 +246,14 @@ class SecureAggregator:
             reference: The global state the clients start from (to know the shapes and keys).
             client_sizes: Partition id → training examples (for ``max_weight`` when not set).
             server_round: The round number.
-            uniform: Weigh every client 1 instead of its example count (central DP); the
-                clients are told so by ``uniform-weights`` in their round config.
+
+        Under central DP the round config says ``uniform-weights``: every client then weighs 1
+        instead of its example count, on the clients' side and here alike.
         """
         node_of = {pid: nodes[pid] for pid in contents}
         partition_of = {node: pid for pid, node in node_of.items()}
+        round_config = next(iter(contents.values())).config_records[keys.CONFIG]
+        uniform = bool(round_config.get(keys.UNIFORM_WEIGHTS, False))
         max_weight = 1 if uniform else self.settings.max_weight or max(client_sizes.get(pid, 1) for pid in contents)
         workflow = SecAggPlusWorkflow(
             num_shares=_share_setting(self.settings.num_shares),

@@ -36,8 +36,9 @@ from omegaconf import DictConfig
 from fedvlm.errors import FederationError
 from fedvlm.evaluation.metrics import merge_states
 from fedvlm.federation import keys
-from fedvlm.federation.callback import load_global_state, static_fingerprint, travelling_keys
+from fedvlm.federation.callback import load_global_state, non_finite_keys, static_fingerprint, travelling_keys
 from fedvlm.federation.codecs import update_codecs
+from fedvlm.federation.messages import error_reason
 from fedvlm.federation.secure import CLIPPED_FRACTION, SecureAggregator
 from fedvlm.federation.strategies import ClientUpdate, strategies
 from fedvlm.privacy.central import add_central_noise, central_epsilon, clip_update, uniform_mean
@@ -218,9 +219,7 @@ class FederatedServer:
             self._check_answers(server_round, len(updates), len(sampled), len(nodes), failed)
             aggregated = self._aggregate(updates)
         else:
-            secure = self.secure.run(
-                grid, contents, nodes, self.global_state, self.client_sizes, server_round, uniform=self.central_dp
-            )
+            secure = self.secure.run(grid, contents, nodes, self.global_state, self.client_sizes, server_round)
             failed, bytes_sent, bytes_received = secure.failed, secure.bytes_sent, secure.bytes_received
             updates = [
                 ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), {}, metrics)
@@ -318,7 +317,7 @@ class FederatedServer:
             metrics = {k: float(v) for k, v in reply.content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
             reference = {k: self.global_state[k] for k in record}
             state = self.codec.decode(record, reference)
-            non_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+            non_finite = non_finite_keys(state)
             if non_finite:  # a faulty or malicious client: left out like one that raised
                 failed[pid] = f"sent non-finite weights (NaN/Inf) in {non_finite[:3]}"
                 continue
@@ -389,7 +388,7 @@ class FederatedServer:
             if pid is None:
                 continue
             if reply.has_error():
-                failed[pid] = _error_reason(reply)
+                failed[pid] = error_reason(reply)
             else:
                 answered[pid] = reply
         for pid in expected - set(answered) - set(failed):
@@ -496,19 +495,10 @@ class FederatedServer:
         nodes: dict[int, int] = {}
         for reply in grid.send_and_receive(messages, timeout=float(self.cfg.federation.round_timeout)):
             if reply.has_error():
-                raise FederationError(f"node {reply.metadata.src_node_id} failed to start: {_error_reason(reply)}")
+                raise FederationError(f"node {reply.metadata.src_node_id} failed to start: {error_reason(reply)}")
             pid = int(reply.content.metric_records[keys.METRICS][keys.PARTITION_ID])  # type: ignore[arg-type]
             if pid in nodes:
                 raise FederationError(f"two SuperNodes claim partition {pid}")
             nodes[pid] = reply.metadata.src_node_id
             self.client_sizes[pid] = int(reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])  # type: ignore[arg-type]
         return nodes
-
-
-def _error_reason(reply: Message) -> str:
-    """The client's exception message, without the Ray/Flower wrapping around it."""
-    reason = str(reply.error.reason)
-    for line in reversed(reason.splitlines()):
-        if "Message:" in line:
-            return line.split("Message:", 1)[1].strip().removesuffix("'>").strip()
-    return reason.strip().splitlines()[-1] if reason.strip() else f"error code {reply.error.code}"

@@ -23,7 +23,7 @@ from fedvlm.federation import client as client_module
 from fedvlm.federation import keys
 from fedvlm.federation.callback import travelling_keys
 from fedvlm.federation.client import make_client_app
-from fedvlm.federation.server import FederatedServer
+from fedvlm.federation.server import FederatedServer, update_norm
 from fedvlm.privacy.central import central_epsilon, clip_update, uniform_mean
 from fedvlm.tasks import get_task
 from tests.conftest import CXR_TINY, TINY_OVERRIDES
@@ -163,10 +163,7 @@ def test_server_side_central_dp_is_the_uniform_mean_of_clipped_updates(tmp_path:
     server.run(cast(Grid, grid))
 
     states = _client_states(grid)
-    raw_norms = [
-        math.sqrt(sum(float((s[k].double() - before[k].double()).pow(2).sum()) for k in s if s[k].is_floating_point()))
-        for s in states.values()
-    ]
+    raw_norms = [update_norm(before, s) for s in states.values()]
     assert min(raw_norms) > 10 * norm  # every client really was clipped
     clipped = [clip_update(s, {k: before[k] for k in s}, norm)[0] for _, s in sorted(states.items())]
     expected = uniform_mean(clipped)
@@ -217,13 +214,7 @@ def test_client_side_clipping_bounds_what_leaves_and_composes_with_secagg(tmp_pa
     # Under SecAgg+ nothing the server received holds a client's weights ...
     assert all(len(r) == 0 for m in grid.received for r in m.content.array_records.values())
     # ... and the new global model moved by the uniform mean of clipped updates: at most C.
-    moved = math.sqrt(
-        sum(
-            float((server.global_state[k].double() - before[k].double()).pow(2).sum())
-            for k in before
-            if before[k].is_floating_point()
-        )
-    )
+    moved = update_norm(before, server.global_state)
     assert 0.2 * norm < moved <= norm * (1 + 1e-3)
     row = server.progress.history[-1]
     assert keys.CENTRAL_EPSILON in row and row["num_clients"] == 3
