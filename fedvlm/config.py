@@ -137,6 +137,9 @@ class ModelConfig:
     fusion_gradient_scale: float = 1.0
     """Leukemia task: scale of the gradient the fusion path sends into the encoders (1: joint
     training; 0: each encoder learns only from its auxiliary head, needs unimodal_loss_weight > 0)."""
+    logit_adjustment: float = 0.0
+    """Leukemia task: τ of the logit-adjusted loss (0: plain cross-entropy; 1: the loss sees
+    ``logits + log π`` with π the class prior of the client's own training data)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     module_class: str | None = None
 
@@ -493,6 +496,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             "model.fusion_gradient_scale=0 leaves the encoders without any gradient: set model.unimodal_loss_weight > 0"
         )
+    if cfg.model.logit_adjustment < 0:
+        raise ConfigError(f"model.logit_adjustment={cfg.model.logit_adjustment} must be >= 0")
     bad_excluded = [c for c in cfg.federation.exclude_clients if not 0 <= c < cfg.federation.num_clients]
     if bad_excluded:
         raise ConfigError(f"federation.exclude_clients={bad_excluded}: clients are 0..{cfg.federation.num_clients - 1}")
@@ -605,6 +610,11 @@ def _validate_privacy(cfg: DictConfig) -> None:
             "couples the samples of a batch (each pair is every other pair's negative), so one record changes "
             "every per-sample gradient and per-sample clipping bounds nothing; the unimodal label-head losses "
             "are per-sample and can be trained with DP-SGD"
+        )
+    if cfg.model.logit_adjustment > 0:
+        raise ConfigError(
+            f"model.logit_adjustment={cfg.model.logit_adjustment} with privacy.dp: the loss would use the exact "
+            "label counts of the client's data, which DP-SGD's accounting does not cover; set it to 0"
         )
     if cfg.trainer.gradient_clip_val is not None:
         raise ConfigError(

@@ -12,7 +12,8 @@ named by ``model.module_class``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -60,6 +61,7 @@ class LeukemiaModule(L.LightningModule):
         self.modality_dropout: float = float(model.get("modality_dropout", 0.0))
         self.unimodal_loss_weight: float = float(model.get("unimodal_loss_weight", 0.0))
         self.fusion_gradient_scale: float = float(model.get("fusion_gradient_scale", 1.0))
+        self.logit_adjustment: float = float(model.get("logit_adjustment", 0.0))
         self.per_sample_loss = False
         """Set by DP training: every loss term a sum of per-record terms over the batch size."""
         self.image_encoder = (
@@ -83,6 +85,9 @@ class LeukemiaModule(L.LightningModule):
             if self.unimodal_loss_weight > 0 and len(in_dims) == 2
             else []
         )
+        # log class priors of the training data (logit-adjusted loss); local, never sent
+        self.register_buffer("stage_log_prior", torch.zeros(self.num_stages), persistent=False)
+        self.register_buffer("binary_log_odds", torch.zeros(()), persistent=False)
         self.val_metrics = LeukemiaMetrics(self.num_stages)
         self.test_metrics = LeukemiaMetrics(self.num_stages, auroc_bins=None)
 
@@ -149,10 +154,35 @@ class LeukemiaModule(L.LightningModule):
             losses.append(self.compute_loss(logits[:, 0], logits[:, 1:], batch)["loss"])
         return torch.stack(losses).mean()
 
+    def set_label_prior(self, num_negative: int, num_positive: int, stage_counts: Sequence[int]) -> None:
+        """Set the class priors of the training data for the logit-adjusted loss (add-one smoothed,
+        so a class a site has never seen keeps a finite prior)."""
+        if len(stage_counts) != self.num_stages:
+            raise ValueError(f"expected {self.num_stages} stage counts, got {len(stage_counts)}")
+        counts = torch.as_tensor(stage_counts, dtype=torch.float32, device=self.stage_head.weight.device) + 1.0
+        self.stage_log_prior = (counts / counts.sum()).log()
+        self.binary_log_odds = torch.tensor(math.log((num_positive + 1.0) / (num_negative + 1.0)), device=counts.device)
+
+    def on_train_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        if self.logit_adjustment > 0 and loader is not None:
+            self.set_label_prior(*count_labels(loader, self.num_stages))
+
     def compute_loss(
         self, binary_logit: torch.Tensor, stage_logits: torch.Tensor, batch: Batch
     ) -> dict[str, torch.Tensor]:
-        """``L = L_bin + γ · L_stage``; ``L_stage`` averages over positives with a known stage."""
+        """``L = L_bin + γ · L_stage``; ``L_stage`` averages over positives with a known stage.
+
+        With ``model.logit_adjustment`` τ > 0 both terms are logit-adjusted (Menon et al. 2021,
+        "Long-tail learning via logit adjustment"; FedLC, Zhang et al. 2022, for label skew across
+        clients): the loss sees ``logits + τ · log π`` with ``π`` the class prior of the data being
+        trained on, while predictions use the raw logits. A client whose data are nearly all
+        stage III then does not learn "stage III is likely" into the shared weights, and the
+        prediction is the balanced-prior posterior that macro-F1 rewards.
+        """
+        if self.logit_adjustment > 0:
+            binary_logit = binary_logit + self.logit_adjustment * self.binary_log_odds
+            stage_logits = stage_logits + self.logit_adjustment * self.stage_log_prior
         binary_loss = F.binary_cross_entropy_with_logits(binary_logit, batch["leukemia"].float())
         staged = batch["stage"] >= 0
         if self.per_sample_loss:
@@ -221,6 +251,24 @@ class LeukemiaModule(L.LightningModule):
         # State is kept until the next epoch starts, so it can be exported after ``validate``.
         for name, value in metrics.compute_scalars().items():
             self.log(f"{prefix}/{name}", value)
+
+
+def count_labels(batches: Iterable[Batch], num_stages: int) -> tuple[int, int, list[int]]:
+    """Negatives, positives and per-stage counts (staged positives) over ``batches``.
+
+    Example:
+        >>> batch = {"leukemia": torch.tensor([0, 1, 1, 1]), "stage": torch.tensor([-1, 2, 2, -1])}
+        >>> count_labels([batch], num_stages=4)
+        (1, 3, [0, 0, 2, 0])
+    """
+    num_positive = num_total = 0
+    stage_counts = torch.zeros(num_stages, dtype=torch.long)
+    for batch in batches:
+        num_positive += int(batch["leukemia"].sum())
+        num_total += int(batch["leukemia"].numel())
+        stages = batch["stage"][batch["stage"] >= 0].long()
+        stage_counts += torch.bincount(stages, minlength=num_stages)[:num_stages]
+    return num_total - num_positive, num_positive, stage_counts.tolist()
 
 
 def _scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:

@@ -196,3 +196,47 @@ def test_fusion_gradient_scale_zero_needs_auxiliary_heads() -> None:
         load_config("leukemia_demo", ["model.fusion_gradient_scale=0", "model.unimodal_loss_weight=0"])
     with pytest.raises(ConfigError, match=r"model.fusion_gradient_scale=1.5 must be in \[0, 1\]"):
         load_config("leukemia_demo", ["model.fusion_gradient_scale=1.5"])
+
+
+def test_logit_adjusted_loss_adds_tau_times_the_log_prior_of_the_training_data() -> None:
+    torch.manual_seed(0)
+    module = make_module(logit_adjustment=0.5)
+    batch = make_batch()
+    # 3 negatives, 2 positives; stages 0 and 3 seen once each, add-one smoothed: (2, 1, 1, 2) / 6
+    module.set_label_prior(num_negative=3, num_positive=2, stage_counts=[1, 0, 0, 1])
+    binary_logit = torch.tensor([0.3, -1.0, 2.0, 0.1, -0.2, 0.0])
+    stage_logits = torch.randn(6, 4)
+    losses = module.compute_loss(binary_logit, stage_logits, batch)
+    log_odds = torch.log(torch.tensor(3.0 / 4.0))  # (2 + 1) / (3 + 1)
+    log_prior = torch.log(torch.tensor([2.0, 1.0, 1.0, 2.0]) / 6.0)
+    expected_bin = F.binary_cross_entropy_with_logits(binary_logit + 0.5 * log_odds, batch["leukemia"].float())
+    expected_stage = F.cross_entropy(stage_logits[:2] + 0.5 * log_prior, torch.tensor([0, 3]))
+    torch.testing.assert_close(losses["binary_loss"], expected_bin)
+    torch.testing.assert_close(losses["stage_loss"], expected_stage)
+    # predictions use the raw logits: the prior only shapes training
+    module.eval()
+    plain = make_module()
+    plain.load_state_dict(module.state_dict())
+    plain.eval()
+    for adjusted, raw in zip(module.predict_probabilities(batch), plain.predict_probabilities(batch), strict=True):
+        torch.testing.assert_close(adjusted, raw)
+
+
+def test_logit_adjustment_reads_the_prior_from_the_local_training_data() -> None:
+    import lightning as L
+
+    module = make_module(logit_adjustment=1.0)
+    batch = make_batch()
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    loader = torch.utils.data.DataLoader([batch, batch], batch_size=None)
+    trainer.fit(module, loader)  # two batches: 6 negatives, 6 positives, stages (2, 0, 0, 2)
+    torch.testing.assert_close(module.binary_log_odds, torch.tensor(0.0))
+    torch.testing.assert_close(module.stage_log_prior, torch.log(torch.tensor([3.0, 1.0, 1.0, 3.0]) / 8.0))
+    assert "stage_log_prior" not in module.state_dict()  # site-specific: never travels
+
+
+def test_logit_adjustment_is_refused_under_dp_sgd() -> None:
+    with pytest.raises(ConfigError, match="model.logit_adjustment=1.0 with privacy.dp"):
+        load_config("leukemia_demo", ["model.logit_adjustment=1.0", "privacy.dp=true"])
+    with pytest.raises(ConfigError, match="model.logit_adjustment=-1.0 must be >= 0"):
+        load_config("leukemia_demo", ["model.logit_adjustment=-1"])
