@@ -163,11 +163,12 @@ class ContrastiveConfig:
 class EvaluationConfig:
     """``fedvlm evaluate`` settings (task ``cxr``).
 
-    ``prompts`` maps a label to ``[positive prompt, negative prompt]``; labels not listed use the
-    data source's defaults ("There is X." / "No X.").
+    ``prompts`` maps a label to ``[positive prompt, negative prompt]`` or to an ensemble
+    ``{positive: [...], negative: [...]}``; labels not listed use the data source's defaults
+    (the synthetic generator's template wording, else "There is X." / "No X.").
     """
 
-    prompts: dict[str, list[str]] = field(default_factory=dict)
+    prompts: dict[str, Any] = field(default_factory=dict)
     few_shot: list[int] = field(default_factory=lambda: [1, 5, 16])
     few_shot_seeds: int = 3
     retrieval_k: list[int] = field(default_factory=lambda: [1, 5, 10])

@@ -59,13 +59,13 @@ def load_trained_module(run_dir: Path, cfg: DictConfig, checkpoint: str = "last"
 def _set_prompts(module: L.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
     """Re-tokenize the prompts with the run's tokenizer, so ``evaluation.prompts`` given at
     evaluation time take effect."""
-    from fedvlm.tasks.cxr import load_run_tokenizer, prompt_pairs, tokenize_prompts
+    from fedvlm.tasks.cxr import load_run_tokenizer, prompt_sets, tokenize_prompts
 
     if cfg.task != "cxr" or getattr(module, "modality", "") != "fused":
         return
     names = read_meta(run_dir)["label_names"]
     tokens = tokenize_prompts(
-        load_run_tokenizer(run_dir), prompt_pairs(cfg, names), names, int(cfg.data.max_text_length)
+        load_run_tokenizer(run_dir), prompt_sets(cfg, names), names, int(cfg.data.max_text_length)
     )
     module.set_prompts(tokens["input_ids"].long(), tokens["attention_mask"].long())  # type: ignore[operator]
 

@@ -328,26 +328,55 @@ REPORT_TEMPLATES = (
 _PHRASE = re.compile(r"\[([^\]]*)\]")
 
 
-def default_prompts() -> dict[str, tuple[str, str]]:
-    """A ``(positive, negative)`` zero-shot prompt pair per finding, in report wording.
+PromptSet = tuple[tuple[str, ...], tuple[str, ...]]
+"""Zero-shot prompts of one label: ``(positive phrasings, negative phrasings)``."""
 
-    The negative prompt is a normal statement of the same anatomy ("The lungs are clear."), not
-    the negated finding ("No pulmonary edema."): a negated prompt shares the finding's words with
-    the positive one, and small text towers learn negation poorly. On the demo's pooled client
-    validation split, negated negatives gave edema an AUROC of 0.13 (inverted) and a macro AUROC
-    of 0.672, normal statements 0.92 and 0.805 (docs/results.md).
+_NEGATED = re.compile(r"\b(no|not)\b", re.IGNORECASE)
+
+
+def default_prompts() -> dict[str, PromptSet]:
+    """Zero-shot prompts per finding, in report wording: a generic pair plus each hospital
+    template's own phrasing (an ensemble, averaged in the shared space as in CLIP).
+
+    The positives state the finding (moderate, right, lower zone) the way each template writes
+    it ("There is a moderate right pleural effusion.", "R pleural effusion, moderate."). The
+    negatives are normal statements of the same anatomy ("The lungs are clear.", "Normal heart
+    size."), never negated findings ("No pulmonary edema."): a negated prompt shares the finding's
+    words with the positive one, and small text towers learn negation poorly. On the demo's pooled
+    client validation split, negated negatives gave edema an AUROC of 0.13 (inverted) and a macro
+    AUROC of 0.672, normal statements 0.92 and 0.805 (docs/results.md). One phrasing per template
+    makes the score independent of any one hospital's style.
 
     Example:
-        >>> default_prompts()["Pleural Effusion"]
-        ('There is a pleural effusion.', 'The lungs are clear.')
+        >>> positives, negatives = default_prompts()["Pleural Effusion"]
+        >>> positives[:2], negatives[:2]
+        (('There is a pleural effusion.', 'There is a moderate right pleural effusion.'), \
+('The lungs are clear.', 'The lungs are well expanded and clear.'))
     """
-    return {
+    generic = {
         "Cardiomegaly": ("There is cardiomegaly.", "The heart size is normal."),
         "Consolidation": ("There is a focal consolidation.", "The lungs are clear."),
         "Edema": ("There is pulmonary edema.", "The lungs are clear."),
         "Pleural Effusion": ("There is a pleural effusion.", "The lungs are clear."),
         "Pneumothorax": ("There is a pneumothorax.", "The lungs are clear."),
     }
+    prompts = {}
+    for label, (positive, negative) in generic.items():
+        spec = FindingSpec(
+            label,
+            severity=1,
+            extent=0.0,
+            intensity=0.0,
+            side=None if label == "Cardiomegaly" else "right",
+            zone="lower" if label == "Consolidation" else None,
+            centre=None,
+            texture_seed=0,
+        )
+        positives = [positive, *(_sentence(template, spec)[0] for template in REPORT_TEMPLATES)]
+        normal = [t.negative["Cardiomegaly"] if label == "Cardiomegaly" else t.lungs_clear for t in REPORT_TEMPLATES]
+        negatives = [negative, *(text for text in normal if not _NEGATED.search(text))]
+        prompts[label] = (tuple(dict.fromkeys(positives)), tuple(dict.fromkeys(negatives)))
+    return prompts
 
 
 def site_prevalences(config: SynthCxrConfig) -> np.ndarray:

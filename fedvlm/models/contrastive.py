@@ -148,8 +148,8 @@ class ContrastiveVLM(L.LightningModule):
         )
         if self.modality != "fused":
             self.image_loss_weight = self.text_loss_weight = 1.0
-        self.register_buffer("prompt_input_ids", torch.zeros(0, 2, 1, dtype=torch.long), persistent=False)
-        self.register_buffer("prompt_attention_mask", torch.zeros(0, 2, 1, dtype=torch.long), persistent=False)
+        self.register_buffer("prompt_input_ids", torch.zeros(0, 2, 1, 1, dtype=torch.long), persistent=False)
+        self.register_buffer("prompt_attention_mask", torch.zeros(0, 2, 1, 1, dtype=torch.long), persistent=False)
 
     # -- towers ---------------------------------------------------------------------------------
 
@@ -214,27 +214,42 @@ class ContrastiveVLM(L.LightningModule):
     # -- zero-shot ------------------------------------------------------------------------------
 
     def set_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Set the zero-shot prompt pairs: ``[C, 2, L]`` token ids (``[:, 0]`` positive, ``[:, 1]`` negative).
+        """Set the zero-shot prompts: token ids ``[C, 2, L]`` (one pair per label: ``[:, 0]``
+        positive, ``[:, 1]`` negative) or ``[C, 2, M, L]`` (up to ``M`` phrasings per side, an
+        ensemble; rows whose attention mask is all zero are absent phrasings).
 
         Raises:
-            ValueError: If there is not one prompt pair per label.
+            ValueError: If there is not one prompt set per label, or a side has no phrasing.
         """
-        if input_ids.shape[:2] != (len(self.label_names), 2) or attention_mask.shape != input_ids.shape:
+        if input_ids.dim() == 3:
+            input_ids, attention_mask = input_ids.unsqueeze(2), attention_mask.unsqueeze(2)
+        if (
+            input_ids.dim() != 4
+            or input_ids.shape[:2] != (len(self.label_names), 2)
+            or attention_mask.shape != input_ids.shape
+        ):
             raise ValueError(
-                f"prompts must be [num_labels={len(self.label_names)}, 2, L] token ids, got {tuple(input_ids.shape)}"
+                f"prompts must be [num_labels={len(self.label_names)}, 2, (M,) L] token ids, "
+                f"got {tuple(input_ids.shape)}"
             )
+        if not attention_mask.any(dim=-1).any(dim=-1).all():
+            raise ValueError("every label needs at least one positive and one negative prompt")
         self.prompt_input_ids = input_ids.to(self.device)
         self.prompt_attention_mask = attention_mask.to(self.device)
 
     def prompt_embeddings(self) -> torch.Tensor:
-        """Normalised embeddings of the prompt pairs ``[C, 2, P]``."""
+        """Normalised embeddings of the prompts ``[C, 2, P]``: for an ensemble, the normalised
+        mean of its phrasings' embeddings (CLIP's prompt ensembling)."""
         if self.prompt_input_ids.numel() == 0:
             raise RuntimeError("no zero-shot prompts set: call set_prompts() first")
-        num_labels, pair, length = self.prompt_input_ids.shape
-        flat = self.embed_texts(
-            self.prompt_input_ids.reshape(-1, length), self.prompt_attention_mask.reshape(-1, length)
+        length = self.prompt_input_ids.shape[-1]
+        present = self.prompt_attention_mask.any(dim=-1)  # [C, 2, M]
+        embedded = self.embed_texts(
+            self.prompt_input_ids[present].reshape(-1, length), self.prompt_attention_mask[present].reshape(-1, length)
         )
-        return flat.reshape(num_labels, pair, -1)
+        phrasings = embedded.new_zeros(*present.shape, embedded.shape[-1])
+        phrasings[present] = embedded
+        return F.normalize(phrasings.sum(dim=2), dim=-1)
 
     def zero_shot_probabilities(
         self, image_embeddings: torch.Tensor, prompt_embeddings: torch.Tensor | None = None

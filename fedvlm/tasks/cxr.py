@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from fedvlm.data.cxr_records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset
@@ -47,6 +47,9 @@ from fedvlm.tasks.base import (
     test_shard_path,
     write_meta,
 )
+
+if TYPE_CHECKING:
+    from fedvlm.data.synthetic_cxr import PromptSet
 
 PROMPTS_FILE = "prompts.pt"
 CXR_FORMATS = ("synthetic", "manifest", "auto", "mimic_cxr", "chestxray14", "openi")
@@ -154,42 +157,71 @@ def _with_labels(record: Any, labels: tuple[float, ...]) -> Any:
     return replace(record, labels=labels)
 
 
-def default_prompts(names: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """A (positive, negative) prompt pair per label: the generator's wording where it has one,
-    else ``"There is <label>."`` / ``"No <label>."``."""
+def default_prompts(names: Sequence[str]) -> dict[str, PromptSet]:
+    """Prompts per label: the generator's wording where it has one, else ``"There is <label>."`` /
+    ``"No <label>."``."""
     from fedvlm.data.synthetic_cxr import default_prompts as synthetic_prompts
 
-    known = synthetic_prompts() | {"No Finding": ("No acute abnormality.", "There is an abnormality.")}
+    known = synthetic_prompts() | {"No Finding": (("No acute abnormality.",), ("There is an abnormality.",))}
     prompts = {}
     for name in names:
         words = name.replace("_", " ").lower()
-        prompts[name] = known.get(name, (f"There is {words}.", f"No {words}."))
+        prompts[name] = known.get(name, ((f"There is {words}.",), (f"No {words}.",)))
     return prompts
 
 
-def prompt_pairs(cfg: DictConfig, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+def prompt_sets(cfg: DictConfig, names: Sequence[str]) -> dict[str, PromptSet]:
     """Default prompts overridden by ``evaluation.prompts``.
 
+    A label's entry is either a pair ``[positive, negative]`` or an ensemble
+    ``{positive: [...], negative: [...]}`` (each phrasing embedded, the embeddings averaged).
+
     Raises:
-        ConfigError: If ``evaluation.prompts`` names an unknown label or is not a pair.
+        ConfigError: If ``evaluation.prompts`` names an unknown label or an entry has neither form.
     """
     prompts = default_prompts(names)
-    for name, pair in (cfg.evaluation.prompts or {}).items():
+    for name, entry in (cfg.evaluation.prompts or {}).items():
         if name not in prompts:
             raise ConfigError(f"evaluation.prompts: unknown label {name!r}; labels: {', '.join(names)}")
-        if len(pair) != 2:
-            raise ConfigError(f"evaluation.prompts.{name} must be [positive prompt, negative prompt]")
-        prompts[name] = (str(pair[0]), str(pair[1]))
+        prompts[name] = _prompt_set(f"evaluation.prompts.{name}", entry)
     return prompts
+
+
+def _prompt_set(key: str, entry: Any) -> PromptSet:
+    if isinstance(entry, DictConfig | dict):
+        if set(entry) != {"positive", "negative"}:
+            raise ConfigError(f"{key} must have exactly the keys positive and negative, got {sorted(entry)}")
+        sides = [entry["positive"], entry["negative"]]
+        sides = [[side] if isinstance(side, str) else list(side) for side in sides]
+    elif isinstance(entry, ListConfig | list) and len(entry) == 2 and all(isinstance(t, str) for t in entry):
+        sides = [[entry[0]], [entry[1]]]
+    else:
+        raise ConfigError(f"{key} must be [positive prompt, negative prompt] or {{positive: [...], negative: [...]}}")
+    if not all(sides) or not all(isinstance(text, str) and text.strip() for side in sides for text in side):
+        raise ConfigError(f"{key}: every side needs at least one non-empty prompt")
+    return tuple(sides[0]), tuple(sides[1])
 
 
 def tokenize_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: dict[str, tuple[str, str]], names: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompts: dict[str, PromptSet], names: Sequence[str], max_length: int
 ) -> Bundle:
-    """``input_ids``/``attention_mask`` ``[C, 2, L]`` of the prompt pairs, in label order."""
-    texts = [text for name in names for text in prompts[name]]
-    tokens = tokenize(tokenizer, texts, max_length)
-    return {key: value.reshape(len(names), 2, max_length) for key, value in tokens.items()}
+    """``input_ids``/``attention_mask`` ``[C, 2, M, L]`` of the prompts, in label order: ``M`` is
+    the largest number of phrasings of any side; missing phrasings are all-zero rows (attention
+    mask 0), which :meth:`ContrastiveVLM.set_prompts` skips."""
+    width = max(len(side) for name in names for side in prompts[name])
+    input_ids = torch.zeros(len(names), 2, width, max_length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for c, name in enumerate(names):
+        for k, side in enumerate(prompts[name]):
+            tokens = tokenize(tokenizer, list(side), max_length)
+            input_ids[c, k, : len(side)] = tokens["input_ids"]
+            attention_mask[c, k, : len(side)] = tokens["attention_mask"]
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def prompt_texts(prompts: dict[str, PromptSet]) -> list[str]:
+    """Every phrasing of every label (for the tokenizer's vocabulary)."""
+    return [text for positives, negatives in prompts.values() for text in (*positives, *negatives)]
 
 
 def stratification_classes(labels: np.ndarray) -> np.ndarray:
@@ -243,10 +275,9 @@ class CxrTask:
 
         names = dataset.label_names
         tokenizer = None
-        prompts = prompt_pairs(cfg, names)
+        prompts = prompt_sets(cfg, names)
         if cfg.model.modality != "image":
-            prompt_texts = [text for pair in prompts.values() for text in pair]
-            tokenizer = make_tokenizer(cfg, [records[i].report for i in train_idx] + prompt_texts, run_dir)
+            tokenizer = make_tokenizer(cfg, [records[i].report for i in train_idx] + prompt_texts(prompts), run_dir)
 
         everything = prepare_cxr_bundle(
             records, tokenizer, cfg.data.image_size, cfg.data.max_text_length, equalize=cfg.data.equalize

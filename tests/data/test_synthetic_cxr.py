@@ -335,10 +335,16 @@ def test_default_prompts_use_report_wording(cohort: Cohort) -> None:
     prompts = default_prompts()
     assert set(prompts) == set(FINDINGS)
     reports = " ".join(r.report for r in dataset.records)
-    for label, (positive, negative) in prompts.items():
-        assert negative in reports, label  # a normal statement the reports use
-        assert MENTIONS[label].search(positive) and not NEGATION.search(positive)
-        assert not re.search(r"\bno\b", negative, re.IGNORECASE)  # a normal statement, not a negated finding
+    for label, (positives, negatives) in prompts.items():
+        assert len(positives) == 6 and len(set(positives)) == 6  # generic + one per template
+        for positive in positives:
+            assert MENTIONS[label].search(positive) and not NEGATION.search(positive), positive
+        for negative in negatives:
+            assert negative in reports, label  # a normal statement the reports use
+            assert not re.search(r"\b(no|not)\b", negative, re.IGNORECASE)  # not a negated finding
+        # every template's own wording of the finding is among the positives
+        templated = [p for p in positives[1:] if p in reports]
+        assert len(templated) >= 3, (label, templated)
 
 
 def test_manifest_round_trip(cohort: Cohort, tmp_path: Path) -> None:

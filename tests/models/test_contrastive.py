@@ -111,6 +111,30 @@ def test_zero_shot_probability_is_the_softmax_over_the_prompt_pair() -> None:
     assert float(probabilities[0, 1]) == pytest.approx(0.5)  # equally far from both prompts
 
 
+def test_prompt_ensembles_average_the_normalised_phrasings_and_skip_absent_ones() -> None:
+    module = build()
+    module.eval()
+    generator = torch.Generator().manual_seed(2)
+    phrasings = torch.randint(5, 50, (2, 2, 3, 6), generator=generator)
+    mask = torch.ones_like(phrasings)
+    mask[0, 1, 2] = 0  # label 0's negative side has two phrasings, not three
+    mask[1, :, 1:] = 0  # label 1 is a plain pair
+    module.set_prompts(phrasings, mask)
+    with torch.no_grad():
+        ensemble = module.prompt_embeddings()
+        for c, k, count in [(0, 0, 3), (0, 1, 2), (1, 0, 1), (1, 1, 1)]:
+            each = module.embed_texts(phrasings[c, k, :count], mask[c, k, :count])
+            expected = torch.nn.functional.normalize(each.mean(dim=0), dim=-1)
+            torch.testing.assert_close(ensemble[c, k], expected)
+        # a [C, 2, L] pair is the one-phrasing case
+        module.set_prompts(phrasings[:, :, 0], mask[:, :, 0])
+        pairs = module.prompt_embeddings()
+        torch.testing.assert_close(pairs[1], ensemble[1])
+    with pytest.raises(ValueError, match="at least one positive and one negative"):
+        mask[1, 1] = 0
+        module.set_prompts(phrasings, mask)
+
+
 def test_set_prompts_checks_one_pair_per_label() -> None:
     module = build()
     with pytest.raises(ValueError, match="num_labels=2"):

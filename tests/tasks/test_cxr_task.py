@@ -44,3 +44,43 @@ def test_site_partition_falls_back_when_the_data_have_no_sites(tmp_path: Path) -
     other.mkdir()
     with pytest.raises((ConfigError, ValueError), match="site"):
         get_task("cxr").prepare(strict, other)
+
+
+def test_prompts_are_pairs_or_ensembles_and_tokenize_with_absent_phrasings_masked() -> None:
+    from transformers import BertTokenizerFast
+
+    names = ("Cardiomegaly", "Edema", "Atelectasis")
+    cfg = load_config(
+        "cxr_demo",
+        [
+            "evaluation.prompts={Cardiomegaly: [big heart, normal heart], "
+            "Edema: {positive: [wet lungs, edema], negative: clear lungs}}"
+        ],
+    )
+    prompts = cxr_task.prompt_sets(cfg, names)
+    assert prompts["Cardiomegaly"] == (("big heart",), ("normal heart",))
+    assert prompts["Edema"] == (("wet lungs", "edema"), ("clear lungs",))
+    assert prompts["Atelectasis"] == (("There is atelectasis.",), ("No atelectasis.",))  # not in the generator
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "big", "heart", "normal", "wet", "lungs", "edema", "clear"]
+    tokenizer = BertTokenizerFast(vocab_file=None, vocab=dict(zip(vocab, range(len(vocab)), strict=True)))
+    tokens = cxr_task.tokenize_prompts(tokenizer, prompts, names, max_length=8)
+    assert tokens["input_ids"].shape == (3, 2, 2, 8)
+    present = tokens["attention_mask"].any(dim=-1)
+    assert present.tolist() == [[[True, False], [True, False]], [[True, True], [True, False]], [[True, False]] * 2]
+    assert tokens["input_ids"][1, 0, 0, :4].tolist() == [2, 7, 8, 3]  # [CLS] wet lungs [SEP]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("[only one]", "must be \\[positive prompt, negative prompt\\]"),
+        ("{positive: [a]}", "exactly the keys positive and negative"),
+        ("{positive: [], negative: [b]}", "at least one non-empty prompt"),
+    ],
+)
+def test_malformed_prompts_name_the_key(entry: str, message: str) -> None:
+    cfg = load_config("cxr_demo", [f"evaluation.prompts={{Edema: {entry}}}"])
+    with pytest.raises(ConfigError, match=f"evaluation.prompts.Edema.*{message}|evaluation.prompts.Edema: {message}"):
+        cxr_task.prompt_sets(cfg, ("Edema",))
+    with pytest.raises(ConfigError, match="unknown label 'Edma'"):
+        cxr_task.prompt_sets(load_config("cxr_demo", ["evaluation.prompts={Edma: [a, b]}"]), ("Edema",))
