@@ -23,29 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-
-from fedvlm.fit import fit
-from fedvlm.runs import read_metrics
+from runner import fit_variant
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "federation_overhead.json"
 
 
-def timed_fit(recipe: str, overrides: list[str], out: Path) -> dict[str, float]:
-    started = time.perf_counter()
-    fit(recipe, overrides, out=out, console=Console(quiet=True))
-    wall = time.perf_counter() - started
-    rows = read_metrics(out)
-    last = rows[-1]
-    return {
-        "wall_seconds": wall,
-        "round_seconds_total": sum(r["round_seconds"] for r in rows),
-        "rounds": len(rows),
-        "bytes_total": sum(r["bytes_sent"] + r["bytes_received"] for r in rows),
-        "test_accuracy": last["test/accuracy"],
-        "test_auroc": last["test/auroc"],
-        "test_stage_macro_f1": last["test/stage_macro_f1"],
-    }
+METRICS = ("test/accuracy", "test/auroc", "test/stage_macro_f1")
 
 
 def main() -> None:
@@ -55,14 +38,18 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        federated = timed_fit(args.recipe, args.overrides, Path(tmp) / "federated")
-        centralized = timed_fit(args.recipe, [*args.overrides, "federation.mode=centralized"], Path(tmp) / "central")
+        federated = fit_variant(args.recipe, Path(tmp) / "federated", args.overrides, METRICS)
+        central_overrides = [*args.overrides, "federation.mode=centralized"]
+        centralized = fit_variant(args.recipe, Path(tmp) / "central", central_overrides, METRICS)
+    for run in (federated, centralized):
+        if run["exit_code"] != 0:
+            raise SystemExit(f"{run['command']} failed with exit code {run['exit_code']}")
     result = {
         "recipe": args.recipe,
         "overrides": args.overrides,
         "federated": federated,
         "centralized": centralized,
-        "overhead_ratio_wall": federated["wall_seconds"] / centralized["wall_seconds"],
+        "overhead_ratio_wall": federated["seconds"] / centralized["seconds"],
         "overhead_ratio_rounds": federated["round_seconds_total"] / centralized["round_seconds_total"],
         "machine": {
             "cpus": torch.get_num_threads(),

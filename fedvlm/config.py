@@ -137,6 +137,10 @@ class ModelConfig:
     fusion_gradient_scale: float = 1.0
     """Leukemia task: scale of the gradient the fusion path sends into the encoders (1: joint
     training; 0: each encoder learns only from its auxiliary head, needs unimodal_loss_weight > 0)."""
+    late_fusion_weight: float = 0.0
+    """Leukemia task: weight w of the image encoder's auxiliary head in the prediction (product of
+    experts with the fused heads; 0: the fused heads alone). Fused models only, like
+    modality_dropout; needs unimodal_loss_weight > 0."""
     logit_adjustment: float = 0.0
     """Leukemia task: τ of the logit-adjusted loss (0: plain cross-entropy; 1: the loss sees
     ``logits + log π`` with π the class prior of the client's own training data)."""
@@ -496,6 +500,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.fusion_gradient_scale == 0 and cfg.model.unimodal_loss_weight == 0:
         raise ConfigError(
             "model.fusion_gradient_scale=0 leaves the encoders without any gradient: set model.unimodal_loss_weight > 0"
+        )
+    if cfg.model.late_fusion_weight < 0:
+        raise ConfigError(f"model.late_fusion_weight={cfg.model.late_fusion_weight} must be >= 0")
+    if cfg.model.late_fusion_weight > 0 and cfg.model.modality == "fused" and cfg.model.unimodal_loss_weight == 0:
+        raise ConfigError(
+            f"model.late_fusion_weight={cfg.model.late_fusion_weight} combines the fused heads with the image "
+            "encoder's auxiliary head: set model.unimodal_loss_weight > 0 (or late_fusion_weight=0)"
         )
     if cfg.model.logit_adjustment < 0:
         raise ConfigError(f"model.logit_adjustment={cfg.model.logit_adjustment} must be >= 0")

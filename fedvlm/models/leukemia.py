@@ -62,6 +62,7 @@ class LeukemiaModule(L.LightningModule):
         self.unimodal_loss_weight: float = float(model.get("unimodal_loss_weight", 0.0))
         self.fusion_gradient_scale: float = float(model.get("fusion_gradient_scale", 1.0))
         self.logit_adjustment: float = float(model.get("logit_adjustment", 0.0))
+        self.late_fusion_weight: float = float(model.get("late_fusion_weight", 0.0))
         self.per_sample_loss = False
         """Set by DP training: every loss term a sum of per-record terms over the batch size."""
         self.image_encoder = (
@@ -88,6 +89,8 @@ class LeukemiaModule(L.LightningModule):
         # log class priors of the training data (logit-adjusted loss); local, never sent
         self.register_buffer("stage_log_prior", torch.zeros(self.num_stages), persistent=False)
         self.register_buffer("binary_log_odds", torch.zeros(()), persistent=False)
+        if self.late_fusion_weight > 0 and self.modality == "fused" and len(self.unimodal_heads) == 0:
+            raise ValueError("late_fusion_weight > 0 needs the auxiliary heads: set unimodal_loss_weight > 0")
         self.val_metrics = LeukemiaMetrics(self.num_stages)
         self.test_metrics = LeukemiaMetrics(self.num_stages, auroc_bins=None)
 
@@ -135,9 +138,24 @@ class LeukemiaModule(L.LightningModule):
         return [image_embedding * keep_image, text_embedding * keep_text]
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Detection logit ``[B]`` and stage logits ``[B, K]``."""
-        fused = self.fuse(batch)
-        return self.binary_head(fused).squeeze(-1), self.stage_head(fused)
+        """The prediction: detection logit ``[B]`` and stage logits ``[B, K]``.
+
+        With ``model.late_fusion_weight`` w > 0 the fused heads are combined with the image
+        encoder's auxiliary head as a product of experts: detection ``z_fused + w · z_image`` (a
+        sum of log-odds), stage ``log p_fused + w · log p_image``. The fused heads lean on the
+        report, which decides the stage whenever it states the blast %, and under-use the image
+        exactly where the report omits the values; the image head is the expert there. The
+        training loss is unchanged (each head keeps its own loss), so the image head stays an
+        independent expert.
+        """
+        embeddings = self.encode(batch)
+        fused = self.fuse(batch, embeddings)
+        binary_logit, stage_logits = self.binary_head(fused).squeeze(-1), self.stage_head(fused)
+        if self.late_fusion_weight > 0 and len(self.unimodal_heads) > 0:
+            image_logits = self.unimodal_heads[0](embeddings[0])
+            binary_logit = binary_logit + self.late_fusion_weight * image_logits[:, 0]
+            stage_logits = stage_logits.log_softmax(-1) + self.late_fusion_weight * image_logits[:, 1:].log_softmax(-1)
+        return binary_logit, stage_logits
 
     def unimodal_loss(self, embeddings: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         """Mean over modalities of ``L_bin + γ · L_stage`` of each encoder's own auxiliary head.

@@ -240,3 +240,42 @@ def test_logit_adjustment_is_refused_under_dp_sgd() -> None:
         load_config("leukemia_demo", ["model.logit_adjustment=1.0", "privacy.dp=true"])
     with pytest.raises(ConfigError, match="model.logit_adjustment=-1.0 must be >= 0"):
         load_config("leukemia_demo", ["model.logit_adjustment=-1"])
+
+
+def test_late_fusion_is_a_product_of_the_fused_and_image_experts_and_leaves_the_loss_alone() -> None:
+    torch.manual_seed(0)
+    module = make_module(late_fusion_weight=0.5)
+    fused_only = make_module(late_fusion_weight=0)
+    fused_only.load_state_dict(module.state_dict())
+    module.eval()
+    fused_only.eval()
+    batch = make_batch()
+    with torch.no_grad():
+        binary_logit, _ = module(batch)
+        fused_binary, fused_stage = fused_only(batch)
+        image_logits = module.unimodal_heads[0](module.encode(batch)[0])
+    # detection: a sum of log-odds; stage: log p_fused + w · log p_image, renormalised by softmax
+    torch.testing.assert_close(binary_logit, fused_binary + 0.5 * image_logits[:, 0])
+    expected = torch.softmax(fused_stage.log_softmax(-1) + 0.5 * image_logits[:, 1:].log_softmax(-1), dim=-1)
+    _, stage_prob = module.predict_probabilities(batch)
+    torch.testing.assert_close(stage_prob, expected)
+    torch.testing.assert_close(stage_prob.sum(-1), torch.ones(6))
+    assert not torch.allclose(stage_prob, torch.softmax(fused_stage, -1))
+    # training: each head keeps its own loss, whatever the prediction weight
+    module.train()
+    fused_only.train()
+    torch.manual_seed(1)
+    with_late_fusion = module.training_step(batch, 0)
+    torch.manual_seed(1)
+    without = fused_only.training_step(batch, 0)
+    torch.testing.assert_close(with_late_fusion, without)
+
+
+def test_late_fusion_needs_the_auxiliary_heads() -> None:
+    with pytest.raises(ConfigError, match="model.late_fusion_weight=1.0 combines .* model.unimodal_loss_weight > 0"):
+        load_config("leukemia_demo", ["model.late_fusion_weight=1", "model.unimodal_loss_weight=0"])
+    load_config("leukemia_demo", ["model.late_fusion_weight=1", "model.modality=image"])  # fused models only
+    cfg = load_config("leukemia_demo", ["model.unimodal_loss_weight=0"])
+    model = {**OmegaConf.to_container(cfg.model), "late_fusion_weight": 1.0}  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="needs the auxiliary heads"):
+        LeukemiaModule(model, OmegaConf.to_container(cfg.optim), image_size=32, vocab_size=30)  # type: ignore[arg-type]
