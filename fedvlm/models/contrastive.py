@@ -242,11 +242,8 @@ class ContrastiveVLM(L.LightningModule):
         mean of its phrasings' embeddings (CLIP's prompt ensembling)."""
         if self.prompt_input_ids.numel() == 0:
             raise RuntimeError("no zero-shot prompts set: call set_prompts() first")
-        length = self.prompt_input_ids.shape[-1]
         present = self.prompt_attention_mask.any(dim=-1)  # [C, 2, M]
-        embedded = self.embed_texts(
-            self.prompt_input_ids[present].reshape(-1, length), self.prompt_attention_mask[present].reshape(-1, length)
-        )
+        embedded = self.embed_texts(self.prompt_input_ids[present], self.prompt_attention_mask[present])  # [N, P]
         phrasings = embedded.new_zeros(*present.shape, embedded.shape[-1])
         phrasings[present] = embedded
         return F.normalize(phrasings.sum(dim=2), dim=-1)

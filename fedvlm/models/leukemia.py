@@ -182,8 +182,9 @@ class LeukemiaModule(L.LightningModule):
         self.binary_log_odds = torch.tensor(math.log((num_positive + 1.0) / (num_negative + 1.0)), device=counts.device)
 
     def on_train_start(self) -> None:
-        loader = self.trainer.train_dataloader
-        if self.logit_adjustment > 0 and loader is not None:
+        if self.logit_adjustment > 0:
+            loader = self.trainer.train_dataloader
+            assert loader is not None, "Lightning sets the train dataloader before on_train_start"
             self.set_label_prior(*count_labels(loader, self.num_stages))
 
     def compute_loss(
