@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedvlm.data.prepared import BundleDataset
 from fedvlm.evaluation.metrics import LeukemiaMetrics
 from fedvlm.models.adapters import adapt_encoders, set_encoders_trainable
 from fedvlm.models.encoders import build_image_encoder, build_text_encoder
@@ -152,10 +153,16 @@ class LeukemiaModule(L.LightningModule):
         fused = self.fuse(batch, embeddings)
         binary_logit, stage_logits = self.binary_head(fused).squeeze(-1), self.stage_head(fused)
         if self.late_fusion_weight > 0 and len(self.unimodal_heads) > 0:
-            image_logits = self.unimodal_heads[0](embeddings[0])
-            binary_logit = binary_logit + self.late_fusion_weight * image_logits[:, 0]
-            stage_logits = stage_logits.log_softmax(-1) + self.late_fusion_weight * image_logits[:, 1:].log_softmax(-1)
+            image_binary, image_stage = self.unimodal_logits(0, embeddings[0])
+            binary_logit = binary_logit + self.late_fusion_weight * image_binary
+            stage_logits = stage_logits.log_softmax(-1) + self.late_fusion_weight * image_stage.log_softmax(-1)
         return binary_logit, stage_logits
+
+    def unimodal_logits(self, index: int, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detection logit ``[B]`` and stage logits ``[B, K]`` of auxiliary head ``index`` (0 the
+        image encoder's, 1 the text encoder's) on that encoder's embedding."""
+        logits = self.unimodal_heads[index](embedding)
+        return logits[:, 0], logits[:, 1:]
 
     def unimodal_loss(self, embeddings: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         """Mean over modalities of ``L_bin + γ · L_stage`` of each encoder's own auxiliary head.
@@ -163,13 +170,16 @@ class LeukemiaModule(L.LightningModule):
         A deep-supervision term: the report decides the stage whenever it states the blast %,
         so in joint training the image branch gets little staging gradient and stays weak exactly
         where it is needed (reports that omit the values). A head that sees only the image
-        embedding forces the image encoder to carry staging information on its own. The
-        auxiliary heads are not used at prediction time.
+        embedding forces the image encoder to carry staging information on its own. With
+        ``model.late_fusion_weight`` > 0 the image head is also an expert in the prediction
+        (:meth:`forward`).
         """
-        losses = []
-        for head, embedding in zip(self.unimodal_heads, embeddings, strict=True):
-            logits = head(self.dropout(embedding))
-            losses.append(self.compute_loss(logits[:, 0], logits[:, 1:], batch)["loss"])
+        if len(embeddings) != len(self.unimodal_heads):
+            raise ValueError(f"{len(embeddings)} embeddings for {len(self.unimodal_heads)} auxiliary heads")
+        losses = [
+            self.compute_loss(*self.unimodal_logits(index, self.dropout(embedding)), batch)["loss"]
+            for index, embedding in enumerate(embeddings)
+        ]
         return torch.stack(losses).mean()
 
     def set_label_prior(self, num_negative: int, num_positive: int, stage_counts: Sequence[int]) -> None:
@@ -185,7 +195,11 @@ class LeukemiaModule(L.LightningModule):
         if self.logit_adjustment > 0:
             loader = self.trainer.train_dataloader
             assert loader is not None, "Lightning sets the train dataloader before on_train_start"
-            self.set_label_prior(*count_labels(loader, self.num_stages))
+            # A bundle's labels are counted directly: iterating the loader would load every image
+            # and draw from the shuffle and augmentation generators, changing the training order.
+            dataset = getattr(loader, "dataset", None)
+            batches = [dataset.bundle] if isinstance(dataset, BundleDataset) else loader
+            self.set_label_prior(*count_labels(batches, self.num_stages))
 
     def compute_loss(
         self, binary_logit: torch.Tensor, stage_logits: torch.Tensor, batch: Batch

@@ -235,6 +235,35 @@ def test_logit_adjustment_reads_the_prior_from_the_local_training_data() -> None
     assert "stage_log_prior" not in module.state_dict()  # site-specific: never travels
 
 
+def test_logit_adjustment_counts_a_bundle_without_loading_images_or_drawing_random_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lightning as L
+
+    from fedvlm.data.prepared import BundleDataset, make_loader
+
+    fetched: list[int] = []
+    fetch = BundleDataset.__getitem__
+    monkeypatch.setattr(BundleDataset, "__getitem__", lambda self, row: fetched.append(row) or fetch(self, row))
+
+    def fit_one_step(logit_adjustment: float) -> LeukemiaModule:
+        module = make_module(logit_adjustment=logit_adjustment)
+        loader = make_loader(make_batch(), batch_size=3, shuffle=True, seed=7, augment="dihedral")
+        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.fit(module, loader)
+        return module
+
+    module = fit_one_step(1.0)
+    # 3 negatives, 3 positives, staged (1, 0, 0, 1): add-one smoothed
+    torch.testing.assert_close(module.binary_log_odds, torch.tensor(0.0))
+    torch.testing.assert_close(module.stage_log_prior, torch.log(torch.tensor([2.0, 1.0, 1.0, 2.0]) / 6.0))
+    adjusted_order, fetched[:] = list(fetched), []
+    fit_one_step(0.0)
+    # only the one training batch was fetched, in the order an unadjusted run draws
+    assert len(adjusted_order) == 3
+    assert adjusted_order == fetched
+
+
 def test_logit_adjustment_is_refused_under_dp_sgd() -> None:
     with pytest.raises(ConfigError, match="model.logit_adjustment=1.0 with privacy.dp"):
         load_config("leukemia_demo", ["model.logit_adjustment=1.0", "privacy.dp=true"])
