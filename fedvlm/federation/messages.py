@@ -1,8 +1,9 @@
-"""Reading the replies that come back over a Flower grid."""
+"""Measuring and reading the messages that cross a Flower grid."""
 
 from __future__ import annotations
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
 
 
 def error_reason(reply: Message) -> str:
@@ -12,3 +13,9 @@ def error_reason(reply: Message) -> str:
         if "Message:" in line:
             return line.split("Message:", 1)[1].strip().removesuffix("'>").strip()
     return reason.strip().splitlines()[-1] if reason.strip() else f"error code {reply.error.code}"
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The size of a message's content on the wire: its protobuf encoding (arrays, configs and
+    metrics alike), the one definition behind every ``bytes_sent`` / ``bytes_received``."""
+    return int(recorddict_to_proto(content).ByteSize())

@@ -36,7 +36,6 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
-from flwr.common.serde import recorddict_to_proto
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -49,7 +48,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedvlm.federation import keys
-from fedvlm.federation.messages import error_reason
+from fedvlm.federation.messages import content_bytes, error_reason
 
 State = dict[str, torch.Tensor]
 
@@ -198,22 +197,17 @@ class _MeteredGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        self.bytes_sent += sum(_content_bytes(m.content) for m in messages)
+        self.bytes_sent += sum(content_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             if reply.has_error():
                 self.errors[reply.metadata.src_node_id] = error_reason(reply)
             else:
-                self.bytes_received += _content_bytes(reply.content)
+                self.bytes_received += content_bytes(reply.content)
         return replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
-
-
-def _content_bytes(content: RecordDict) -> int:
-    """The size of the content on the wire (its protobuf encoding)."""
-    return int(recorddict_to_proto(content).ByteSize())
 
 
 class SecureAggregator:

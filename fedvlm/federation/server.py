@@ -38,7 +38,7 @@ from fedvlm.evaluation.metrics import merge_states
 from fedvlm.federation import keys
 from fedvlm.federation.callback import load_global_state, non_finite_keys, static_fingerprint, travelling_keys
 from fedvlm.federation.codecs import update_codecs
-from fedvlm.federation.messages import error_reason
+from fedvlm.federation.messages import content_bytes, error_reason
 from fedvlm.federation.secure import CLIPPED_FRACTION, SecureAggregator
 from fedvlm.federation.strategies import ClientUpdate, strategies
 from fedvlm.privacy.central import add_central_noise, central_epsilon, clip_update, uniform_mean
@@ -307,13 +307,13 @@ class FederatedServer:
         messages = [
             Message(content, dst_node_id=nodes[pid], message_type=keys.TRAIN) for pid, content in contents.items()
         ]
-        bytes_sent = sum(content.array_records[keys.ARRAYS].count_bytes() for content in contents.values())
+        bytes_sent = sum(content_bytes(content) for content in contents.values())
         replies, failed = self._exchange(grid, messages, nodes, timeout)
         updates = []
         bytes_received = 0
         for pid, reply in sorted(replies.items()):
             record = reply.content.array_records[keys.ARRAYS]
-            bytes_received += record.count_bytes()
+            bytes_received += content_bytes(reply.content)
             metrics = {k: float(v) for k, v in reply.content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
             reference = {k: self.global_state[k] for k in record}
             state = self.codec.decode(record, reference)
@@ -424,7 +424,7 @@ class FederatedServer:
         received = 0
         for pid, reply in sorted(replies.items()):
             metrics = reply.content.metric_records[keys.METRICS]
-            received += sum(8 * len(v) if isinstance(v, list) else 8 for v in metrics.values())
+            received += content_bytes(reply.content)
             if int(metrics[keys.NUM_EXAMPLES]) == 0:  # type: ignore[arg-type]
                 continue
             state: dict[str, list[float]] = {
@@ -436,7 +436,7 @@ class FederatedServer:
             local = self.task.make_metrics(self.cfg, mergeable=True)
             merge_states(local, [state])
             per_client[pid] = self.task.scalar_metrics(local)
-        sent = downlink.count_bytes() * len(messages)
+        sent = sum(content_bytes(message.content) for message in messages)
         if not states:
             return {}, per_client, sent, received, failed
         merge_states(pooled, states)
