@@ -377,8 +377,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "explain.text_baseline": ("mask", "remove"),
 }
 ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
-SECURE_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
-"""Strategies that need only the (weighted) sum of the updates: what secure aggregation reveals."""
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
+"""Strategies whose aggregate is a (weighted) mean of the client updates: all that secure aggregation
+reveals to the server, and the aggregate that central DP's noise calibration covers."""
 
 
 def list_recipes(recipes_dir: Path = RECIPES_DIR) -> dict[str, str]:
@@ -588,11 +589,11 @@ def _validate_secure_aggregation(federation: DictConfig) -> None:
             )
     if not secure.enabled:
         return
-    if federation.strategy not in SECURE_STRATEGIES:
+    if federation.strategy not in MEAN_STRATEGIES:
         raise ConfigError(
             f"federation.secure_aggregation.enabled: the server sees only the sum of the updates, so "
             f"federation.strategy={federation.strategy} (which needs each client's update) cannot run; "
-            f"use one of: {', '.join(SECURE_STRATEGIES)}"
+            f"use one of: {', '.join(MEAN_STRATEGIES)}"
         )
     if federation.update_codec != "none":
         raise ConfigError(

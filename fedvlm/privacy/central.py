@@ -38,11 +38,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
+from fedvlm.config import MEAN_STRATEGIES
 from fedvlm.errors import ConfigError
 from fedvlm.privacy.accountant import compute_epsilon
-
-CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
-"""Strategies whose aggregate is the (uniform) mean that central DP's analysis covers."""
 
 State = dict[str, torch.Tensor]
 
@@ -271,9 +269,9 @@ def check_central_strategy(strategy_name: str) -> None:
         ...
         fedvlm.errors.ConfigError: privacy.central.clipping needs federation.strategy in (fedavg, ...), not 'krum': ...
     """
-    if strategy_name not in CENTRAL_DP_STRATEGIES:
+    if strategy_name not in MEAN_STRATEGIES:
         raise ConfigError(
-            f"privacy.central.clipping needs federation.strategy in ({', '.join(CENTRAL_DP_STRATEGIES)}), not "
+            f"privacy.central.clipping needs federation.strategy in ({', '.join(MEAN_STRATEGIES)}), not "
             f"{strategy_name!r}: central DP's noise σ·C/m is calibrated to the uniform mean of clipped updates, "
             "and robust aggregation rules are not analysed with it (set privacy.central.clipping=none)"
         )
