@@ -44,13 +44,11 @@ from fedvlm.federation.server import FederatedServer
 from fedvlm.runs import METRICS_FILE
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import DATA_DIR, META_FILE, TOKENIZER_DIR, read_meta
-from fedvlm.tasks.leukemia import TRUTH_FILE
 
 RESUME_KEY = "resume"
 """Run-config key: continue the run directory from its last completed round."""
 NODE_POLL_SECONDS = 1.0
-PER_SAMPLE_FILES = (TRUTH_FILE,)
-"""JSON maps keyed by sample index (the synthetic generator's ground truth): cut to a site's own samples."""
+"""How often :func:`wait_for_nodes` asks the SuperLink for connected nodes."""
 SITE_FILE = "site.json"
 """Written by :func:`export_site`: which partition a site directory holds and where it came from."""
 
@@ -153,7 +151,7 @@ def export_site(run_dir: Path, partition_id: int, out: Path) -> Path:
 
     The site directory holds ``config.yaml``, ``tokenizer/`` (if the run has one), ``data/meta.json``
     without the other clients' sizes, the run's shared non-patient files in ``data/`` (e.g. the CXR
-    prompt bundle), files keyed by sample index cut to this client's samples (``PER_SAMPLE_FILES``),
+    prompt bundle), files keyed by sample index cut to this client's samples (``Task.per_sample_files``),
     this client's ``data/client_<pid>_{train,val}.pt`` and ``site.json``. Left out:
     every other client's shard, the server's ``test.pt``, ``partition.json``, checkpoints, metrics.
 
@@ -183,7 +181,7 @@ def export_site(run_dir: Path, partition_id: int, out: Path) -> Path:
     if missing:
         raise ConfigError(f"{run_dir / DATA_DIR} lacks {', '.join(missing)}")
     samples = {str(i) for name in own for i in load_bundle(out / DATA_DIR / name)["index"].tolist()}
-    for name in PER_SAMPLE_FILES:
+    for name in get_task(load_config(run_dir / CONFIG_FILE_NAME).task).per_sample_files:
         if (out / DATA_DIR / name).is_file():
             entries = json.loads((out / DATA_DIR / name).read_text())
             (out / DATA_DIR / name).write_text(json.dumps({k: v for k, v in entries.items() if k in samples}))

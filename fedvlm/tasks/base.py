@@ -38,11 +38,14 @@ class Task(Protocol):
         name: Registry name, the ``task`` config value.
         selection_metric: The ``metrics.jsonl`` key that selects ``best.ckpt`` (higher is better).
         curve_metrics: The ``metrics.jsonl`` keys plotted in ``curves.png``.
+        per_sample_files: JSON files in ``RUN_DIR/data/`` keyed by sample index; a site export
+            keeps only its own samples' entries.
     """
 
     name: str
     selection_metric: str
     curve_metrics: tuple[str, ...]
+    per_sample_files: tuple[str, ...]
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         """Load, split and partition the data; write ``RUN_DIR/data/`` and ``partition.json``.

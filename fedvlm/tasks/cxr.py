@@ -240,6 +240,7 @@ class CxrTask:
     name = "cxr"
     selection_metric = "test/macro_auroc"
     curve_metrics = ("test/macro_auroc", "test/i2t_recall@5", "test/t2i_recall@5")
+    per_sample_files = ()
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         dataset = load_dataset(cfg)

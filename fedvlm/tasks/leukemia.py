@@ -93,6 +93,7 @@ class LeukemiaTask:
     name = "leukemia"
     selection_metric = "test/stage_macro_f1"  # as in the paper
     curve_metrics = ("test/accuracy", "test/auroc", "test/stage_macro_f1")
+    per_sample_files = (TRUTH_FILE,)  # the generator's ground-truth explanation signals
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         records = load_records(cfg)
