@@ -141,7 +141,9 @@ def test_unimodal_heads_add_their_weighted_mean_loss_and_without_late_fusion_are
     after = module(batch)
     torch.testing.assert_close(after[0], before[0])
     torch.testing.assert_close(after[1], before[1])
-    assert len(make_module(unimodal_loss_weight=0.0, late_fusion_weight=0).unimodal_heads) == 0
+    assert (
+        len(make_module(unimodal_loss_weight=0.0, late_fusion_weight=0, fusion_gradient_scale=1.0).unimodal_heads) == 0
+    )
 
 
 def test_per_sample_loss_makes_each_records_gradient_independent_of_the_others() -> None:
@@ -302,9 +304,15 @@ def test_late_fusion_is_a_product_of_the_fused_and_image_experts_and_leaves_the_
 
 def test_late_fusion_needs_the_auxiliary_heads() -> None:
     with pytest.raises(ConfigError, match="model.late_fusion_weight=1.0 combines .* model.unimodal_loss_weight > 0"):
-        load_config("leukemia_demo", ["model.late_fusion_weight=1", "model.unimodal_loss_weight=0"])
+        load_config(
+            "leukemia_demo",
+            ["model.late_fusion_weight=1", "model.unimodal_loss_weight=0", "model.fusion_gradient_scale=1"],
+        )
     load_config("leukemia_demo", ["model.late_fusion_weight=1", "model.modality=image"])  # fused models only
-    cfg = load_config("leukemia_demo", ["model.unimodal_loss_weight=0", "model.late_fusion_weight=0"])
+    cfg = load_config(
+        "leukemia_demo",
+        ["model.unimodal_loss_weight=0", "model.late_fusion_weight=0", "model.fusion_gradient_scale=1"],
+    )
     model = {**OmegaConf.to_container(cfg.model), "late_fusion_weight": 1.0}  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="needs the auxiliary heads"):
         LeukemiaModule(model, OmegaConf.to_container(cfg.optim), image_size=32, vocab_size=30)  # type: ignore[arg-type]
