@@ -417,6 +417,7 @@ class FederatedServer:
             )
             for _, node in sorted(nodes.items())
         ]
+        sent = content_bytes(messages[0].content) * len(messages) if messages else 0  # one content for every client
         replies, failed = self._exchange(grid, messages, nodes, float(self.cfg.federation.round_timeout))
         pooled = self.task.make_metrics(self.cfg, mergeable=True)
         per_client: dict[int, dict[str, float]] = {}
@@ -436,7 +437,6 @@ class FederatedServer:
             local = self.task.make_metrics(self.cfg, mergeable=True)
             merge_states(local, [state])
             per_client[pid] = self.task.scalar_metrics(local)
-        sent = sum(content_bytes(message.content) for message in messages)
         if not states:
             return {}, per_client, sent, received, failed
         merge_states(pooled, states)
