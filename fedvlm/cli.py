@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--num-patients", type=int, default=8, help="first N test patients (default 8)")
     explain.add_argument("--out", type=Path, help="output folder (default RUN_DIR/explanations)")
     explain.add_argument("--checkpoint", default="last", choices=("last", "best"))
+    explain.add_argument("--client", type=int, default=0, help="partition id of the site to explain (default 0)")
     explain.add_argument("overrides", nargs="*", metavar="explain.key=value", help="explain overrides")
 
     deploy = commands.add_parser(
@@ -152,14 +153,16 @@ def main(argv: list[str] | None = None) -> int:
                 list(args.overrides),
                 checkpoint=args.checkpoint,
                 console=console,
+                client=args.client,
             )
         elif args.command == "deploy":
             from fedvlm.federation.app import export_site, prepare_run
 
             if args.deploy_command == "prepare":
-                meta = prepare_run(args.recipe, list(args.overrides), args.out)
+                prepare_run(args.recipe, list(args.overrides), args.out)
                 console.print(
-                    f"prepared {args.out}: {meta['num_clients']} site shard(s), {meta['num_test']} test samples"
+                    f"prepared {args.out}: config, tokenizer and meta only; each SuperNode prepares its own data "
+                    "(name it in --node-config: site-name, data-format, data-root, data-reports)"
                 )
             else:
                 site = export_site(args.run_dir, args.partition, args.out)

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedvlm.data.sites import read_site_entries
 from fedvlm.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -89,6 +90,11 @@ class DataConfig:
     """CXR: what an uncertain (-1) CheXpert label becomes: ``ignore`` (unknown), ``zeros``, ``ones``."""
     equalize: bool = True
     """CXR: histogram-equalise each radiograph when preparing the data (scanner/hospital intensity shift)."""
+    sites: Any = None
+    """The federation's sites, one client each: a list of entries (``name`` plus the source keys of
+    ``data``: ``format``, ``root``, ``reports`` ...) or the path of a YAML file holding that list
+    (``fedvlm.data.sites``). Each client reads only its own site; ``federation.num_clients`` becomes
+    the number of sites. Null: one source (``format``/``root``) split by ``partition``."""
 
 
 @dataclass
@@ -103,6 +109,10 @@ class EncoderConfig:
     name: str = "vit_micro"
     pretrained: str | None = None
     tokenizer: str | None = None
+    vocabulary: str | None = None
+    """Text encoders initialised at random: a word list (one token per line) for their word
+    tokenizer; null with synthetic data means the generator's own public vocabulary. Never built
+    from the sites' reports."""
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -176,6 +186,9 @@ class EvaluationConfig:
     few_shot: list[int] = field(default_factory=lambda: [1, 5, 16])
     few_shot_seeds: int = 3
     retrieval_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    select_on: str = "val"
+    """Which merged metric selects ``checkpoints/best.ckpt``: ``val`` (the sites' local validation
+    splits) or ``test`` (the papers' choice; optimistic, since the test set then chooses the model)."""
 
 
 @dataclass
@@ -375,6 +388,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.central.clipping": ("none", "server", "client"),
     "explain.image_baseline": ("mean", "blur", "black"),
     "explain.text_baseline": ("mask", "remove"),
+    "evaluation.select_on": ("val", "test"),
 }
 ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
@@ -446,6 +460,10 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as err:
             raise ConfigError(f"{override}: {_reason(err)}") from None
+    sites = read_site_entries(cfg.data.sites)
+    if sites is not None:  # the list itself, so the saved config.yaml repeats the run on its own
+        cfg.data.sites = sites
+        cfg.federation.num_clients = len(sites)
     validate(cfg)
     return cfg
 

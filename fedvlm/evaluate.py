@@ -3,9 +3,11 @@
 Results go to ``RUN_DIR/eval/`` as JSON (``zero_shot.json``, ``retrieval.json``,
 ``few_shot.json``, ``loho.json``) plus ``summary.md``, a markdown table of everything there.
 
-Evaluation runs where the prepared data of the run is (the simulation's run directory). Few-shot
-probes train on image features of the pooled client training data; in a deployment each hospital
-would run the probe on its own data.
+Evaluation reads the sites' prepared splits (``RUN_DIR/clients/client_NNN/data``, as a
+simulation leaves them), **one site at a time**: each site's split is scored on its own and
+contributes only mergeable counts (binned AUROC state, retrieval hits) to the pooled values, so
+nothing per-sample of one site meets another's. Retrieval is within each site's gallery;
+few-shot probes train and test on one site's splits and are averaged over sites.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
 from fedvlm.data.prepared import Bundle, bundle_size, make_loader
 from fedvlm.errors import ConfigError
 from fedvlm.evaluation.cxr import linear_probe_auroc
+from fedvlm.evaluation.metrics import AUROC_BINS, export_state, merge_states
 from fedvlm.runs import jsonable, load_checkpoint
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import DATA_DIR, TOKENIZER_DIR, read_meta
+from fedvlm.tasks.site import SITE_DATA_DIR, SiteData, load_site_data, site_data_dir, site_data_folders
 
 EVAL_DIR = "eval"
 CHECKPOINTS = ("last", "best")
@@ -122,17 +126,90 @@ def few_shot(
     return result
 
 
-def client_bundle(run_dir: Path, cfg: DictConfig, partition_id: int) -> Bundle:
-    """All of one client's data (local train + validation)."""
-    train, val = get_task(cfg.task).load_client(run_dir, partition_id)
-    return {key: torch.cat([train[key], val[key]]) for key in train}
+def few_shot_per_site(
+    module: L.LightningModule, cfg: DictConfig, run_dir: Path, shots: Sequence[int], seeds: int
+) -> dict[str, Any]:
+    """:func:`few_shot` probes at every site (trained on its train split, tested on its test
+    split), and per k the mean over the sites that could fit one.
+
+    Returns:
+        ``{"k": {"macro_auroc_mean", "macro_auroc_std", "per_label", "seeds", "sites", "per_site"}}``:
+        mean and std over sites of each site's mean over seeds.
+    """
+    per_site: dict[str, dict[str, Any]] = {}
+    for _, folder in site_data_folders(run_dir):
+        site = load_site_data(folder)
+        if bundle_size(site.train) and bundle_size(site.test):
+            per_site[site.site] = few_shot(module, cfg, site.train, site.test, shots, seeds)
+        del site
+    result: dict[str, Any] = {}
+    for k in shots:
+        values = {name: r[str(k)] for name, r in per_site.items() if not math.isnan(r[str(k)]["macro_auroc_mean"])}
+        means = [v["macro_auroc_mean"] for v in values.values()]
+        labels = sorted({label for v in values.values() for label in v["per_label"]})
+        result[str(k)] = {
+            "macro_auroc_mean": float(np.mean(means)) if means else float("nan"),
+            "macro_auroc_std": float(np.std(means)) if means else float("nan"),
+            "per_label": {
+                label: float(np.mean([v["per_label"][label] for v in values.values() if label in v["per_label"]]))
+                for label in labels
+            },
+            "seeds": seeds,
+            "sites": len(means),
+            "per_site": {name: v["macro_auroc_mean"] for name, v in values.items()},
+        }
+    return result
 
 
-def pooled_training_data(run_dir: Path, cfg: DictConfig) -> Bundle:
-    """The local training splits of every client, concatenated."""
+def client_site(run_dir: Path, partition_id: int) -> SiteData:
+    """Client ``partition_id``'s prepared splits (its folder in the run directory)."""
+    return load_site_data(site_data_dir(run_dir, partition_id))
+
+
+def client_bundle(run_dir: Path, partition_id: int) -> Bundle:
+    """All of one client's data (local train + validation + test)."""
+    bundles = client_site(run_dir, partition_id).bundles
+    return {key: torch.cat([bundles[split][key] for split in ("train", "val", "test")]) for key in bundles["train"]}
+
+
+def run_sites(run_dir: Path) -> list[tuple[int, SiteData]]:
+    """``(partition id, prepared splits)`` of every client of the run, loaded one at a time.
+
+    Raises:
+        ConfigError: If no client has prepared data (the run never started).
+    """
+    folders = site_data_folders(run_dir)
+    if not folders:
+        raise ConfigError(f"{run_dir} has no prepared site data (clients/client_NNN/data): was the run started?")
+    return [(pid, load_site_data(folder)) for pid, folder in folders]
+
+
+def per_site_test_metrics(module: L.LightningModule, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Test metrics merged over the sites (from counts) and per site (exact AUROC).
+
+    Returns:
+        ``{"pooled": scalars, "per_site": {site: scalars}, "num_test": n}``.
+    """
     task = get_task(cfg.task)
-    parts = [task.load_client(run_dir, pid)[0] for pid in range(int(read_meta(run_dir)["num_clients"]))]
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    pooled = task.make_metrics(cfg, mergeable=True)
+    per_site: dict[str, dict[str, float]] = {}
+    num_test = 0
+    for folder_pid, folder in site_data_folders(run_dir):
+        site = load_site_data(folder)  # one site's split in memory at a time
+        if not bundle_size(site.test):
+            continue
+        num_test += bundle_size(site.test)
+        counts = task.make_metrics(cfg, mergeable=True)
+        task.evaluate(module, site.test, counts, int(cfg.trainer.batch_size))
+        merge_states(pooled, [export_state(counts)])
+        per_site[site.site] = classification_and_retrieval(module, cfg, site.test) | {
+            "client": folder_pid,
+            "num_test": bundle_size(site.test),
+        }
+        del site
+    if not num_test:
+        raise ConfigError(f"no site of {run_dir} has a test split (data.test_fraction=0?)")
+    return {"pooled": task.scalar_metrics(pooled), "per_site": per_site, "num_test": num_test}
 
 
 def leave_one_hospital_out(
@@ -146,16 +223,16 @@ def leave_one_hospital_out(
 ) -> dict[str, Any]:
     """For each held-out hospital: train the same federation without it, test on its data.
 
-    Each federation runs in ``RUN_DIR/eval/loho/hospital_NNN/`` on the run's prepared data
-    (``federation.exclude_clients=[h]``) and is scored with its last round's model. The full
+    Each federation runs in ``RUN_DIR/eval/loho/hospital_NNN/`` on the sites' prepared data
+    (``federation.exclude_clients=[h]``) and is scored with its last round's model on all of the
+    held-out hospital's data. The full
     run's model (``checkpoint``), which trained on that hospital, is scored on the same data for
     comparison, with the same ``evaluation.*`` overrides.
     """
     from fedvlm.federation.simulation import simulate
 
-    meta = read_meta(run_dir)
-    num_clients = int(meta["num_clients"])
-    if num_clients < 2:
+    num_clients = int(cfg.federation.num_clients)
+    if cfg.federation.mode == "centralized" or num_clients < 2:
         raise ConfigError("leave-one-hospital-out needs a federated run with at least 2 clients")
     chosen = list(range(num_clients)) if not hospitals else list(hospitals)
     bad = [h for h in chosen if not 0 <= h < num_clients]
@@ -168,20 +245,25 @@ def leave_one_hospital_out(
         if loho_dir.exists():
             shutil.rmtree(loho_dir)
         loho_dir.mkdir(parents=True)
-        for shared in (DATA_DIR, TOKENIZER_DIR):  # the run's prepared data and tokenizer, not copies
+        for shared in (DATA_DIR, TOKENIZER_DIR):  # the run's meta and tokenizer, not copies
             if (run_dir / shared).exists():
                 os.symlink((run_dir / shared).resolve(), loho_dir / shared)
+        for pid, folder in site_data_folders(run_dir):  # each site's prepared data, where it is
+            site_dir = site_data_dir(loho_dir, pid)
+            site_dir.parent.mkdir(parents=True)
+            os.symlink(folder.resolve(), site_dir.parent / SITE_DATA_DIR)
         loho_overrides = [*overrides, f"federation.exclude_clients=[{hospital}]"]
         loho_overrides += [f"federation.rounds={rounds}"] if rounds else []
         loho_cfg = load_config(run_dir / CONFIG_FILE_NAME, loho_overrides)
         save_config(loho_cfg, loho_dir / CONFIG_FILE_NAME)
         console.print(f"leave-one-hospital-out: hospital {hospital} held out ({loho_cfg.federation.rounds} rounds)")
         simulate(loho_cfg, loho_dir)
-        held_out = client_bundle(run_dir, cfg, hospital)
+        held_out = client_bundle(run_dir, hospital)
         model = load_trained_module(loho_dir, loho_cfg)
-        sites = meta.get("client_sites", [[]] * num_clients)[hospital]
+        site = client_site(run_dir, hospital)
         result[str(hospital)] = {
-            "sites": sites,
+            "site": site.site,
+            "sites": site.counts.get("source_sites", []),
             "num_samples": bundle_size(held_out),
             "held_out": classification_and_retrieval(model, loho_cfg, held_out),
             "trained_on": classification_and_retrieval(full_model, cfg, held_out),
@@ -233,13 +315,14 @@ def evaluate_run(
     if cfg.task != "cxr":
         raise ConfigError(f"fedvlm evaluate supports task=cxr runs; {run_dir} is task={cfg.task}")
     module = load_trained_module(run_dir, cfg, checkpoint)
-    task = get_task(cfg.task)
-    test = task.load_test(run_dir)
     out_dir = run_dir / EVAL_DIR
     out_dir.mkdir(exist_ok=True)
     written: dict[str, Any] = {}
+    if retrieval and cfg.model.modality != "fused":
+        raise ConfigError("--retrieval needs a vision-language (model.modality=fused) run")
     if zero_shot or retrieval:
-        scalars = classification_and_retrieval(module, cfg, test)
+        test = per_site_test_metrics(module, cfg, run_dir)
+        scalars = test["pooled"]
         names = read_meta(run_dir)["label_names"]
         if zero_shot:
             written["zero_shot"] = {
@@ -248,22 +331,28 @@ def evaluate_run(
                 "macro_f1": scalars["macro_f1"],
                 "accuracy": scalars["accuracy"],
                 "per_class_auroc": {name: scalars[f"auroc/{name}"] for name in names},
-                "num_test": bundle_size(test),
+                "num_test": test["num_test"],
+                "pooling": f"merged counts of the sites' test splits (AUROC over {AUROC_BINS} thresholds)",
+                "per_site": {
+                    site: {k: v for k, v in values.items() if "_recall@" not in k}
+                    for site, values in test["per_site"].items()
+                },
                 "checkpoint": checkpoint,
             }
         if retrieval:
-            if cfg.model.modality != "fused":
-                raise ConfigError("--retrieval needs a vision-language (model.modality=fused) run")
             written["retrieval"] = {k: v for k, v in scalars.items() if "_recall@" in k} | {
-                "num_test": bundle_size(test)
+                "num_test": test["num_test"],
+                "gallery": "each site's own test split (merged hit counts)",
+                "per_site": {
+                    site: {k: v for k, v in values.items() if "_recall@" in k}
+                    for site, values in test["per_site"].items()
+                },
             }
     if few_shot_k is not None:
         few_shot_k = list(few_shot_k) or list(cfg.evaluation.few_shot)
         if cfg.model.modality == "text":
             raise ConfigError("--few-shot probes image features; this run is text-only")
-        written["few_shot"] = few_shot(
-            module, cfg, pooled_training_data(run_dir, cfg), test, few_shot_k, int(cfg.evaluation.few_shot_seeds)
-        )
+        written["few_shot"] = few_shot_per_site(module, cfg, run_dir, few_shot_k, int(cfg.evaluation.few_shot_seeds))
     if loho:
         written["loho"] = leave_one_hospital_out(
             run_dir, cfg, hospitals, loho_rounds, console, checkpoint=checkpoint, overrides=overrides
@@ -281,7 +370,8 @@ def summary_markdown(run_dir: Path, out_dir: Path) -> str:
     zero_shot = _read(out_dir / "zero_shot.json")
     if zero_shot:
         lines += [
-            f"## Classification on the test split ({zero_shot['method']}, {zero_shot['num_test']} images)",
+            f"## Classification on the sites' test splits ({zero_shot['method']}, {zero_shot['num_test']} images, "
+            "merged counts)",
             "",
             "| label | AUROC |",
             "| --- | --- |",
@@ -297,7 +387,7 @@ def summary_markdown(run_dir: Path, out_dir: Path) -> str:
     if retrieval:
         ks = sorted({int(key.split("@")[1]) for key in retrieval if "@" in key})
         lines += [
-            "## Retrieval (Recall@K)",
+            "## Retrieval (Recall@K, within each site's test split)",
             "",
             "| direction | " + " | ".join(f"R@{k}" for k in ks) + " |",
             "| --- |" + " --- |" * len(ks),
@@ -310,13 +400,14 @@ def summary_markdown(run_dir: Path, out_dir: Path) -> str:
     few = _read(out_dir / "few_shot.json")
     if few:
         lines += [
-            "## Few-shot linear probe (macro AUROC)",
+            "## Few-shot linear probe (macro AUROC, each site's own probe; mean and std over sites)",
             "",
-            "| shots per class | mean | std | seeds |",
-            "| --- | --- | --- | --- |",
+            "| shots per class | mean | std | seeds | sites |",
+            "| --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {k} | {_fmt(v['macro_auroc_mean'])} | {_fmt(v['macro_auroc_std'])} | {v['seeds']} |"
+            f"| {k} | {_fmt(v['macro_auroc_mean'])} | {_fmt(v['macro_auroc_std'])} | {v['seeds']} | "
+            f"{v.get('sites', '')} |"
             for k, v in few.items()
         ]
         lines.append("")
@@ -329,7 +420,8 @@ def summary_markdown(run_dir: Path, out_dir: Path) -> str:
             "| --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {h} | {', '.join(v['sites'])} | {v['num_samples']} | {_fmt(v['held_out']['macro_auroc'])} | "
+            f"| {h} ({v.get('site', '')}) | {', '.join(v['sites'])} | {v['num_samples']} | "
+            f"{_fmt(v['held_out']['macro_auroc'])} | "
             f"{_fmt(v['trained_on']['macro_auroc'])} |"
             for h, v in loho.items()
         ]

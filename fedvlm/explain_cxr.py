@@ -34,7 +34,7 @@ from fedvlm.explain.render import _page, save_heatmap_png
 from fedvlm.models.contrastive import ContrastiveVLM
 from fedvlm.runs import jsonable
 from fedvlm.tasks import get_task
-from fedvlm.tasks.cxr import load_dataset, load_run_tokenizer
+from fedvlm.tasks.cxr import load_run_tokenizer
 
 EXPLAIN_BATCH_SIZE = 16
 SCORES_FILE = "scores.json"
@@ -48,14 +48,17 @@ def explain_cxr_run(
     out_dir: Path | str,
     threshold: HeatmapThreshold | None = None,
     checkpoint: str = "last",
+    client: int = 0,
 ) -> dict[str, Any]:
-    """Explain a trained chest X-ray run on test images with known lesions, and score the heatmaps.
+    """Explain a trained chest X-ray run on one site's test images with known lesions, and score
+    the heatmaps.
 
-    Prepared bundles carry no lesions, so the records are read again from the run's config
-    (:func:`fedvlm.tasks.cxr.load_dataset`; the synthetic generator is deterministic in
-    ``seed``) and matched to the test split by the bundle's ``index``; their images are checked
-    against the prepared ones. The first ``num_images`` test images (in test order) with a mask or
-    box of one of the run's labels are explained:
+    Prepared bundles carry no lesions, so the site's records are read again from its source
+    (:meth:`fedvlm.tasks.cxr.CxrTask.read_site`; the synthetic generator is deterministic in
+    ``seed``) and matched to the site's test split by the bundle's ``index``; their images are
+    checked against the prepared ones. Only client ``client``'s data are read. The first
+    ``num_images`` test images (in test order) with a mask or box of one of the run's labels are
+    explained:
 
     * Grad-CAM of each localised label's logit (:mod:`fedvlm.explain.gradcam`);
     * for a vision-language model, the grounding heatmap of each finding's report phrase
@@ -68,6 +71,7 @@ def explain_cxr_run(
         threshold: Binarisation for mIoU (default: ``≥ 0.5 · max``); grounding heatmaps are
             min–max scaled to [0, 1] first.
         checkpoint: ``last`` or ``best``.
+        client: The partition id of the site whose test split is explained.
 
     Returns:
         The aggregate scores: ``gradcam`` (:meth:`LocalizationScores.summary`: pointing accuracy,
@@ -105,12 +109,19 @@ def explain_cxr_run(
     fused = module.modality == "fused"
     names = module.label_names
     size = int(cfg.data.image_size)
-    test = get_task("cxr").load_test(run_dir)
-    records = load_dataset(cfg).records
+    from fedvlm.data.sites import client_source
+    from fedvlm.evaluate import client_site
+
+    test = client_site(run_dir, client).test
+    site_records = get_task("cxr").read_site(client_source(cfg, client).cfg)
+    num_records = len(site_records.index)
+    indices = test["index"].tolist()
+    beyond = [i for i in indices if i >= num_records]
+    if beyond:
+        raise DataError(f"test index {beyond[0]} is beyond the {num_records} regenerated records of {run_dir}")
+    records = dict(zip(indices, site_records.records(np.asarray(indices, dtype=np.int64)), strict=True))  # type: ignore[attr-defined]
     rows, chosen, regions = [], [], []
-    for row, index in enumerate(test["index"].tolist()):
-        if index >= len(records):
-            raise DataError(f"test index {index} is beyond the {len(records)} regenerated records of {run_dir}")
+    for row, index in enumerate(indices):
         record = records[index]
         found = label_regions(record, names, size, original_size=_original_size(record))
         if found:

@@ -31,8 +31,9 @@ def explain_run(
     overrides: Sequence[str] = (),
     checkpoint: str = "last",
     console: Console | None = None,
+    client: int = 0,
 ) -> dict[str, Any]:
-    """Explain test-set patients of a trained run.
+    """Explain test-set patients of one site of a trained run (only that site's data are read).
 
     Args:
         run_dir: A run directory written by ``fedvlm fit``.
@@ -43,6 +44,7 @@ def explain_run(
         overrides: ``explain.*`` overrides (baselines, ``max_evals``, ``top_k``).
         checkpoint: ``last`` or ``best``.
         console: Where the summary goes.
+        client: The partition id of the site whose test patients are explained.
 
     Returns:
         The aggregate scores written to the output folder.
@@ -64,26 +66,27 @@ def explain_run(
 
         if patients:
             raise ConfigError("--patients selects leukemia patients; for a CXR run use --num-patients")
-        scores = explain_cxr_run(run_dir, num_patients, out_dir, checkpoint=checkpoint)
+        scores = explain_cxr_run(run_dir, num_patients, out_dir, checkpoint=checkpoint, client=client)
         console.print(scores)
         return scores
 
-    from fedvlm.tasks import get_task
+    from fedvlm.evaluate import client_site
     from fedvlm.tasks.leukemia import make_shap_callback
 
-    task = get_task(cfg.task)
     module = load_trained_module(run_dir, cfg, checkpoint)
-    test = task.load_test(run_dir)
+    site = client_site(run_dir, client)
+    test = site.test
     if patients:
         position = {int(index): row for row, index in enumerate(test["index"].tolist())}
         missing = [p for p in patients if p not in position]
         if missing:
-            raise DataError(f"patients {missing} are not in the test split of {run_dir}")
+            raise DataError(f"patients {missing} are not in the test split of site {site.site} (client {client})")
         chosen = subset(test, [position[p] for p in patients])
     else:
         chosen = subset(test, range(min(num_patients, bundle_size(test))))
     rows = read_metrics(run_dir)
-    callback = make_shap_callback(cfg, run_dir, chosen, bundle_size(chosen), out_dir, rows[-1]["round"] if rows else 0)
+    last_round = rows[-1]["round"] if rows else 0
+    callback = make_shap_callback(cfg, run_dir, chosen, bundle_size(chosen), out_dir, last_round, site.directory)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many tiny batched forwards: one thread avoids spinning on small machines
     try:

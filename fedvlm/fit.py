@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,13 @@ from rich.console import Console
 from rich.table import Table
 
 from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
+from fedvlm.data.sites import site_names
 from fedvlm.errors import ConfigError
+from fedvlm.federation.server import PARTITION_FILE
 from fedvlm.registry import Registry
 from fedvlm.runs import CURVES_FILE, new_run_dir, plot_curves, read_metrics
 from fedvlm.tasks import get_task
-from fedvlm.tasks.base import read_meta
+from fedvlm.tasks.site import CLIENTS_DIR
 
 
 def fit(
@@ -53,28 +57,38 @@ def fit(
         run_dir = _create_run_dir(out, cfg.recipe)
         save_config(cfg, run_dir / CONFIG_FILE_NAME)
         console.print(f"[bold]fedvlm fit[/] recipe={cfg.recipe} → {run_dir}")
-        try:
-            with console.status("preparing data ..."):
-                meta = get_task(cfg.task).prepare(cfg, run_dir)
+        try:  # the coordinator's part: tokenizer, prompts, meta; each client prepares its own data
+            get_task(cfg.task).prepare(cfg, run_dir)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written stays behind
             raise
-        console.print(
-            f"data: {meta['num_samples']} samples, {meta['num_train']} train across "
-            f"{meta['num_clients']} client(s), {meta['num_test']} held-out test"
-        )
+        sites = site_names(cfg) if cfg.federation.mode != "centralized" else ["pooled"]
+        console.print(f"sites: {', '.join(sites)} (each prepares its own data in {CLIENTS_DIR}/client_NNN/data)")
 
     reporter = RoundDisplay(console, cfg, get_task(cfg.task).curve_metrics)
-    with reporter:
-        simulate(cfg, run_dir, resume=resume is not None, report=reporter.update)
+    try:
+        with reporter:
+            simulate(cfg, run_dir, resume=resume is not None, report=reporter.update)
+    except BaseException:
+        if resume is None and not read_metrics(run_dir):  # e.g. a site's data failed validation
+            shutil.rmtree(run_dir, ignore_errors=True)  # no round completed: nothing half-written stays
+        raise
     rows = read_metrics(run_dir)
     if rows:
         task = get_task(cfg.task)
         plot_curves(run_dir, rows, task.curve_metrics)
-        console.print(summary_table(rows, cfg, task.selection_metric))
-    skipped = read_meta(run_dir).get("skipped") or {}
-    for reason, count in skipped.items():  # documented, counted skips: never a silent drop
-        console.print(f"[yellow]skipped {count}[/] {reason}")
+        console.print(summary_table(rows, cfg, f"{cfg.evaluation.select_on}/{task.selection_metric}"))
+    partition_file = run_dir / PARTITION_FILE
+    if partition_file.is_file():
+        clients = json.loads(partition_file.read_text())["clients"]
+        console.print(
+            "data (as the sites report): "
+            + ", ".join(f"{c['site']} {c['train']}/{c['val']}/{c['test']}" for c in clients)
+            + " (train/val/test)"
+        )
+        for client in clients:  # documented, counted skips: never a silent drop
+            for reason, count in (client.get("skipped") or {}).items():
+                console.print(f"[yellow]{client['site']}: skipped {count}[/] {reason}")
     console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, {CURVES_FILE})")
     return run_dir
 
@@ -178,14 +192,21 @@ class RoundDisplay:
 
 
 def summary_table(rows: list[dict[str, Any]], cfg: DictConfig, selection_metric: str) -> Table:
-    """Final and best-round (by ``selection_metric``) values of the headline metrics."""
-    best = max(rows, key=lambda r: _number(r.get(selection_metric)))
+    """Final and best-round (by ``selection_metric``, a ``metrics.jsonl`` key) values of the
+    headline metrics (per-site values stay in ``metrics.jsonl``)."""
+    evaluated = [r for r in rows if not math.isnan(_number(r.get(selection_metric)))]
+    best = max(evaluated, key=lambda r: _number(r.get(selection_metric))) if evaluated else rows[-1]
     last = rows[-1]
     table = Table(title=f"{cfg.recipe}: {len(rows)} rounds ({cfg.federation.mode}, {cfg.federation.strategy})")
     table.add_column("metric")
     table.add_column(f"last (round {last['round']})", justify="right")
     table.add_column(f"best (round {best['round']})", justify="right")
-    keys = [key for key in last if key.startswith(("test/", "val/")) or key in ("train/loss", "update_norm")]
+    keys = [
+        key
+        for key in last
+        if (key.startswith(("test/", "val/")) and not key.startswith("test/site/"))
+        or key in ("train/loss", "update_norm")
+    ]
     for key in keys:
         table.add_row(key, f"{_number(last[key]):.4f}", f"{_number(best.get(key)):.4f}")
     total_bytes = sum(r["bytes_sent"] + r["bytes_received"] for r in rows)

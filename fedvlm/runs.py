@@ -4,10 +4,12 @@ Layout (``runs/<recipe>-<timestamp>/`` by default)::
 
     config.yaml          fully resolved config (``fedvlm fit --recipe RUN/config.yaml`` repeats it)
     metrics.jsonl        one JSON object per completed round
-    partition.json       per-client sample counts by label and stage
+    partition.json       per-client sample counts (train/val/test, by label), as the sites report them
     checkpoints/last.ckpt, checkpoints/best.ckpt
     curves.png           accuracy, AUROC and stage macro-F1 over rounds
-    data/, tokenizer/    prepared per-client shards and the tokenizer
+    data/, tokenizer/    meta.json (vocabulary size, labels), CXR prompts; the tokenizer
+    clients/client_NNN/  each client's own folder: data/ (its prepared splits and counts,
+                         written by the client), explanations/, privacy/
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from fedvlm.cli import main
 from fedvlm.config import load_config
 from fedvlm.data.manifest import read_manifest
+from fedvlm.evaluate import client_site
 from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.runs import load_checkpoint, read_metrics
 from fedvlm.tasks import get_task
@@ -47,10 +49,12 @@ def test_fit_demo_recipe_writes_a_complete_run_directory(tmp_path: Path, tiny_ov
         assert set(row["clients"]) == {"0", "1", "2"} and row["failed_clients"] == {}
 
     partition = json.loads((run_dir / "partition.json").read_text())
-    meta = json.loads((run_dir / "data" / "meta.json").read_text())
-    assert sum(client["num_samples"] for client in partition["clients"]) == meta["num_train"]
-    assert partition["test"]["num_samples"] == meta["num_test"] == pytest.approx(0.2 * 240, abs=6)
-    assert set(partition["clients"][0]["by_label"]) == {
+    clients = partition["clients"]
+    assert [c["site"] for c in clients] == ["client_000", "client_001", "client_002"]
+    assert sum(c["num_samples"] for c in clients) == 240  # every sample at exactly one site
+    assert all(c["num_samples"] == c["train"] + c["val"] + c["test"] for c in clients)
+    assert partition["test"]["num_samples"] == sum(c["test"] for c in clients) == pytest.approx(0.2 * 240, abs=9)
+    assert set(clients[0]["by_label"]) == {
         "negative",
         "stage_I",
         "stage_II",
@@ -58,17 +62,28 @@ def test_fit_demo_recipe_writes_a_complete_run_directory(tmp_path: Path, tiny_ov
         "stage_IV",
         "positive_unknown_stage",
     }
+    assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["meta.json"]  # no sample on the coordinator
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in rows:  # per-site test metrics beside the pooled ones
+        assert {f"test/site/client_00{k}/accuracy" for k in range(3)} <= set(row)
 
-    # best.ckpt is the round with the best stage macro-F1, and reloading it reproduces that row.
+    # best.ckpt is the round with the best merged validation stage macro-F1; its pooled test
+    # metrics are those of the union of the sites' test splits.
     best = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")["fedvlm"]
-    best_row = max(rows, key=lambda r: r["test/stage_macro_f1"])
+    best_row = max(rows, key=lambda r: r["val/stage_macro_f1"])
     assert best["best_round"] == best_row["round"]
     module = LeukemiaModule.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt")
     task = get_task("leukemia")
-    metrics = task.make_metrics(cfg, mergeable=False)
-    task.evaluate(module, task.load_test(run_dir), metrics, batch_size=16)
-    assert task.scalar_metrics(metrics)["accuracy"] == pytest.approx(best_row["test/accuracy"])
+    union = {
+        key: torch.cat([client_site(run_dir, k).test[key] for k in range(3)])
+        for key in ("image", "input_ids", "attention_mask", "leukemia", "stage", "index")
+    }
+    exact = task.make_metrics(cfg, mergeable=False)
+    task.evaluate(module, union, exact, batch_size=16)
+    exact_values = task.scalar_metrics(exact)
+    assert exact_values["accuracy"] == pytest.approx(best_row["test/accuracy"])
+    assert exact_values["stage_macro_f1"] == pytest.approx(best_row["test/stage_macro_f1"])
+    assert exact_values["auroc"] == pytest.approx(best_row["test/auroc"], abs=0.01)  # binned thresholds
     last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert last["fedvlm"]["completed_round"] == 2
 
@@ -146,22 +161,39 @@ def test_centralized_baseline_trains_one_client_on_the_pooled_data(tmp_path: Pat
         == 0
     )
     partition = json.loads((run_dir / "partition.json").read_text())
-    meta = json.loads((run_dir / "data" / "meta.json").read_text())
-    assert len(partition["clients"]) == 1 and partition["clients"][0]["num_samples"] == meta["num_train"]
+    assert len(partition["clients"]) == 1 and partition["clients"][0]["num_samples"] == 240
     assert [row["num_clients"] for row in read_metrics(run_dir)] == [1, 1]
+    # the pooled client holds exactly the union of the federated clients' local splits
+    federated = load_config("leukemia_demo", tiny_overrides)
+    central = load_config(run_dir / "config.yaml")
+    task = get_task("leukemia")
+    records = task.read_site(federated)
+    from fedvlm.data.sites import client_source
+    from fedvlm.tasks.site import client_rows
+
+    for split in ("train", "val", "test"):
+        union = sorted(
+            int(i) for k in range(3) for i in client_rows(federated, client_source(federated, k), records.index)[split]
+        )
+        assert client_site(run_dir, 0).bundles[split]["index"].tolist() == union
+    assert central.federation.num_clients == 3
+
+
+@pytest.mark.slow
+def test_missing_data_at_a_site_exits_2_naming_the_site_and_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "no_such_data"
+    overrides = ["data.format=manifest", f"data.root={missing}", "federation.num_clients=2"]
+    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *overrides]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert str(missing) in out and re.search(r"site client_00[01]: ", out)  # the client reading it names itself
+    assert not run_dir.exists()  # no round completed: nothing half-written stays behind
 
 
 def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
-    missing = tmp_path / "no_such_data"
-    assert (
-        main(
-            ["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), "data.format=manifest", f"data.root={missing}"]
-        )
-        == 2
-    )
-    assert str(missing) in " ".join(capsys.readouterr().out.split())
-    assert not run_dir.exists()
     assert main(["fit", "--recipe", "nope"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().out
     assert main(["fit", "--recipe", "leukemia_demo", "federation.roundz=2"]) == 2

@@ -10,6 +10,7 @@ import torch
 
 from fedvlm.cli import main
 from fedvlm.config import load_config
+from fedvlm.evaluate import client_site
 from fedvlm.federation.callback import travelling_keys
 from fedvlm.runs import load_checkpoint, read_metrics
 from fedvlm.tasks import get_task
@@ -35,11 +36,14 @@ def test_cxr_fit_writes_a_run_directory_with_traffic_and_zero_shot_metrics(cxr_r
     partition = json.loads((cxr_run / "partition.json").read_text())
     assert [client["sites"] for client in partition["clients"]] == [["hospital_00"], ["hospital_01"], ["hospital_02"]]
     assert meta["label_names"][-1] == "No Finding"
-    # patients never cross the split
-    task = get_task("cxr")
-    test_index = set(task.load_test(cxr_run)["index"].tolist())
-    train_index = {i for pid in range(3) for part in task.load_client(cxr_run, pid) for i in part["index"].tolist()}
-    assert not test_index & train_index and len(test_index) + len(train_index) == 240
+    assert sorted(p.name for p in (cxr_run / "data").iterdir()) == ["meta.json", "prompts.pt"]
+    # every record at exactly one site and split; patients never cross a site's splits
+    sites = [client_site(cxr_run, pid) for pid in range(3)]
+    held = [i for site in sites for split in ("train", "val", "test") for i in site.bundles[split]["index"].tolist()]
+    assert sorted(held) == list(range(240))
+    assert all(c["test"] > 0 for c in partition["clients"])
+    for row in rows:
+        assert {f"test/site/client_00{k}/macro_auroc" for k in range(3)} <= set(row)
 
 
 @pytest.mark.slow
@@ -68,7 +72,7 @@ def test_evaluate_writes_zero_shot_retrieval_few_shot_and_loho(cxr_run: Path) ->
     few_shot = json.loads((eval_dir / "few_shot.json").read_text())
     assert set(few_shot) == {"1", "4"} and few_shot["4"]["seeds"] == 3
     loho = json.loads((eval_dir / "loho.json").read_text())
-    assert set(loho) == {"2"} and loho["2"]["sites"] == ["hospital_02"]
+    assert set(loho) == {"2"} and loho["2"]["sites"] == ["hospital_02"] and loho["2"]["site"] == "client_002"
     held_out_run = eval_dir / "loho" / "hospital_002"
     rows = read_metrics(held_out_run)
     assert len(rows) == 1 and set(rows[0]["clients"]) == {"0", "1"}  # hospital 2 never trained

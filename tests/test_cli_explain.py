@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedvlm.cli import main
+from fedvlm.evaluate import client_site
 from fedvlm.runs import read_metrics
-from fedvlm.tasks import get_task
 
 EXPLAIN = ["explain.enabled=true", "explain.patients=2", "explain.max_evals=40"]
 
@@ -54,7 +54,7 @@ def test_clients_explain_locally_and_share_only_aggregates(tmp_path: Path, tiny_
 def test_explain_command_writes_patients_and_ground_truth_agreement(tmp_path: Path, tiny_overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
     assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *tiny_overrides]) == 0
-    test = get_task("leukemia").load_test(run_dir)
+    test = client_site(run_dir, 0).test  # `fedvlm explain` explains client 0's test patients by default
     positives = test["index"][test["leukemia"] == 1][:3].tolist()  # they have blasts to point at
     patients = ",".join(str(i) for i in positives)
     assert main(["explain", str(run_dir), "--patients", patients, "explain.max_evals=40"]) == 0

@@ -24,6 +24,10 @@ token↔region grounding (``finding_phrases``).
   field of view, exposure, window, gamma, blur, noise, a burned-in side marker), report template
   and finding prevalence (log-normal factors of spread ``prevalence_shift``, normalised so
   that the mean over hospitals is the configured prevalence).
+* **Random streams.** Patient ``i``'s anatomy, findings and reports come from
+  ``default_rng([seed, i])``, each study's image from a stream of its own, so
+  :func:`cxr_label_index` knows every record's labels, patient and hospital without rendering,
+  and a client renders only its own rows (``generate_cxr(config, indices=rows)``).
 
 Example:
     >>> dataset = generate_cxr(SynthCxrConfig(n=3, seed=1))
@@ -37,6 +41,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,13 +53,16 @@ from fedvlm.data.cxr_render import (
     FINDINGS,
     ZONE_CENTRE_V,
     CxrAnatomy,
+    CxrStyle,
     FindingSpec,
+    RenderedCxr,
     render_cxr,
     sample_anatomy,
     site_styles,
 )
 from fedvlm.data.images import atomic_destination
 from fedvlm.data.manifest import read_table
+from fedvlm.data.synthetic_leukemia import report_tokens
 from fedvlm.errors import ConfigError, DataError
 
 SYNTH_CXR_FINDINGS = FINDINGS
@@ -111,6 +119,16 @@ BONE_SENTENCES = (
     "Mild degenerative changes of the thoracic spine.",
     "The visualized osseous structures are unremarkable.",
 )
+INDICATION_HEADER = "INDICATION:"
+TECHNIQUE_SENTENCES = {"AP": "Portable AP view of the chest.", "PA": "PA and lateral views of the chest."}
+COMPARISON_SENTENCES = {True: "Comparison is made to the prior study.", False: "Comparison: None."}
+"""The comparison sentence of a follow-up (``True``) and of a first study."""
+LEADS_SENTENCE = "ECG monitoring leads overlie the chest."
+HEART_FAILURE_SENTENCE = "Findings are consistent with congestive heart failure."
+NO_FINDING_PROMPTS = (("No acute abnormality.",), ("There is an abnormality.",))
+"""Zero-shot prompts of ``No Finding``: ``(positive phrasings, negative phrasings)``."""
+RENDER_STREAM = 1
+"""Last entropy word of a study's rendering stream ``default_rng([seed, patient, study, 1])``."""
 
 
 @dataclass(frozen=True)
@@ -379,6 +397,53 @@ def default_prompts() -> dict[str, PromptSet]:
     return prompts
 
 
+def report_vocabulary() -> list[str]:
+    """Every token a generated report or a default prompt can contain, sorted, for building a
+    public tokenizer (``build_word_tokenizer(report_vocabulary())``) without reading any report.
+
+    It enumerates what reports are made of instead of sampling them: each template's headers
+    and fixed sentences, its sentence for every finding a study can draw (each label × severity ×
+    side × zone), every impression item, the indication, technique, comparison, device, bone and
+    heart-failure sentences, both sides of :func:`default_prompts` and :data:`NO_FINDING_PROMPTS`.
+    Tokens are split as :func:`~fedvlm.data.synthetic_leukemia.report_tokens` (and a BERT
+    pre-tokenizer) split them. Reports contain no numbers, so none are listed.
+
+    Returns:
+        Lower-cased word and punctuation tokens.
+
+    Example:
+        >>> {"effusions", "oedema", "ptx", ":", "."} <= set(report_vocabulary())
+        True
+    """
+    texts: list[str] = [
+        INDICATION_HEADER, *INDICATIONS, *TECHNIQUE_SENTENCES.values(), *COMPARISON_SENTENCES.values(),
+        LEADS_SENTENCE, *BONE_SENTENCES, HEART_FAILURE_SENTENCE,
+    ]  # fmt: skip
+    drawable = _drawable_findings()
+    for template in REPORT_TEMPLATES:
+        texts.extend((template.findings_header, template.impression_header, template.joint_negative))
+        texts.extend((template.lungs_clear, template.normal_impression, *template.negative.values()))
+        texts.extend(_sentence(template, spec)[0] for spec in drawable)
+    texts.extend(_impression_item(spec) for spec in drawable)
+    for positives, negatives in (*default_prompts().values(), NO_FINDING_PROMPTS):
+        texts.extend((*positives, *negatives))
+    return sorted({token for text in texts for token in report_tokens(text)})
+
+
+def _drawable_findings() -> list[FindingSpec]:
+    """One spec per (label, severity, side, zone) that :func:`_sample_finding` can draw."""
+    specs: list[FindingSpec] = []
+    for label in FINDINGS:
+        sides: tuple[str | None, ...] = (None,) if label == "Cardiomegaly" else ("bilateral",)
+        if label in SIDE_PROBABILITIES:
+            side_probabilities = zip(("right", "left", "bilateral"), SIDE_PROBABILITIES[label], strict=True)
+            sides = tuple(side for side, probability in side_probabilities if probability > 0)
+        zones: tuple[str | None, ...] = ("upper", "middle", "lower") if label == "Consolidation" else (None,)
+        for severity in range(len(SEVERITY_PROBABILITIES)):
+            specs.extend(FindingSpec(label, severity, 0.0, side=side, zone=zone) for side in sides for zone in zones)
+    return specs
+
+
 def site_prevalences(config: SynthCxrConfig) -> np.ndarray:
     """``[num_sites, len(SYNTH_CXR_FINDINGS)]`` P(finding) at each hospital.
 
@@ -491,9 +556,9 @@ def write_report(
     if not present:  # a normal study always reads as normal
         negate |= {"Cardiomegaly", "Pleural Effusion", "Pneumothorax"}
     preamble = {
-        "indication": f"INDICATION: {INDICATIONS[int(rng.integers(len(INDICATIONS)))]}",
-        "technique": "Portable AP view of the chest." if view == "AP" else "PA and lateral views of the chest.",
-        "comparison": "Comparison is made to the prior study." if followup else "Comparison: None.",
+        "indication": f"{INDICATION_HEADER} {INDICATIONS[int(rng.integers(len(INDICATIONS)))]}",
+        "technique": TECHNIQUE_SENTENCES[view],
+        "comparison": COMPARISON_SENTENCES[followup],
     }
     sentences: list[str] = []
     phrases: list[tuple[str, str]] = []
@@ -511,13 +576,13 @@ def write_report(
         elif label in negate:
             sentences.append(template.negative[label])
     if leads:
-        sentences.append("ECG monitoring leads overlie the chest.")
+        sentences.append(LEADS_SENTENCE)
     if rng.random() < 0.4:
         sentences.append(BONE_SENTENCES[int(rng.integers(len(BONE_SENTENCES)))])
     if present:
         impression = [_impression_item(present[label]) for label in order if label in present]
         if {"Cardiomegaly", "Edema"} <= present.keys() and site_index % len(REPORT_TEMPLATES) in (0, 1):
-            impression.append("Findings are consistent with congestive heart failure.")
+            impression.append(HEART_FAILURE_SENTENCE)
     else:
         impression = [template.normal_impression]
     names = template.preamble
@@ -545,79 +610,196 @@ def _boxes(finding_masks: dict[str, np.ndarray]) -> tuple[LesionBox, ...]:
     return tuple(boxes)
 
 
-def generate_cxr_with_truth(config: SynthCxrConfig) -> tuple[CxrDataset, list[CxrStudyTruth]]:
-    """Generate a dataset and what was drawn for each study.
+@dataclass(frozen=True)
+class _DrawnStudy:
+    """Everything drawn for one study before its image is rendered."""
 
-    Patient ``i`` is drawn from its own stream ``default_rng([seed, i])``, so the first records
-    do not depend on ``n`` (except that the last patient loses its follow-up when ``n`` is
-    reached), and the same patients are drawn at every ``image_size``.
+    patient_index: int
+    study_index: int
+    site_index: int
+    anatomy: CxrAnatomy
+    findings: tuple[FindingSpec, ...]
+    leads: bool
+    view: str
+    report: str
+    phrases: tuple[tuple[str, str], ...]
 
-    Args:
-        config: What to generate.
+    @property
+    def labels(self) -> tuple[float, ...]:
+        present = {spec.label for spec in self.findings}
+        return (*(float(label in present) for label in FINDINGS), float(not present))
 
-    Returns:
-        The dataset (``label_names`` = :data:`SYNTH_CXR_LABELS`) and one truth per record.
+
+def _draw_studies(config: SynthCxrConfig) -> list[_DrawnStudy]:
+    """The ``n`` studies, drawn patient by patient from ``default_rng([seed, patient])``.
+
+    Rendering draws from each study's own stream (:func:`_render_study`), so the findings,
+    reports and record count here do not depend on whether (or at what size) images are rendered.
     """
-    styles = site_styles(config.num_sites, config.style_shift)
     prevalences = site_prevalences(config)
-    records: list[CxrRecord] = []
-    truths: list[CxrStudyTruth] = []
+    studies: list[_DrawnStudy] = []
     patient_index = 0
-    while len(records) < config.n:
+    while len(studies) < config.n:
         rng = np.random.default_rng([config.seed, patient_index])
         site_index = patient_index % config.num_sites
         anatomy = sample_anatomy(rng)
-        studies = 2 if rng.random() < config.p_followup else 1
+        count = 2 if rng.random() < config.p_followup else 1
         persistent: tuple[FindingSpec, ...] = ()
-        for study_index in range(min(studies, config.n - len(records))):
+        for study_index in range(min(count, config.n - len(studies))):  # the n-th study ends the last patient
             findings = list(persistent)
             for label, probability in zip(FINDINGS, prevalences[site_index], strict=True):
                 drawn = _sample_finding(rng, label, anatomy)  # drawn either way: a fixed stream
                 if rng.random() < probability and not (label == "Cardiomegaly" and study_index > 0):
                     findings.append(drawn)
             persistent = tuple(spec for spec in findings if spec.label == "Cardiomegaly")
-            findings_tuple = tuple(findings)
             leads = bool(rng.random() < P_LEADS)
             view = "AP" if rng.random() < P_AP_VIEW else "PA"
-            lead_points = tuple((float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.15, 0.35))) for _ in range(3))
-            report, phrases = write_report(rng, findings_tuple, site_index, view, study_index > 0, leads)
-            rendered = render_cxr(
-                rng, config.image_size, anatomy, findings_tuple, styles[site_index], _jitter(rng),
-                lead_points if leads else (),
-            )  # fmt: skip
-            present = {spec.label for spec in findings_tuple}
-            labels = (*(float(label in present) for label in FINDINGS), float(not present))
-            patient = f"cxr{patient_index:05d}"
-            records.append(
-                CxrRecord(
-                    image=rendered.image,
-                    report=report,
-                    labels=labels,
-                    patient=patient,
-                    study=f"{patient}_s{study_index}",
-                    site=f"hospital_{site_index:02d}",
-                    view=view,
-                    source=f"synthetic_cxr:{len(records)}",
-                    boxes=_boxes(rendered.finding_masks),
-                    lesion_mask=rendered.lesion_mask,
-                    finding_phrases=phrases,
+            report, phrases = write_report(rng, tuple(findings), site_index, view, study_index > 0, leads)
+            studies.append(
+                _DrawnStudy(
+                    patient_index, study_index, site_index, anatomy, tuple(findings), leads, view, report, phrases
                 )
             )
-            truths.append(CxrStudyTruth(findings_tuple, anatomy, study_index > 0, leads))
         patient_index += 1
-    return CxrDataset(records, SYNTH_CXR_LABELS), truths
+    return studies
 
 
-def generate_cxr(config: SynthCxrConfig) -> CxrDataset:
-    """Generate ``config.n`` synthetic chest radiographs with reports (see the module docstring).
+def _render_study(config: SynthCxrConfig, study: _DrawnStudy, style: CxrStyle) -> RenderedCxr:
+    """Render a study from its own stream ``default_rng([seed, patient, study, RENDER_STREAM])``.
+
+    The stream draws the positioning jitter and the electrode positions (whether or not leads
+    are drawn, so the noise does not depend on them), then the image's markings and noise.
+    """
+    rng = np.random.default_rng([config.seed, study.patient_index, study.study_index, RENDER_STREAM])
+    jitter = _jitter(rng)
+    lead_points = tuple((float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.15, 0.35))) for _ in range(3))
+    return render_cxr(
+        rng, config.image_size, study.anatomy, study.findings, style, jitter, lead_points if study.leads else ()
+    )
+
+
+def _record_indices(config: SynthCxrConfig, indices: Sequence[int] | None) -> list[int]:
+    """``indices`` as plain ints (all records when ``None``), each checked against ``config.n``."""
+    if indices is None:
+        return list(range(config.n))
+    chosen = [int(index) for index in indices]
+    out_of_range = [index for index in chosen if not 0 <= index < config.n]
+    if out_of_range:
+        raise IndexError(f"record indices {out_of_range[:5]} out of range for n={config.n}")
+    return chosen
+
+
+def generate_cxr_with_truth(
+    config: SynthCxrConfig, indices: Sequence[int] | None = None
+) -> tuple[CxrDataset, list[CxrStudyTruth]]:
+    """Generate a dataset and what was drawn for each study.
+
+    Patient ``i`` is drawn from its own stream ``default_rng([seed, i])``, so the first records
+    do not depend on ``n`` (except that the last patient loses its follow-up when ``n`` is
+    reached), and the same patients are drawn at every ``image_size``. Each study's image is
+    rendered from a stream of its own, so a client can render only its own records
+    (``indices``); findings and reports of every record are still drawn, which is cheap.
 
     Args:
         config: What to generate.
+        indices: Records to generate (positions in the full generation), in this order
+            (repeats allowed); all ``n`` when ``None``. Each record equals the record at that
+            position of the full generation, ``source`` included.
 
     Returns:
-        The dataset, records in patient order (a patient's studies adjacent), ``split=None``.
+        The dataset (``label_names`` = :data:`SYNTH_CXR_LABELS`) and one truth per record.
+
+    Raises:
+        IndexError: If an index is outside ``0 .. n-1``.
     """
-    return generate_cxr_with_truth(config)[0]
+    chosen = _record_indices(config, indices)
+    styles = site_styles(config.num_sites, config.style_shift)
+    studies = _draw_studies(config)
+    records: list[CxrRecord] = []
+    truths: list[CxrStudyTruth] = []
+    for record_index in chosen:
+        study = studies[record_index]
+        rendered = _render_study(config, study, styles[study.site_index])
+        patient = f"cxr{study.patient_index:05d}"
+        records.append(
+            CxrRecord(
+                image=rendered.image,
+                report=study.report,
+                labels=study.labels,
+                patient=patient,
+                study=f"{patient}_s{study.study_index}",
+                site=_hospital_name(study.site_index),
+                view=study.view,
+                source=f"synthetic_cxr:{record_index}",
+                boxes=_boxes(rendered.finding_masks),
+                lesion_mask=rendered.lesion_mask,
+                finding_phrases=study.phrases,
+            )
+        )
+        truths.append(CxrStudyTruth(study.findings, study.anatomy, study.study_index > 0, study.leads))
+    return CxrDataset(records, SYNTH_CXR_LABELS), truths
+
+
+def generate_cxr(config: SynthCxrConfig, indices: Sequence[int] | None = None) -> CxrDataset:
+    """Generate synthetic chest radiographs with reports (see the module docstring).
+
+    Args:
+        config: What to generate.
+        indices: Records to generate, in this order; all ``n`` when ``None`` (see
+            :func:`generate_cxr_with_truth`).
+
+    Returns:
+        The dataset, records in patient order (a patient's studies adjacent; in the order of
+        ``indices`` when given), ``split=None``.
+    """
+    return generate_cxr_with_truth(config, indices)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class CxrLabelIndex:
+    """Labels, patients and hospitals of every generated record, known without rendering images.
+
+    A federated client uses it to compute the seeded partition, then generates only its own rows
+    with ``generate_cxr(config, indices=rows)``. Row ``i`` describes record ``i``.
+
+    Attributes:
+        labels: ``float32 [n, len(SYNTH_CXR_LABELS)]`` 0/1 labels in :data:`SYNTH_CXR_LABELS` order.
+        patient: ``[n]`` patient ids (``"cxr00000"``, ...), a numpy string array.
+        site: ``[n]`` hospital names (``"hospital_00"``, ...), an object array (as the loaders give).
+    """
+
+    labels: np.ndarray
+    patient: np.ndarray
+    site: np.ndarray
+
+
+def cxr_label_index(config: SynthCxrConfig) -> CxrLabelIndex:
+    """The labels, patients and hospitals of ``generate_cxr(config)``, without rendering.
+
+    Args:
+        config: What would be generated.
+
+    Returns:
+        One row per record of the full generation.
+
+    Example:
+        >>> index = cxr_label_index(SynthCxrConfig(n=4, num_sites=2, seed=1))
+        >>> index.labels.shape, index.site.tolist()[:1]
+        ((4, 6), ['hospital_00'])
+    """
+    studies = _draw_studies(config)
+    labels = np.zeros((len(studies), len(SYNTH_CXR_LABELS)), dtype=np.float32)
+    for row, study in enumerate(studies):
+        labels[row] = study.labels
+    return CxrLabelIndex(
+        labels=labels,
+        patient=np.array([f"cxr{study.patient_index:05d}" for study in studies], dtype=str),
+        site=np.array([_hospital_name(study.site_index) for study in studies], dtype=object),
+    )
+
+
+def _hospital_name(site_index: int) -> str:
+    return f"hospital_{site_index:02d}"
 
 
 # --- The CXR manifest: PNG images and one CSV row per image ------------------------------------

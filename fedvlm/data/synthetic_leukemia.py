@@ -32,6 +32,10 @@ alone (0.75 decided + 0.25 at the prior 0.55), about 0.88 from the report alone 
 Sites differ by feature shift: stain colours, magnification, blur and noise of the images
 (:mod:`fedvlm.data.smear_render`), and the wording and order of the report template.
 
+Patient ``i`` has its own random stream, so a federated client can learn every record's label,
+patient and site without rendering (:func:`leukemia_label_index`), partition them, and then
+generate only its own patients (``generate_leukemia(config, indices=rows)``).
+
 Example:
     >>> records = generate_leukemia(SynthLeukemiaConfig(n=2, seed=3))
     >>> records[0].image.shape, records[0].patient, records[1].site
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -362,26 +367,45 @@ def _write_report(rng: np.random.Generator, patient: _Patient, site_index: int) 
     return f"{report} {impression}".strip(), signal_words
 
 
+def _patient_indices(config: SynthLeukemiaConfig, indices: Sequence[int] | None) -> list[int]:
+    """``indices`` as plain ints (all patients when ``None``), each checked against ``config.n``."""
+    if indices is None:
+        return list(range(config.n))
+    chosen = [int(index) for index in indices]
+    out_of_range = [index for index in chosen if not 0 <= index < config.n]
+    if out_of_range:
+        raise IndexError(f"patient indices {out_of_range[:5]} out of range for n={config.n}")
+    return chosen
+
+
 def generate_leukemia_with_truth(
     config: SynthLeukemiaConfig,
+    indices: Sequence[int] | None = None,
 ) -> tuple[list[LeukemiaRecord], np.ndarray, np.ndarray]:
     """Generate records and say which of their images and reports were informative.
 
     Patient ``i`` is drawn from its own stream ``default_rng([seed, i])``, so the first ``k``
-    records do not depend on ``n``, and the same patients are drawn at every ``image_size``.
+    records do not depend on ``n``, the same patients are drawn at every ``image_size``, and a
+    client can generate only its own patients (``indices``).
 
     Args:
         config: What to generate.
+        indices: Patients to generate, in this order (repeats allowed); all ``n`` when ``None``.
+            Each record equals record ``i`` of the full generation.
 
     Returns:
         The records, a boolean array ``informative_image`` and one ``informative_report``,
-        each of length ``n``.
+        each of length ``len(indices)`` (``n`` when ``None``).
+
+    Raises:
+        IndexError: If an index is outside ``0 .. n-1``.
     """
+    chosen = _patient_indices(config, indices)
     styles = site_styles(config.num_sites)
     records = []
-    informative_image = np.zeros(config.n, dtype=bool)
-    informative_report = np.zeros(config.n, dtype=bool)
-    for index in range(config.n):
+    informative_image = np.zeros(len(chosen), dtype=bool)
+    informative_report = np.zeros(len(chosen), dtype=bool)
+    for position, index in enumerate(chosen):
         rng = np.random.default_rng([config.seed, index])
         site_index = index % config.num_sites
         patient = _sample_patient(rng, config)
@@ -396,25 +420,81 @@ def generate_leukemia_with_truth(
                 report=report,
                 leukemia=patient.leukemia,
                 stage=patient.stage,
-                patient=f"synth{index:05d}",
-                site=f"site{site_index:02d}",
+                patient=_patient_name(index),
+                site=_site_name(site_index),
                 source=f"synthetic:{index}",
                 blast_points=blast_points,
                 signal_words=signal_words,
             )
         )
-        informative_image[index] = patient.informative_image
-        informative_report[index] = patient.informative_report
+        informative_image[position] = patient.informative_image
+        informative_report[position] = patient.informative_report
     return records, informative_image, informative_report
 
 
-def generate_leukemia(config: SynthLeukemiaConfig) -> list[LeukemiaRecord]:
-    """Generate ``config.n`` synthetic leukemia records (see the module docstring).
+def generate_leukemia(config: SynthLeukemiaConfig, indices: Sequence[int] | None = None) -> list[LeukemiaRecord]:
+    """Generate synthetic leukemia records (see the module docstring).
 
     Args:
         config: What to generate.
+        indices: Patients to generate, in this order; all ``n`` when ``None`` (see
+            :func:`generate_leukemia_with_truth`).
 
     Returns:
-        The records, in patient order.
+        The records, in patient order (in the order of ``indices`` when given).
     """
-    return generate_leukemia_with_truth(config)[0]
+    return generate_leukemia_with_truth(config, indices)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class LeukemiaLabelIndex:
+    """Labels, patients and sites of every generated record, known without rendering images.
+
+    A federated client uses it to compute the seeded partition, then generates only its own rows
+    with ``generate_leukemia(config, indices=rows)``. Row ``i`` describes record ``i``.
+
+    Attributes:
+        leukemia: ``int64 [n]``, 1 for leukemia, 0 for a healthy control.
+        stage: ``int64 [n]``, the 0-based stage of a positive, -1 for a negative.
+        patient: ``[n]`` patient ids (``"synth00000"``, ...), a numpy string array.
+        site: ``[n]`` site names (``"site00"``, ...), an object array (as the loaders give).
+    """
+
+    leukemia: np.ndarray
+    stage: np.ndarray
+    patient: np.ndarray
+    site: np.ndarray
+
+
+def leukemia_label_index(config: SynthLeukemiaConfig) -> LeukemiaLabelIndex:
+    """The labels, patients and sites of ``generate_leukemia(config)``, without rendering.
+
+    The label of patient ``i`` is the first draw from its stream (before the report and the
+    image), and its patient id and site follow from ``i``, so this costs a few draws per patient.
+
+    Args:
+        config: What would be generated.
+
+    Returns:
+        One row per record of the full generation.
+
+    Example:
+        >>> index = leukemia_label_index(SynthLeukemiaConfig(n=3, num_sites=2, seed=3))
+        >>> index.patient.tolist(), index.site.tolist()
+        (['synth00000', 'synth00001', 'synth00002'], ['site00', 'site01', 'site00'])
+    """
+    patients = [_sample_patient(np.random.default_rng([config.seed, index]), config) for index in range(config.n)]
+    return LeukemiaLabelIndex(
+        leukemia=np.array([patient.leukemia for patient in patients], dtype=np.int64),
+        stage=np.array([-1 if patient.stage is None else patient.stage for patient in patients], dtype=np.int64),
+        patient=np.array([_patient_name(index) for index in range(config.n)], dtype=str),
+        site=np.array([_site_name(index % config.num_sites) for index in range(config.n)], dtype=object),
+    )
+
+
+def _patient_name(index: int) -> str:
+    return f"synth{index:05d}"
+
+
+def _site_name(site_index: int) -> str:
+    return f"site{site_index:02d}"

@@ -3,8 +3,9 @@
 :class:`CxrMetrics` follows the leukemia metrics' rule — **merge state, don't average numbers**:
 its zero-shot metrics are torchmetrics with sum-reduced state (binned AUROC, stat scores) when
 ``mergeable``, so clients send counts and the server computes pooled values. Retrieval needs
-the embeddings of a whole gallery, so it is computed only where the data lives in one place
-(the server's test set, ``fedvlm evaluate``), never from a client's upload.
+the embeddings of a whole gallery, which never leave a site: each site retrieves within its own
+split and sends hit and query counts (:meth:`CxrMetrics.export_counts`), so the merged Recall@K
+is the share of all sites' queries answered within their own site's gallery.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class CxrMetrics(torch.nn.Module):
         self.retrieval_k = tuple(retrieval_k)
         self.keep_embeddings = keep_embeddings
         self._embeddings: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._retrieval_counts: dict[str, float] = {}
 
     def update(
         self,
@@ -113,27 +115,66 @@ class CxrMetrics(torch.nn.Module):
         A label with no positive (or no negative) example has no AUROC; it is left out of the
         macro average (and reported as NaN per label).
         """
-        values = self.zero_shot.compute()
+        defined = self._labels_with_both_classes()
+        values = {name: metric.compute() for name, metric in self.zero_shot.items() if name != "auroc"}
+        values["auroc"] = self._auroc(defined)
         scalars: dict[str, float] = {}
         auroc = values["auroc"].float()
-        defined = self._labels_with_both_classes()
         scalars["macro_auroc"] = float(auroc[defined].mean()) if defined.any() else float("nan")
         scalars["macro_f1"] = float(values["f1"].float().mean())
         scalars["accuracy"] = float(values["accuracy"].float().mean())
         for index, name in enumerate(self.label_names):
             scalars[f"auroc/{name}"] = float(auroc[index]) if defined[index] else float("nan")
+        counts = self.export_counts() if self._embeddings else self._retrieval_counts
+        for key in counts:
+            if key.endswith(".hits"):
+                name = key.removesuffix(".hits")
+                queries = counts[f"{name}.queries"]
+                scalars[name.replace("@", "_recall@")] = counts[key] / queries if queries else float("nan")
+        return scalars
+
+    def export_counts(self) -> dict[str, float]:
+        """Retrieval within the kept embeddings as counts: per direction and K, ``hits`` and
+        ``queries`` (``"i2t@5.hits"`` ...), plus any merged from other sites."""
+        counts = dict(self._retrieval_counts)
         if self._embeddings:
             images = torch.cat([e[0] for e in self._embeddings])
             texts = torch.cat([e[1] for e in self._embeddings])
             groups = torch.cat([e[2] for e in self._embeddings])
             for direction, (queries, gallery) in {"i2t": (images, texts), "t2i": (texts, images)}.items():
                 for k, value in retrieval_recall(queries, gallery, groups, self.retrieval_k).items():
-                    scalars[f"{direction}_recall@{k}"] = value
-        return scalars
+                    name = f"{direction}@{k}"
+                    counts[f"{name}.hits"] = counts.get(f"{name}.hits", 0.0) + round(value * len(images))
+                    counts[f"{name}.queries"] = counts.get(f"{name}.queries", 0.0) + len(images)
+        return counts
+
+    def merge_counts(self, counts: dict[str, float]) -> None:
+        """Add another site's :meth:`export_counts`."""
+        for key, value in counts.items():
+            self._retrieval_counts[key] = self._retrieval_counts.get(key, 0.0) + float(value)
 
     def reset(self) -> None:
         self.zero_shot.reset()
         self._embeddings = []
+        self._retrieval_counts = {}
+
+    def _auroc(self, defined: torch.Tensor) -> torch.Tensor:
+        """Per-label AUROC, NaN where a label lacks a positive or a negative (torchmetrics' exact
+        multilabel AUROC raises on a label with no valid sample, so labels are scored one by one)."""
+        metric = self.zero_shot["auroc"]
+        if metric.thresholds is not None:  # binned: counts per threshold, defined for every label
+            return metric.compute().float()
+        from torchmetrics.functional.classification import binary_auroc
+        from torchmetrics.utilities import dim_zero_cat
+
+        auroc = torch.full((len(self.label_names),), float("nan"))
+        if not metric.preds:  # nothing was evaluated
+            return auroc
+        preds, target = dim_zero_cat(metric.preds), dim_zero_cat(metric.target)
+        for label in torch.nonzero(defined).flatten().tolist():
+            known = target[:, label] != IGNORE
+            auroc[label] = binary_auroc(preds[known, label], target[known, label])
+        return auroc
 
     def _labels_with_both_classes(self) -> torch.Tensor:
         stat = self.zero_shot["f1"]

@@ -28,6 +28,8 @@ from torchmetrics.classification import (
 AUROC_BINS = 200
 """Thresholds of the binned AUROC whose state is mergeable (a ``[bins, 2, 2]`` count tensor)."""
 
+COUNTS_PREFIX = "counts."
+"""Exported-state prefix of counts a metrics module computes itself (``export_counts``)."""
 MATRIX_METRICS = ("confusion_matrix", "stage_confusion_matrix")
 
 
@@ -136,6 +138,9 @@ def export_state(metrics: torch.nn.Module) -> dict[str, list[float]]:
                 )
             exported[f"{name}.{state_name}"] = value.detach().flatten().double().tolist()
         exported[f"{name}.update_count"] = [float(metric._update_count)]
+    counts = getattr(metrics, "export_counts", None)  # counts a metric computes locally (retrieval hits)
+    if counts is not None:
+        exported.update({f"{COUNTS_PREFIX}{key}": [float(value)] for key, value in counts().items()})
     return exported
 
 
@@ -156,6 +161,10 @@ def merge_states(metrics: torch.nn.Module, states: Sequence[Mapping[str, Sequenc
                 setattr(metric, state_name, current + incoming.reshape(current.shape).to(current.dtype))
             metric._update_count += count
             metric._computed = None
+    merge = getattr(metrics, "merge_counts", None)
+    if merge is not None:
+        for state in states:
+            merge({k.removeprefix(COUNTS_PREFIX): v[0] for k, v in state.items() if k.startswith(COUNTS_PREFIX)})
 
 
 def _metrics(module: torch.nn.Module) -> list[tuple[str, Metric]]:

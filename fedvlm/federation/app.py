@@ -8,18 +8,22 @@
 * :data:`server_app` runs :class:`~fedvlm.federation.server.FederatedServer` on the coordinator's
   prepared run directory, named in the run config: ``flwr run . fedvlm --run-config
   "run-dir='/srv/fedvlm/pilot'"`` (add ``resume=true`` to continue from ``checkpoints/last.ckpt``).
-* :data:`client_app` serves one hospital's shard: its SuperNode names a site directory (made by
-  :func:`export_site`) and its partition in the node config: ``flower-supernode ... --node-config
-  "run-dir='/data/fedvlm/site' partition-id=3"``.
+* :data:`client_app` serves one hospital: its SuperNode names a site directory (made by
+  :func:`export_site`: the run's config and tokenizer, no data), its partition and its own data
+  in the node config: ``flower-supernode ... --node-config "run-dir='/data/fedvlm/site'
+  partition-id=0 site-name='hospital_a' data-format='all_idb2' data-root='/data/ALL_IDB2'
+  data-reports='/data/reports.csv'"``. The ClientApp reads and prepares that data itself, into
+  the site directory's ``clients/client_NNN/data/``; the coordinator never sees a path or a sample.
 
 The deployment engine starts the ClientApp in a fresh process for every message. The ClientApp
-keeps nothing in memory across rounds but caches (the run config, the shard, the frozen-weight
-digest): everything a round needs comes from the site directory (which also holds what it writes,
-e.g. explanations compared round to round) and the server's message, so it needs no
-``context.state``.
+keeps nothing in memory across rounds but caches (the run config, the prepared splits, the
+frozen-weight digest): everything a round needs comes from the site directory (which also holds
+what it writes, e.g. explanations compared round to round) and the server's message, so it needs
+no ``context.state``.
 
-:func:`prepare_run` prepares the coordinator's run directory (as ``fedvlm fit`` does, without
-training); :func:`export_site` copies out what one hospital needs and nothing of the others.
+:func:`prepare_run` prepares the coordinator's run directory (config, tokenizer, prompts: no
+data); :func:`export_site` copies out what a hospital's SuperNode needs, which is the same for
+every hospital.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
-from fedvlm.data.prepared import load_bundle
 from fedvlm.errors import ConfigError, FederationError
 from fedvlm.federation.client import RUN_DIR_KEY, make_client_app
 from fedvlm.federation.server import FederatedServer
@@ -49,6 +52,8 @@ RESUME_KEY = "resume"
 """Run-config key: continue the run directory from its last completed round."""
 NODE_POLL_SECONDS = 1.0
 """How often :func:`wait_for_nodes` asks the SuperLink for connected nodes."""
+SITE_FILES = (META_FILE, "prompts.pt")
+"""The coordinator's ``data/`` files a SuperNode needs (vocabulary size and labels, CXR prompts)."""
 SITE_FILE = "site.json"
 """Written by :func:`export_site`: which partition a site directory holds and where it came from."""
 
@@ -125,8 +130,9 @@ client_app = make_client_app()
 def prepare_run(recipe: str | None, overrides: list[str], out: Path) -> dict[str, Any]:
     """Prepare a run directory on the coordinator without training (``Task.prepare``).
 
-    The result is what ``fedvlm fit`` would train: ``config.yaml``, ``data/`` (``test.pt``, every
-    client's shard, ``meta.json``), ``tokenizer/`` and ``partition.json``.
+    It holds what the coordinator may: ``config.yaml``, ``tokenizer/`` (never built from a site's
+    reports) and ``data/`` (``meta.json``, CXR prompts). No site's data is read: each SuperNode
+    prepares its own, and ``partition.json`` is written from the counts they report.
 
     Returns:
         The prepared-data facts (``meta.json``).
@@ -137,6 +143,9 @@ def prepare_run(recipe: str | None, overrides: list[str], out: Path) -> dict[str
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty")
     cfg = load_config(recipe, overrides)
+    from fedvlm.fit import check_components
+
+    check_components(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / CONFIG_FILE_NAME)
     try:
@@ -149,44 +158,28 @@ def prepare_run(recipe: str | None, overrides: list[str], out: Path) -> dict[str
 def export_site(run_dir: Path, partition_id: int, out: Path) -> Path:
     """Copy what hospital ``partition_id``'s SuperNode needs out of a prepared run directory.
 
-    The site directory holds ``config.yaml``, ``tokenizer/`` (if the run has one), ``data/meta.json``
-    without the other clients' sizes, the run's shared non-patient files in ``data/`` (e.g. the CXR
-    prompt bundle), files keyed by sample index cut to this client's samples (``Task.per_sample_files``),
-    this client's ``data/client_<pid>_{train,val}.pt`` and ``site.json``. Left out:
-    every other client's shard, the server's ``test.pt``, ``partition.json``, checkpoints, metrics.
-
-    Note that a word tokenizer (``model.text_encoder.pretrained`` unset) was built from every
-    site's training reports: its vocabulary is shared with all sites.
+    The site directory holds ``config.yaml``, ``tokenizer/`` (if the run has one), ``data/``
+    (``meta.json``, the CXR prompt bundle) and ``site.json``: nothing about any site's data, so
+    every hospital gets the same files; its node config names its own data.
 
     Raises:
         ConfigError: If ``run_dir`` is not prepared, ``partition_id`` is not one of its clients,
             or ``out`` exists and is not empty.
     """
-    meta = read_meta(run_dir)
-    num_clients = int(meta["num_clients"])
+    read_meta(run_dir)  # fails when run_dir was never prepared
+    cfg = load_config(run_dir / CONFIG_FILE_NAME)
+    num_clients = int(cfg.federation.num_clients)
     if not 0 <= partition_id < num_clients:
         raise ConfigError(f"partition id {partition_id} is not a client of {run_dir} (0..{num_clients - 1})")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty")
-    own = {f"client_{partition_id:03d}_train.pt", f"client_{partition_id:03d}_val.pt"}
     (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
     shutil.copy2(run_dir / CONFIG_FILE_NAME, out / CONFIG_FILE_NAME)
     if (run_dir / TOKENIZER_DIR).is_dir():
         shutil.copytree(run_dir / TOKENIZER_DIR, out / TOKENIZER_DIR)
-    for path in sorted((run_dir / DATA_DIR).iterdir()):
-        pooled = path.name == "test.pt" or (path.name.startswith("client_") and path.name not in own)
-        if path.is_file() and path.name != META_FILE and not pooled:
-            shutil.copy2(path, out / DATA_DIR / path.name)
-    missing = sorted(own - {p.name for p in (out / DATA_DIR).iterdir()})
-    if missing:
-        raise ConfigError(f"{run_dir / DATA_DIR} lacks {', '.join(missing)}")
-    samples = {str(i) for name in own for i in load_bundle(out / DATA_DIR / name)["index"].tolist()}
-    for name in get_task(load_config(run_dir / CONFIG_FILE_NAME).task).per_sample_files:
-        if (out / DATA_DIR / name).is_file():
-            entries = json.loads((out / DATA_DIR / name).read_text())
-            (out / DATA_DIR / name).write_text(json.dumps({k: v for k, v in entries.items() if k in samples}))
-    site_meta = {k: v for k, v in meta.items() if k != "client_sizes"}
-    (out / DATA_DIR / META_FILE).write_text(json.dumps(site_meta, indent=2))
+    for name in SITE_FILES:
+        if (run_dir / DATA_DIR / name).is_file():
+            shutil.copy2(run_dir / DATA_DIR / name, out / DATA_DIR / name)
     (out / SITE_FILE).write_text(json.dumps({"partition_id": partition_id, "exported_from": str(run_dir)}, indent=2))
     return out
 

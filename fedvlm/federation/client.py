@@ -1,22 +1,25 @@
 """The Flower ClientApp: local training and evaluation of one site's data.
 
-Each message is handled with what the site has on disk (its shard of the run directory) and
-the config the server sends; the LightningModule is trained by a per-round ``lightning.Trainer``
-with :class:`~fedvlm.federation.callback.FederatedRoundCallback` attached. Only weights and
-scalar metrics (or sum-reduced metric counts) leave the site.
+Each message is handled with what the site has on disk (its own data, prepared in this process
+the first time: :mod:`fedvlm.tasks.site`) and the config the server sends; the LightningModule
+is trained by a per-round ``lightning.Trainer`` with
+:class:`~fedvlm.federation.callback.FederatedRoundCallback` attached. Only weights and scalar
+metrics, sample counts or sum-reduced metric counts leave the site.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
@@ -35,6 +38,8 @@ from fedvlm.federation.callback import (
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.federation.secure import secure_aggregation_mod
 from fedvlm.tasks import Task, get_task
+from fedvlm.tasks.base import run_tokenizer
+from fedvlm.tasks.site import SiteData, ensure_site_data
 
 if TYPE_CHECKING:
     from fedvlm.privacy import PrivateTraining
@@ -48,10 +53,23 @@ def _run_config(run_dir: str) -> DictConfig:
     return load_config(Path(run_dir) / CONFIG_FILE_NAME)
 
 
+def site_data(run_dir: str, partition_id: int, node_config: Mapping[str, Any] | None = None) -> SiteData:
+    """This client's own data, prepared from its own source on first use and kept for the process."""
+    named = tuple(sorted((str(k), str(v)) for k, v in (node_config or {}).items()))
+    return _site_data(run_dir, partition_id, named)
+
+
 @cache
-def _client_data(run_dir: str, partition_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _site_data(run_dir: str, partition_id: int, node_config: tuple[tuple[str, str], ...]) -> SiteData:
     cfg = _run_config(run_dir)
-    return get_task(cfg.task).load_client(Path(run_dir), partition_id)
+    return ensure_site_data(
+        get_task(cfg.task).read_site,
+        cfg,
+        Path(run_dir),
+        partition_id,
+        lambda: run_tokenizer(cfg, Path(run_dir)),
+        dict(node_config),
+    )
 
 
 def make_trainer(cfg: DictConfig, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
@@ -81,15 +99,17 @@ def train_locally(
     partition_id: int,
     global_state: dict[str, torch.Tensor],
     round_config: dict[str, Any],
+    site: SiteData,
 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
-    """One client's round: load global weights, train ``local-epochs``, return the local state.
+    """One client's round on its ``site`` data: load global weights, train ``local-epochs``,
+    return the local state.
 
     Returns:
         ``(local_state, num_examples, metrics)``: the travelling keys after training, the number
         of local training examples, and scalar metrics (``train-loss``, ``train-seconds``).
     """
     started = time.perf_counter()
-    train_bundle, _ = _client_data(str(run_dir), partition_id)
+    train_bundle = site.train
     module = build_global_module(task, cfg, run_dir, global_state, str(round_config.get(keys.STATIC_FINGERPRINT, "")))
     round_seed = int(round_config[keys.ROUND_SEED]) + partition_id
     L.seed_everything(round_seed, workers=True, verbose=False)
@@ -99,7 +119,7 @@ def train_locally(
     callback = FederatedRoundCallback(
         global_state, float(round_config.get(keys.PROXIMAL_MU, 0.0)), proximal_pull=bool(cfg.privacy.dp)
     )
-    extra = task.round_callbacks(cfg, run_dir, partition_id, int(round_config[keys.SERVER_ROUND]))
+    extra = task.round_callbacks(cfg, run_dir, partition_id, int(round_config[keys.SERVER_ROUND]), site)
     loader = make_loader(
         train_bundle,
         cfg.trainer.batch_size,
@@ -201,16 +221,18 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         run_dir_str = site_run_dir(context)
         partition_id = int(context.node_config[keys.PARTITION_ID])
-        train_bundle, _ = _client_data(run_dir_str, partition_id)
+        site = site_data(run_dir_str, partition_id, context.node_config)  # prepared here, on the site
+        counts = {k: v for k, v in site.counts.items() if k != "fingerprint"}
         return Message(
             RecordDict(
                 {
                     keys.METRICS: MetricRecord(
                         {
                             keys.PARTITION_ID: partition_id,
-                            keys.NUM_EXAMPLES: bundle_size(train_bundle),
+                            keys.NUM_EXAMPLES: bundle_size(site.train),
                         }
-                    )
+                    ),
+                    keys.CONFIG: ConfigRecord({keys.SITE_COUNTS: json.dumps(counts)}),
                 }
             ),
             reply_to=msg,
@@ -226,10 +248,11 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
         global_state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
         from fedvlm.federation.byzantine import client_attack
 
+        site = site_data(run_dir_str, partition_id, context.node_config)
         attack = client_attack(cfg, partition_id)  # federation.byzantine; a no-op for honest clients
-        attack.poison_training_data(_client_data(run_dir_str, partition_id)[0])
+        attack.poison_training_data(site.train)
         local_state, num_examples, metrics = train_locally(
-            get_task(cfg.task), cfg, Path(run_dir_str), partition_id, dict(global_state), round_config
+            get_task(cfg.task), cfg, Path(run_dir_str), partition_id, dict(global_state), round_config, site
         )
         diverged = non_finite_keys(local_state)
         if diverged:  # never send NaN/Inf: averaged in, they would destroy the global model
@@ -264,7 +287,7 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
         cfg = _run_config(run_dir_str)
         partition_id = int(context.node_config[keys.PARTITION_ID])
         task = get_task(cfg.task)
-        _, val_bundle = _client_data(run_dir_str, partition_id)
+        site = site_data(run_dir_str, partition_id, context.node_config)
         config = msg.content.config_records[keys.CONFIG]
         module = build_global_module(
             task,
@@ -273,23 +296,14 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
             dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict()),
             str(config.get(keys.STATIC_FINGERPRINT, "")),
         )
-        metrics = task.make_metrics(cfg, mergeable=True)
-        task.evaluate(module, val_bundle, metrics, cfg.trainer.batch_size)
-        state = {f"{keys.EVAL_STATE_PREFIX}{k}": v for k, v in export_state(metrics).items()}
-        return Message(
-            RecordDict(
-                {
-                    keys.METRICS: MetricRecord(
-                        {
-                            keys.NUM_EXAMPLES: bundle_size(val_bundle),
-                            keys.PARTITION_ID: partition_id,
-                            **state,
-                        }
-                    )
-                }
-            ),
-            reply_to=msg,
-        )
+        reply: dict[str, Any] = {keys.PARTITION_ID: partition_id}
+        for split in keys.EVAL_SPLITS:  # the site's local validation and test splits, as counts
+            bundle = site.bundles[split]
+            metrics = task.make_metrics(cfg, mergeable=True)
+            task.evaluate(module, bundle, metrics, cfg.trainer.batch_size)
+            reply[f"{split}/{keys.NUM_EXAMPLES}"] = bundle_size(bundle)
+            reply.update({f"{keys.EVAL_STATE_PREFIX}{split}/{k}": v for k, v in export_state(metrics).items()})
+        return Message(RecordDict({keys.METRICS: MetricRecord(reply)}), reply_to=msg)
 
     return app
 
@@ -299,4 +313,4 @@ def _maybe_fail(cfg: DictConfig, partition_id: int, server_round: int) -> None:
         raise RuntimeError(f"injected failure of client {partition_id} in round {server_round} (federation.faults)")
 
 
-__all__ = ["RUN_DIR_KEY", "make_client_app", "make_trainer", "train_locally"]
+__all__ = ["RUN_DIR_KEY", "make_client_app", "make_trainer", "site_data", "train_locally"]

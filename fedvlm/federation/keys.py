@@ -26,6 +26,8 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 SHARED_PREFIX = "explain/"  # aggregate explanation-quality metrics a client may share
 EVAL_STATE_PREFIX = "state/"  # mergeable metric state, e.g. "state/detection.auroc.confmat"
+SITE_COUNTS = "site-counts"  # query reply: the site's name and sample counts per split (JSON; counts only)
+EVAL_SPLITS = ("val", "test")  # evaluate reply: state under "state/<split>/..." and "<split>/num-examples"
 EPSILON = "privacy/epsilon"  # the client's cumulative DP-SGD ε over all its rounds (privacy.dp)
 
 # metrics.jsonl round-row keys

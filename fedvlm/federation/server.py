@@ -8,8 +8,8 @@ One round (Fed-MMX Algorithm 1 / FedVLM Algorithm 1):
    and left out; fewer than ``min_clients`` answers stop the run (progress is kept);
 4. decode (update codec) and aggregate (strategy) in partition order, so the result does not
    depend on the order in which replies arrived;
-5. evaluate the new global model on the server's held-out test set (pooled by construction) and,
-   optionally, on every client's local validation split by **merging metric state**;
+5. evaluate the new global model on every site's local validation and test splits, pooled by
+   **merging metric state** (counts), never by averaging per-site numbers; per-site values too;
 6. write ``checkpoints/last.ckpt`` (+ ``best.ckpt``) and ``metrics.jsonl``; stop early when
    ``‖θ(t+1) − θ(t)‖₂ < ε`` (Eq. 6).
 
@@ -18,9 +18,11 @@ Flower's ``Strategy.start()`` has no resume and counts rounds from 1, hence this
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ from omegaconf import DictConfig
 from fedvlm.errors import FederationError
 from fedvlm.evaluation.metrics import merge_states
 from fedvlm.federation import keys
-from fedvlm.federation.callback import load_global_state, non_finite_keys, static_fingerprint, travelling_keys
+from fedvlm.federation.callback import non_finite_keys, static_fingerprint, travelling_keys
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.federation.messages import content_bytes, error_reason
 from fedvlm.federation.secure import CLIPPED_FRACTION, SecureAggregator
@@ -121,6 +123,42 @@ def update_norm(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
     return math.sqrt(total)
 
 
+PARTITION_FILE = "partition.json"
+
+
+def write_partition_summary(run_dir: Path, counts: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """``RUN_DIR/partition.json`` from the counts the sites reported: per client its site, its
+    train / val / test sizes, ``num_samples`` (their sum) and counts per label; and the test total.
+    Only counts: nothing per sample reaches the coordinator."""
+    clients = []
+    for pid, site in sorted(counts.items()):
+        by_split = site["by_label"]
+        labels = list(next(iter(by_split.values()))) if by_split else []
+        entry = {
+            "client": pid,
+            "site": site["site"],
+            "train": int(site["train"]),
+            "val": int(site["val"]),
+            "test": int(site["test"]),
+            "num_samples": int(site["train"]) + int(site["val"]) + int(site["test"]),
+            "by_label": {name: sum(int(split[name]) for split in by_split.values()) for name in labels},
+            "by_split": by_split,
+            "sites": site.get("source_sites", []),
+        }
+        entry.update({k: v for k, v in site.items() if k in ("positives_by_label", "skipped")})
+        clients.append(entry)
+    test_labels: dict[str, int] = {}
+    for site in counts.values():
+        for name, count in site["by_label"].get("test", {}).items():
+            test_labels[name] = test_labels.get(name, 0) + int(count)
+    summary = {
+        "clients": clients,
+        "test": {"num_samples": sum(int(c["test"]) for c in counts.values()), "by_label": test_labels},
+    }
+    (run_dir / PARTITION_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 class FederatedServer:
     """Runs the rounds of one run directory on a Flower ``Grid``.
 
@@ -148,7 +186,8 @@ class FederatedServer:
         self.codec = update_codecs.create(cfg.federation.update_codec)
         L.seed_everything(int(cfg.seed), verbose=False)  # the initial global model follows the seed
         self.module = task.build_module(cfg, run_dir).to(evaluation_device(cfg))
-        self.test_bundle = task.load_test(run_dir)
+        self.selection_key = f"{cfg.evaluation.select_on}/{task.selection_metric}"
+        self.site_names: dict[int, str] = {}  # partition id → site name, as each client reports
         self.progress = Progress()
         self.global_state: State = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         # What can ever change: parameters trainable at construction and float buffers. Weights
@@ -239,7 +278,6 @@ class FederatedServer:
         norm = update_norm(previous, self.global_state)
 
         row: dict[str, Any] = {"round": server_round}
-        row.update({f"test/{k}": v for k, v in self._evaluate_on_server().items()})
         total_examples = sum(u.num_examples for u in updates)
         row["train/loss"] = sum(u.num_examples * float(u.metrics[keys.TRAIN_LOSS]) for u in updates) / total_examples
         clients: dict[str, dict[str, Any]] = {
@@ -277,14 +315,16 @@ class FederatedServer:
         clipped = [float(u.metrics[CLIPPED_FRACTION]) for u in updates if CLIPPED_FRACTION in u.metrics]
         if clipped:  # coordinates SecAgg+ had to clip to ±clipping_range: should stay ~0
             row[f"{CLIPPED_FRACTION}_max"] = max(clipped)
-        if federation.evaluate_clients:
+        if federation.evaluate_clients or server_round == federation.rounds:
             pooled, per_client, sent, received, eval_failed = self._evaluate_on_clients(grid, nodes)
             bytes_sent += sent
             bytes_received += received
             row["failed_evaluations"] = {str(pid): why for pid, why in sorted(eval_failed.items())}
-            row.update({f"val/{k}": v for k, v in pooled.items()})
+            row.update(pooled)
             for pid, values in per_client.items():
-                clients.setdefault(str(pid), {}).update({f"val/{k}": v for k, v in values.items()})
+                clients.setdefault(str(pid), {}).update(values)
+                site = self.site_names.get(pid, str(pid))
+                row.update({f"test/site/{site}/{k[5:]}": v for k, v in values.items() if k.startswith("test/")})
         row.update(
             {
                 "round_seconds": time.perf_counter() - started,
@@ -395,19 +435,13 @@ class FederatedServer:
             failed[pid] = f"no reply within federation.round_timeout={timeout:g}s"
         return answered, failed
 
-    def _evaluate_on_server(self) -> dict[str, float]:
-        load_global_state(self.module, self.global_state)
-        metrics = self.task.make_metrics(self.cfg, mergeable=False)
-        self.task.evaluate(self.module, self.test_bundle, metrics, int(self.cfg.trainer.batch_size))
-        return self.task.scalar_metrics(metrics)
-
     def _evaluate_on_clients(
         self, grid: Grid, nodes: Mapping[int, int]
     ) -> tuple[dict[str, float], dict[int, dict[str, float]], int, int, dict[int, str]]:
-        """Pooled and per-client metrics on the clients' local validation splits.
+        """Pooled and per-client metrics (``val/...``, ``test/...``) on every site's local splits.
 
         Pooled values come from summing the clients' metric *states* (counts), never from
-        averaging their per-client numbers.
+        averaging their per-client numbers: the pooled AUROC is the AUROC over the union.
         """
         downlink = self._downlink()
         config = ConfigRecord({keys.STATIC_FINGERPRINT: self.static_fingerprint})
@@ -419,28 +453,44 @@ class FederatedServer:
         ]
         sent = content_bytes(messages[0].content) * len(messages) if messages else 0  # one content for every client
         replies, failed = self._exchange(grid, messages, nodes, float(self.cfg.federation.round_timeout))
-        pooled = self.task.make_metrics(self.cfg, mergeable=True)
+        received = sum(content_bytes(reply.content) for reply in replies.values())
+        pooled_values: dict[str, float] = {}
         per_client: dict[int, dict[str, float]] = {}
-        states = []
-        received = 0
-        for pid, reply in sorted(replies.items()):
-            metrics = reply.content.metric_records[keys.METRICS]
-            received += content_bytes(reply.content)
-            if int(metrics[keys.NUM_EXAMPLES]) == 0:  # type: ignore[arg-type]
-                continue
-            state: dict[str, list[float]] = {
-                k.removeprefix(keys.EVAL_STATE_PREFIX): list(v)  # type: ignore[arg-type, misc]
-                for k, v in metrics.items()
-                if k.startswith(keys.EVAL_STATE_PREFIX)
-            }
-            states.append(state)
-            local = self.task.make_metrics(self.cfg, mergeable=True)
-            merge_states(local, [state])
-            per_client[pid] = self.task.scalar_metrics(local)
-        if not states:
-            return {}, per_client, sent, received, failed
-        merge_states(pooled, states)
-        return self.task.scalar_metrics(pooled), per_client, sent, received, failed
+        for split in keys.EVAL_SPLITS:
+            states = []
+            for pid, reply in sorted(replies.items()):
+                metrics = reply.content.metric_records[keys.METRICS]
+                if int(metrics[f"{split}/{keys.NUM_EXAMPLES}"]) == 0:  # type: ignore[arg-type]
+                    continue
+                prefix = f"{keys.EVAL_STATE_PREFIX}{split}/"
+                state: dict[str, list[float]] = {
+                    k.removeprefix(prefix): list(v)  # type: ignore[arg-type, misc]
+                    for k, v in metrics.items()
+                    if k.startswith(prefix)
+                }
+                states.append(state)
+                local = self.task.make_metrics(self.cfg, mergeable=True)
+                merge_states(local, [state])
+                values = self._scalars(local, split, self.site_names.get(pid, f"client {pid}"))
+                per_client.setdefault(pid, {}).update({f"{split}/{k}": v for k, v in values.items()})
+            if states:
+                pooled = self.task.make_metrics(self.cfg, mergeable=True)
+                merge_states(pooled, states)
+                values = self._scalars(pooled, split, "all sites")
+                pooled_values.update({f"{split}/{k}": v for k, v in values.items()})
+        return pooled_values, per_client, sent, received, failed
+
+    def _scalars(self, metrics: torch.nn.Module, split: str, where: str) -> dict[str, float]:
+        """Scalar values; a per-label value with no valid sample is NaN, named in a warning."""
+        values = self.task.scalar_metrics(metrics)
+        undefined = [k.split("/", 1)[1] for k, v in values.items() if k.startswith("auroc/") and math.isnan(v)]
+        if undefined:
+            warnings.warn(
+                f"{split} split of {where}: no AUROC for label(s) {', '.join(undefined)} (no positive or no "
+                "negative sample); they are NaN and left out of the macro average",
+                stacklevel=2,
+            )
+        return values
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -452,7 +502,8 @@ class FederatedServer:
         progress.converged = tolerance > 0 and norm < tolerance
         row["converged"] = progress.converged
         checkpoints = self.run_dir / CHECKPOINT_DIR
-        value = float(row.get(self.task.selection_metric, -math.inf))
+        value = row.get(self.selection_key)
+        value = -math.inf if value is None or math.isnan(float(value)) else float(value)
         improved = value > progress.best_value
         if improved:
             progress.best_value, progress.best_round = value, server_round
@@ -493,12 +544,26 @@ class FederatedServer:
             for node in node_ids
         ]
         nodes: dict[int, int] = {}
+        counts: dict[int, dict[str, Any]] = {}
         for reply in grid.send_and_receive(messages, timeout=float(self.cfg.federation.round_timeout)):
-            if reply.has_error():
+            if reply.has_error():  # e.g. a site's data failed validation: its error names the site and file
                 raise FederationError(f"node {reply.metadata.src_node_id} failed to start: {error_reason(reply)}")
             pid = int(reply.content.metric_records[keys.METRICS][keys.PARTITION_ID])  # type: ignore[arg-type]
             if pid in nodes:
                 raise FederationError(f"two SuperNodes claim partition {pid}")
             nodes[pid] = reply.metadata.src_node_id
             self.client_sizes[pid] = int(reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])  # type: ignore[arg-type]
+            counts[pid] = json.loads(str(reply.content.config_records[keys.CONFIG][keys.SITE_COUNTS]))
+            self.site_names[pid] = str(counts[pid]["site"])
+        if len(nodes) < expected:
+            raise FederationError(f"{len(nodes)} SuperNodes answered, {expected} expected")
+        names = [self.site_names[pid] for pid in sorted(nodes)]
+        if len(set(names)) < len(names):
+            raise FederationError(f"two SuperNodes name the same site: {sorted(names)}")
+        if self.cfg.evaluation.select_on == "val" and not any(c["val"] for c in counts.values()):
+            raise FederationError(
+                "no site has a validation split to select best.ckpt on: set data.val_fraction > 0 or "
+                "evaluation.select_on=test (optimistic: the test split then chooses the model)"
+            )
+        write_partition_summary(self.run_dir, counts)
         return nodes

@@ -39,7 +39,7 @@ from typing_extensions import override
 
 from fedvlm.errors import ConfigError, FederationError
 from fedvlm.privacy.accountant import HistoryEntry, PrivacyLedger
-from fedvlm.tasks.base import client_dir
+from fedvlm.tasks.site import client_dir
 
 log = logging.getLogger(__name__)
 

@@ -9,63 +9,58 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from fedvlm.data.partition import split_train_test
-from fedvlm.errors import ConfigError, DataError
+from fedvlm.errors import ConfigError
 from fedvlm.models.encoders import tokenizer_source
 from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
 from fedvlm.registry import Registry
+from fedvlm.tasks.site import SiteData, SiteRecords
 
 DATA_DIR = "data"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
-CLIENTS_DIR = "clients"
-
-
-def client_dir(run_dir: Path, partition_id: int) -> Path:
-    """A client's own folder in the run directory (site-local outputs such as explanations)."""
-    return run_dir / CLIENTS_DIR / f"client_{partition_id:03d}"
 
 
 class Task(Protocol):
     """What the round loop needs from a problem (leukemia staging, CXR contrastive, ...).
 
+    The coordinator calls :meth:`prepare` (config-derived files only); each client calls
+    :meth:`read_site` on its own source, in its own process (:mod:`fedvlm.tasks.site`).
+
     Attributes:
         name: Registry name, the ``task`` config value.
-        selection_metric: The ``metrics.jsonl`` key that selects ``best.ckpt`` (higher is better).
+        selection_metric: The metric (without split prefix) that selects ``best.ckpt``, higher is
+            better, read from the merged ``val/`` (default) or ``test/`` values.
         curve_metrics: The ``metrics.jsonl`` keys plotted in ``curves.png``.
-        per_sample_files: JSON files in ``RUN_DIR/data/`` keyed by sample index; a site export
-            keeps only its own samples' entries.
     """
 
     name: str
     selection_metric: str
     curve_metrics: tuple[str, ...]
-    per_sample_files: tuple[str, ...]
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-        """Load, split and partition the data; write ``RUN_DIR/data/`` and ``partition.json``.
+        """Write what the coordinator may hold: the tokenizer (never built from a site's reports),
+        prompts, and ``RUN_DIR/data/meta.json`` (vocabulary size, label names). Reads no data.
 
         Returns:
-            Facts about the prepared data (sizes per client, vocabulary size ...), also saved
-            to ``RUN_DIR/data/meta.json``.
+            The facts saved to ``meta.json``.
+        """
+        ...
+
+    def read_site(self, cfg: DictConfig) -> SiteRecords:
+        """The records of the one source ``cfg.data`` names (a site's config), indexed and
+        validated, images not yet decoded.
+
+        Raises:
+            DataError: Naming the file, row or value at fault.
         """
         ...
 
     def build_module(self, cfg: DictConfig, run_dir: Path) -> L.LightningModule:
         """A freshly initialised module for this run (seeded by the caller)."""
-        ...
-
-    def load_client(self, run_dir: Path, partition_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The (train, local validation) bundles of one client."""
-        ...
-
-    def load_test(self, run_dir: Path) -> dict[str, torch.Tensor]:
-        """The server's held-out test bundle (no client trains on it)."""
         ...
 
     def make_metrics(self, cfg: DictConfig, mergeable: bool) -> torch.nn.Module:
@@ -82,7 +77,9 @@ class Task(Protocol):
         """Scalar values of ``metrics`` (names without prefix)."""
         ...
 
-    def round_callbacks(self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int) -> list[L.Callback]:
+    def round_callbacks(
+        self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int, site: SiteData
+    ) -> list[L.Callback]:
         """Extra Lightning callbacks for one client's local round (e.g. explanations). A callback
         with a ``shareable_metrics()`` method contributes those aggregates to the client's reply."""
         ...
@@ -121,74 +118,57 @@ def import_class(dotted: str, base: type) -> type:
     return cls
 
 
-def make_tokenizer(cfg: DictConfig, texts: Sequence[str], run_dir: Path) -> PreTrainedTokenizerBase:
-    """The run's tokenizer, saved to ``RUN_DIR/tokenizer``: the text encoder's own (hub id or local
-    path), or a word tokenizer built from ``texts`` (the training reports) for a random-init encoder."""
-    source = tokenizer_source(cfg.model.text_encoder)
-    tokenizer = load_tokenizer(source) if source else build_word_tokenizer(iter(texts))
+PUBLIC_VOCABULARY = Path(__file__).resolve().parent.parent / "resources" / "wordpiece_uncased_vocab.txt"
+"""BERT-base (uncased) WordPiece vocabulary shipped with the package: the default of a random-init
+text encoder on real data."""
+
+
+def make_tokenizer(cfg: DictConfig, run_dir: Path, public_texts: Sequence[str] = ()) -> PreTrainedTokenizerBase | None:
+    """The run's tokenizer, saved to ``RUN_DIR/tokenizer`` (None for an image-only model).
+
+    Never built from the sites' reports. In order: the text encoder's own tokenizer (hub id or
+    local path); a WordPiece vocabulary file ``model.text_encoder.vocabulary`` (BERT ``vocab.txt``
+    format); a word tokenizer over ``public_texts`` (a synthetic generator's public template
+    vocabulary and the recipe's prompts); the BERT-base uncased vocabulary shipped with fedvlm.
+
+    Raises:
+        ConfigError: If the vocabulary file is missing.
+    """
+    if cfg.model.modality == "image":
+        return None
+    encoder = cfg.model.text_encoder
+    source = tokenizer_source(encoder)
+    tokenizer: PreTrainedTokenizerBase
+    if source:
+        tokenizer = load_tokenizer(source)
+    elif encoder.vocabulary or not public_texts:
+        vocabulary = Path(encoder.vocabulary).expanduser() if encoder.vocabulary else PUBLIC_VOCABULARY
+        if not vocabulary.is_file():
+            raise ConfigError(f"model.text_encoder.vocabulary={str(vocabulary)!r}: no such file (a BERT vocab.txt)")
+        from transformers import BertTokenizer  # tokenizers-backed (fast) in transformers 5
+
+        tokenizer = BertTokenizer(vocab=str(vocabulary), do_lower_case=True)
+    else:
+        tokenizer = build_word_tokenizer(iter(public_texts))
     tokenizer.save_pretrained(str(run_dir / TOKENIZER_DIR))
     return tokenizer
 
 
-def local_split(
-    classes: np.ndarray, patients: np.ndarray, indices: np.ndarray, val_fraction: float, seed: int, client: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split one client's samples into local train and validation (by patient, stratified)."""
-    if val_fraction <= 0 or len(np.unique(patients[indices])) < 4:
-        return indices, indices[:0]
-    try:
-        train_rows, val_rows = split_train_test(classes[indices], patients[indices], val_fraction, seed)
-    except DataError as err:
-        raise DataError(
-            f"client {client}: cannot split its {len(indices)} samples into local train/validation ({err}); "
-            "set data.val_fraction=0 or give the client more data"
-        ) from None
-    return indices[train_rows], indices[val_rows]
+def run_tokenizer(cfg: DictConfig, run_dir: Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer the coordinator saved for the run (None for an image-only model)."""
+    return None if cfg.model.modality == "image" else load_tokenizer(str(run_dir / TOKENIZER_DIR))
 
 
-def client_shard_path(run_dir: Path, partition_id: int, split: str) -> Path:
-    """``RUN_DIR/data/client_NNN_{train,val}.pt``: one client's prepared shard."""
-    return run_dir / DATA_DIR / f"client_{partition_id:03d}_{split}.pt"
+def is_synthetic(data: DictConfig) -> bool:
+    """Whether ``data`` (the recipe's, or a site's) names the built-in generator."""
+    return data.format == "synthetic" and data.root is None
 
 
-def test_shard_path(run_dir: Path) -> Path:
-    """``RUN_DIR/data/test.pt``: the server's held-out test set."""
-    return run_dir / DATA_DIR / "test.pt"
+def synthetic_everywhere(cfg: DictConfig) -> bool:
+    """Whether every site of the run reads the built-in generator (so its public vocabulary covers them)."""
+    from fedvlm.data.sites import read_site_entries, site_config
 
-
-def save_shards(
-    cfg: DictConfig,
-    run_dir: Path,
-    everything: dict[str, torch.Tensor],
-    test_idx: np.ndarray,
-    client_indices: Sequence[np.ndarray],
-    classes: np.ndarray,
-    patients: np.ndarray,
-) -> list[dict[str, int]]:
-    """Write the test set and every client's local train/validation shards (split by patient).
-
-    Returns:
-        Per client ``{"train": n, "val": n}``.
-    """
-    from fedvlm.data.prepared import save_bundle, subset
-
-    save_bundle(subset(everything, test_idx), test_shard_path(run_dir))
-    sizes = []
-    for client, indices in enumerate(client_indices):
-        local_train, local_val = local_split(
-            classes, patients, indices, cfg.data.val_fraction, cfg.seed + client, client
-        )
-        save_bundle(subset(everything, local_train), client_shard_path(run_dir, client, "train"))
-        save_bundle(subset(everything, local_val), client_shard_path(run_dir, client, "val"))
-        sizes.append({"train": len(local_train), "val": len(local_val)})
-    return sizes
-
-
-def load_client_shards(run_dir: Path, partition_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One client's (train, local validation) shards."""
-    from fedvlm.data.prepared import load_bundle
-
-    return (
-        load_bundle(client_shard_path(run_dir, partition_id, "train")),
-        load_bundle(client_shard_path(run_dir, partition_id, "val")),
-    )
+    entries = read_site_entries(cfg.data.sites)
+    if entries is None:
+        return is_synthetic(cfg.data)
+    return all(is_synthetic(site_config(cfg, entry).data) for entry in entries)

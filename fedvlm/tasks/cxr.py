@@ -8,7 +8,6 @@ the train/test split; the official test split is used when the source has one. H
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from fedvlm.data.cxr_records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset
-from fedvlm.data.partition import partition, split_train_test, summarize_partition
 from fedvlm.data.prepared import (
     Bundle,
     bundle_size,
@@ -30,6 +28,7 @@ from fedvlm.data.prepared import (
     save_bundle,
     tokenize,
 )
+from fedvlm.data.sites import read_site_entries, site_config
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.evaluation.cxr import CxrMetrics
 from fedvlm.evaluation.metrics import AUROC_BINS
@@ -39,14 +38,14 @@ from fedvlm.tasks.base import (
     DATA_DIR,
     TOKENIZER_DIR,
     import_class,
-    load_client_shards,
+    is_synthetic,
     make_tokenizer,
     read_meta,
-    save_shards,
+    synthetic_everywhere,
     tasks,
-    test_shard_path,
     write_meta,
 )
+from fedvlm.tasks.site import SiteData, SourceIndex
 
 if TYPE_CHECKING:
     from fedvlm.data.synthetic_cxr import PromptSet
@@ -56,12 +55,37 @@ CXR_FORMATS = ("synthetic", "manifest", "auto", "mimic_cxr", "chestxray14", "ope
 
 
 def source_label_names(cfg: DictConfig) -> tuple[str, ...]:
-    """The label names of the configured data source, before ``data.labels`` selects from them."""
+    """The label names of the configured data source, before ``data.labels`` selects from them.
+
+    Read from the layout's schema (a manifest's header, the layout's fixed label set), never from
+    the samples; with ``data.sites`` every site's schema must agree, unless ``data.labels`` picks.
+
+    Raises:
+        ConfigError: If the sites' label sets differ and ``data.labels`` does not choose.
+    """
+    entries = read_site_entries(cfg.data.sites)
+    if entries is not None:
+        schemas = {entry["name"]: source_label_names(site_config(cfg, entry)) for entry in entries}
+        distinct = set(schemas.values())
+        if len(distinct) > 1 and not cfg.data.labels:
+            listed = "; ".join(f"{name}: {', '.join(labels)}" for name, labels in schemas.items())
+            raise ConfigError(
+                f"the sites have different label sets ({listed}): choose the run's with data.labels=[...]"
+            )
+        if len(distinct) > 1:
+            return tuple(cfg.data.labels)
+        return next(iter(distinct))
     fmt = cfg.data.format
-    if fmt == "synthetic" and cfg.data.root is None:
+    if fmt not in CXR_FORMATS:
+        raise ConfigError(f"data.format={fmt!r} is not a chest X-ray source; one of: {', '.join(CXR_FORMATS)}")
+    if is_synthetic(cfg.data):
         from fedvlm.data.synthetic_cxr import SYNTH_CXR_LABELS
 
         return tuple(SYNTH_CXR_LABELS)
+    if fmt == "auto" and cfg.data.root is not None and not str(cfg.data.root).endswith(".csv"):
+        from fedvlm.data.cxr_layouts import detect_cxr_format
+
+        fmt = detect_cxr_format(Path(cfg.data.root).expanduser())
     if fmt == "mimic_cxr":
         return CHEXPERT_LABELS
     if fmt == "chestxray14":
@@ -70,7 +94,30 @@ def source_label_names(cfg: DictConfig) -> tuple[str, ...]:
         from fedvlm.data.cxr_layouts import OPENI_LABELS
 
         return tuple(OPENI_LABELS)
-    return tuple(load_dataset_unselected(cfg).label_names)
+    return manifest_label_names(cfg)
+
+
+def manifest_label_names(cfg: DictConfig) -> tuple[str, ...]:
+    """The label columns of a CXR manifest's header (the schema; no row is read).
+
+    Raises:
+        DataError: If the manifest is missing or has no label column.
+    """
+    import csv
+
+    from fedvlm.data.synthetic_cxr import CXR_MANIFEST_COLUMNS
+
+    if cfg.data.root is None:
+        raise DataError(f"data.format={cfg.data.format} needs data.root=<folder or manifest>")
+    path = Path(cfg.data.root).expanduser()
+    if not path.is_file():
+        raise DataError(f"CXR manifest {path} does not exist")
+    with path.open(newline="") as stream:
+        header = next(csv.reader(stream), [])
+    names = tuple(name.strip() for name in header if name.strip().lower() not in CXR_MANIFEST_COLUMNS)
+    if not names:
+        raise DataError(f"{path}:1: no label columns after {', '.join(CXR_MANIFEST_COLUMNS)}")
+    return names
 
 
 def label_names(cfg: DictConfig) -> tuple[str, ...]:
@@ -88,27 +135,33 @@ def label_names(cfg: DictConfig) -> tuple[str, ...]:
     return tuple(cfg.data.labels)
 
 
+def synthetic_cxr_config(cfg: DictConfig) -> Any:
+    """The generator's config for ``cfg.data`` (``format=synthetic`` without a root)."""
+    from fedvlm.data.synthetic_cxr import SynthCxrConfig
+
+    data = cfg.data
+    shift = data.synthetic_cxr
+    return SynthCxrConfig(
+        n=data.synthetic.n,
+        num_sites=data.synthetic.num_sites,
+        image_size=data.image_size,
+        seed=cfg.seed,
+        prevalence=dict(shift.prevalence),
+        prevalence_shift=shift.prevalence_shift,
+        style_shift=shift.style_shift,
+        p_followup=shift.p_followup,
+    )
+
+
 def load_dataset_unselected(cfg: DictConfig) -> CxrDataset:
     """The records ``cfg.data`` names, with every label of the source."""
     data = cfg.data
     if data.format not in CXR_FORMATS:
         raise ConfigError(f"data.format={data.format!r} is not a chest X-ray source; one of: {', '.join(CXR_FORMATS)}")
-    if data.format == "synthetic" and data.root is None:
-        from fedvlm.data.synthetic_cxr import SynthCxrConfig, generate_cxr
+    if is_synthetic(data):
+        from fedvlm.data.synthetic_cxr import generate_cxr
 
-        shift = data.synthetic_cxr
-        return generate_cxr(
-            SynthCxrConfig(
-                n=data.synthetic.n,
-                num_sites=data.synthetic.num_sites,
-                image_size=data.image_size,
-                seed=cfg.seed,
-                prevalence=dict(shift.prevalence),
-                prevalence_shift=shift.prevalence_shift,
-                style_shift=shift.style_shift,
-                p_followup=shift.p_followup,
-            )
-        )
+        return generate_cxr(synthetic_cxr_config(cfg))
     if data.root is None:
         raise DataError(f"data.format={data.format} needs data.root=<folder or manifest>")
     root = Path(data.root).expanduser()
@@ -131,14 +184,7 @@ def load_dataset(cfg: DictConfig) -> CxrDataset:
         DataError: Naming the file, row or value at fault; or when a model that reads reports
             meets records without one.
     """
-    dataset = load_dataset_unselected(cfg)
-    dataset.validate()
-    names = label_names(cfg)
-    if names != tuple(dataset.label_names):
-        columns = [dataset.label_names.index(name) for name in names]
-        dataset = CxrDataset(
-            [_with_labels(r, tuple(r.labels[c] for c in columns)) for r in dataset.records], names, dataset.skipped
-        )
+    dataset = select_labels(load_dataset_unselected(cfg), label_names(cfg))
     if not dataset.records:
         raise DataError(f"no chest X-ray records in {cfg.data.root or 'the synthetic generator'}")
     if cfg.model.modality != "image":
@@ -149,6 +195,17 @@ def load_dataset(cfg: DictConfig) -> CxrDataset:
                 "needs one for every image (ChestX-ray14 is image-only: use model.modality=image)"
             )
     return dataset
+
+
+def select_labels(dataset: CxrDataset, names: Sequence[str]) -> CxrDataset:
+    """``dataset`` validated, with only the label columns ``names`` (in that order)."""
+    dataset.validate()
+    if tuple(names) == tuple(dataset.label_names):
+        return dataset
+    columns = [dataset.label_names.index(name) for name in names]
+    return CxrDataset(
+        [_with_labels(r, tuple(r.labels[c] for c in columns)) for r in dataset.records], tuple(names), dataset.skipped
+    )
 
 
 def _with_labels(record: Any, labels: tuple[float, ...]) -> Any:
@@ -234,87 +291,92 @@ def stratification_classes(labels: np.ndarray) -> np.ndarray:
     return np.where(known, first, num_labels + 1).astype(np.int64)
 
 
+class CxrSiteRecords:
+    """One chest X-ray source: read from disk (image paths, decoded on demand) or drawn by the
+    generator (labels first, radiographs rendered only for the rows a client keeps)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.names = label_names(cfg)
+        self._records: dict[int, Any] = {}
+        self.skipped: dict[str, int] = {}
+        if is_synthetic(cfg.data):
+            from fedvlm.data.synthetic_cxr import SYNTH_CXR_LABELS, cxr_label_index
+
+            self.synth = synthetic_cxr_config(cfg)
+            index = cxr_label_index(self.synth)
+            columns = [list(SYNTH_CXR_LABELS).index(name) for name in self.names]
+            labels = np.asarray(index.labels, dtype=np.float32)[:, columns]
+            patients, sites, official = np.asarray(index.patient), np.asarray(index.site, dtype=object), None
+        else:
+            self.synth = None
+            dataset = load_dataset(cfg)
+            self._records = dict(enumerate(dataset.records))
+            self.skipped = dict(dataset.skipped)
+            labels = dataset.label_matrix()
+            patients = np.array([r.patient for r in dataset.records])
+            sites = np.array([r.site for r in dataset.records], dtype=object)
+            splits = np.array([r.split or "" for r in dataset.records])
+            official = splits == "test" if (splits == "test").any() else None
+        self.labels = labels
+        classes = stratification_classes(labels)
+        self.index = SourceIndex(classes, patients, sites, official)
+        num = len(self.names)
+        self.class_names = {c: self.names[c] for c in range(num)} | {num: "no_finding", num + 1: "unknown"}
+
+    def records(self, rows: np.ndarray) -> list[Any]:
+        missing = [int(i) for i in rows if int(i) not in self._records]
+        if missing:  # the generator renders only the rows this site keeps
+            from fedvlm.data.synthetic_cxr import generate_cxr
+
+            generated = select_labels(generate_cxr(self.synth, indices=missing), self.names)
+            self._records.update(zip(missing, generated.records, strict=True))
+        return [self._records[int(i)] for i in rows]
+
+    def bundle(self, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> Bundle:
+        data = self.cfg.data
+        return prepare_cxr_bundle(
+            self.records(rows),
+            tokenizer,
+            data.image_size,
+            data.max_text_length,
+            indices=[int(i) for i in rows],
+            equalize=data.equalize,
+        )
+
+    def write_site_files(self, rows: np.ndarray, directory: Path) -> None:
+        return None
+
+    def extra_counts(self, rows: np.ndarray) -> dict[str, Any]:
+        positives = {name: int(np.nansum(self.labels[rows, c] == 1)) for c, name in enumerate(self.names)}
+        return {"positives_by_label": positives, "skipped": self.skipped}
+
+
 class CxrTask:
     """Chest X-ray vision-language pre-training (FedVLM)."""
 
     name = "cxr"
-    selection_metric = "test/macro_auroc"
+    selection_metric = "macro_auroc"
     curve_metrics = ("test/macro_auroc", "test/i2t_recall@5", "test/t2i_recall@5")
-    per_sample_files = ()
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-        dataset = load_dataset(cfg)
-        records = dataset.records
-        labels = dataset.label_matrix()
-        classes = stratification_classes(labels)
-        patients = np.array([r.patient for r in records])
-        splits = np.array([r.split or "" for r in records])
-        if (splits == "test").any():  # the source's official split
-            train_idx, test_idx = np.flatnonzero(splits != "test"), np.flatnonzero(splits == "test")
-            shared = set(patients[train_idx]) & set(patients[test_idx])
-            if shared:
-                raise DataError(f"the official split puts patient {sorted(shared)[0]} on both sides")
-        else:
-            train_idx, test_idx = split_train_test(classes, patients, cfg.data.test_fraction, cfg.seed)
-        centralized = cfg.federation.mode == "centralized"
-        sites = np.array([r.site for r in records], dtype=object)
-        partitioner = cfg.data.partition.name
-        if partitioner == "site" and all(site is None for site in sites) and cfg.data.partition.site_fallback:
-            partitioner = cfg.data.partition.site_fallback  # recorded in meta.json as "partitioner"
-        shards = partition(
-            "single" if centralized else partitioner,
-            classes[train_idx],
-            1 if centralized else cfg.federation.num_clients,
-            cfg.seed,
-            groups=patients[train_idx],
-            sites=sites[train_idx],
-            alpha=cfg.data.partition.alpha,
-            min_size=cfg.data.partition.min_size,
-            max_size=cfg.data.partition.max_size,
-        )
-        client_indices = [train_idx[shard] for shard in shards]
-
-        names = dataset.label_names
-        tokenizer = None
+        names = label_names(cfg)
         prompts = prompt_sets(cfg, names)
-        if cfg.model.modality != "image":
-            tokenizer = make_tokenizer(cfg, [records[i].report for i in train_idx] + prompt_texts(prompts), run_dir)
+        public: list[str] = []
+        if synthetic_everywhere(cfg):
+            from fedvlm.data.synthetic_cxr import report_vocabulary
 
-        everything = prepare_cxr_bundle(
-            records, tokenizer, cfg.data.image_size, cfg.data.max_text_length, equalize=cfg.data.equalize
-        )
-        data_dir = run_dir / DATA_DIR
+            public = [*report_vocabulary(), *prompt_texts(prompts)]
+        tokenizer = make_tokenizer(cfg, run_dir, public)
         if tokenizer is not None:
-            save_bundle(tokenize_prompts(tokenizer, prompts, names, cfg.data.max_text_length), data_dir / PROMPTS_FILE)
-        client_sizes = save_shards(cfg, run_dir, everything, test_idx, client_indices, classes, patients)
-
-        class_names = {c: names[c] for c in range(len(names))} | {len(names): "no_finding", len(names) + 1: "unknown"}
-        summary = summarize_partition(shards, classes[train_idx], class_names)
-        for row, sizes, indices in zip(summary, client_sizes, client_indices, strict=True):
-            row.update(sizes)
-            row["sites"] = sorted({str(records[i].site) for i in indices})
-            row["positives_by_label"] = {name: int(np.nansum(labels[indices, c] == 1)) for c, name in enumerate(names)}
-        test_positives = {name: int(np.nansum(labels[test_idx, c] == 1)) for c, name in enumerate(names)}
-        (run_dir / "partition.json").write_text(
-            json.dumps(
-                {"clients": summary, "test": {"num_samples": len(test_idx), "positives_by_label": test_positives}},
-                indent=2,
-            )
-        )
-        meta = {
-            "num_samples": len(records),
-            "num_train": len(train_idx),
-            "num_test": len(test_idx),
-            "num_clients": len(client_indices),
-            "client_sizes": client_sizes,
-            "vocab_size": len(tokenizer) if tokenizer is not None else None,
-            "label_names": list(names),
-            "skipped": dict(dataset.skipped),
-            "client_sites": [row["sites"] for row in summary],
-            "partitioner": "single" if centralized else partitioner,
-        }
+            tokens = tokenize_prompts(tokenizer, prompts, names, cfg.data.max_text_length)
+            save_bundle(tokens, run_dir / DATA_DIR / PROMPTS_FILE)
+        meta = {"vocab_size": len(tokenizer) if tokenizer is not None else None, "label_names": list(names)}
         write_meta(run_dir, meta)
         return meta
+
+    def read_site(self, cfg: DictConfig) -> CxrSiteRecords:
+        return CxrSiteRecords(cfg)
 
     def build_module(self, cfg: DictConfig, run_dir: Path) -> L.LightningModule:
         meta = read_meta(run_dir)
@@ -335,18 +397,12 @@ class CxrTask:
             module.set_prompts(prompts["input_ids"].long(), prompts["attention_mask"].long())
         return module
 
-    def load_client(self, run_dir: Path, partition_id: int) -> tuple[Bundle, Bundle]:
-        return load_client_shards(run_dir, partition_id)
-
-    def load_test(self, run_dir: Path) -> Bundle:
-        return load_bundle(test_shard_path(run_dir))
-
     def make_metrics(self, cfg: DictConfig, mergeable: bool) -> CxrMetrics:
         return CxrMetrics(
             label_names(cfg),
             auroc_bins=AUROC_BINS if mergeable else None,
             retrieval_k=tuple(cfg.evaluation.retrieval_k),
-            keep_embeddings=not mergeable and cfg.model.modality == "fused",
+            keep_embeddings=cfg.model.modality == "fused",  # retrieval within the evaluated split
         )
 
     @torch.no_grad()
@@ -373,7 +429,9 @@ class CxrTask:
         assert isinstance(metrics, CxrMetrics)
         return metrics.compute_scalars()
 
-    def round_callbacks(self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int) -> list[L.Callback]:
+    def round_callbacks(
+        self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int, site: SiteData
+    ) -> list[L.Callback]:
         return []  # CXR explanations (Grad-CAM, grounding) run after training: `fedvlm explain`
 
 

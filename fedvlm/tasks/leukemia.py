@@ -11,10 +11,10 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from fedvlm.data.leukemia_layouts import load_leukemia
-from fedvlm.data.partition import partition, split_train_test, summarize_partition
-from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, make_loader, prepare_bundle, subset
+from fedvlm.data.prepared import Bundle, bundle_size, make_loader, prepare_bundle, subset
 from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
 from fedvlm.errors import DataError
 from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
@@ -22,45 +22,46 @@ from fedvlm.explain.callback import ShapCallback
 from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.models.tokenizer import load_tokenizer
 from fedvlm.tasks.base import (
-    DATA_DIR,
     TOKENIZER_DIR,
-    client_dir,
     import_class,
-    load_client_shards,
+    is_synthetic,
     make_tokenizer,
     read_meta,
-    save_shards,
+    synthetic_everywhere,
     tasks,
-    test_shard_path,
     write_meta,
 )
+from fedvlm.tasks.site import SiteData, SourceIndex, client_dir
 
 TRUTH_FILE = "truth.json"
+"""Per-sample ground truth of the generator, in the site's own data folder (never the coordinator's)."""
 EXPLANATIONS_DIR = "explanations"
 
 
+def synthetic_config(cfg: DictConfig) -> Any:
+    """The generator's config for ``cfg.data`` (``format=synthetic`` without a root)."""
+    from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig
+
+    synth: dict[str, Any] = OmegaConf.to_container(cfg.data.synthetic)  # type: ignore[assignment]
+    return SynthLeukemiaConfig(**synth, image_size=cfg.data.image_size, seed=cfg.seed)
+
+
 def load_records(cfg: DictConfig) -> list[LeukemiaRecord]:
-    """The records ``cfg.data`` names: generated (``format=synthetic``) or read from disk.
+    """The records of the one source ``cfg.data`` names, read from disk (images not decoded).
 
     Raises:
         DataError: Naming the file, row or value at fault; nothing is skipped silently.
     """
     data = cfg.data
-    if data.format == "synthetic" and data.root is None:
-        from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
-
-        synth: dict[str, Any] = OmegaConf.to_container(data.synthetic)  # type: ignore[assignment]
-        records = generate_leukemia(SynthLeukemiaConfig(**synth, image_size=data.image_size, seed=cfg.seed))
-    else:
-        if data.root is None:
-            raise DataError(f"data.format={data.format} needs data.root=<folder or manifest>")
-        fmt = "auto" if data.format == "synthetic" else data.format
-        records = load_leukemia(
-            fmt,
-            Path(data.root).expanduser(),
-            Path(data.reports).expanduser() if data.reports else None,
-            cfg.model.num_stages,
-        )
+    if data.root is None:
+        raise DataError(f"data.format={data.format} needs data.root=<folder or manifest>")
+    fmt = "auto" if data.format == "synthetic" else data.format
+    records = load_leukemia(
+        fmt,
+        Path(data.root).expanduser(),
+        Path(data.reports).expanduser() if data.reports else None,
+        cfg.model.num_stages,
+    )
     for record in records:
         record.validate(cfg.model.num_stages)
     if cfg.model.modality != "image":
@@ -75,10 +76,63 @@ def load_records(cfg: DictConfig) -> list[LeukemiaRecord]:
 
 def label_classes(records: Sequence[LeukemiaRecord], num_stages: int) -> np.ndarray:
     """One class per sample for stratification and skew: 0 negative, 1..K stage, K+1 unknown."""
-    return np.array(
-        [0 if r.leukemia == 0 else (num_stages + 1 if r.stage is None else r.stage + 1) for r in records],
-        dtype=np.int64,
-    )
+    leukemia = np.array([r.leukemia for r in records], dtype=np.int64)
+    stage = np.array([-1 if r.stage is None else r.stage for r in records], dtype=np.int64)
+    return classes_of(leukemia, stage, num_stages)
+
+
+def classes_of(leukemia: np.ndarray, stage: np.ndarray, num_stages: int) -> np.ndarray:
+    """:func:`label_classes` from label arrays (``stage`` −1 where unknown)."""
+    return np.where(leukemia == 0, 0, np.where(stage < 0, num_stages + 1, stage + 1)).astype(np.int64)
+
+
+class LeukemiaSiteRecords:
+    """One leukemia source: read from disk (image paths, decoded on demand) or drawn by the
+    generator (labels first, images rendered only for the rows a client keeps)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        num_stages = int(cfg.model.num_stages)
+        self.class_names = class_names(num_stages)
+        self._records: dict[int, LeukemiaRecord] = {}
+        if is_synthetic(cfg.data):
+            from fedvlm.data.synthetic_leukemia import leukemia_label_index
+
+            self.synth = synthetic_config(cfg)
+            labels = leukemia_label_index(self.synth)
+            classes = classes_of(labels.leukemia, labels.stage, num_stages)
+            self.index = SourceIndex(classes, np.asarray(labels.patient), np.asarray(labels.site, dtype=object))
+        else:
+            self.synth = None
+            records = load_records(cfg)
+            self._records = dict(enumerate(records))
+            self.index = SourceIndex(
+                label_classes(records, num_stages),
+                np.array([r.patient for r in records]),
+                np.array([r.site for r in records], dtype=object),
+            )
+
+    def records(self, rows: np.ndarray) -> list[LeukemiaRecord]:
+        missing = [int(i) for i in rows if int(i) not in self._records]
+        if missing:  # the generator renders only the rows this site keeps
+            from fedvlm.data.synthetic_leukemia import generate_leukemia_with_truth
+
+            self._records.update(
+                zip(missing, generate_leukemia_with_truth(self.synth, indices=missing)[0], strict=True)
+            )
+        return [self._records[int(i)] for i in rows]
+
+    def bundle(self, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> Bundle:
+        data = self.cfg.data
+        return prepare_bundle(
+            self.records(rows), tokenizer, data.image_size, data.max_text_length, indices=[int(i) for i in rows]
+        )
+
+    def write_site_files(self, rows: np.ndarray, directory: Path) -> None:
+        write_truth(rows, self.records(rows), directory / TRUTH_FILE)
+
+    def extra_counts(self, rows: np.ndarray) -> dict[str, Any]:
+        return {}
 
 
 def class_names(num_stages: int) -> dict[int, str]:
@@ -91,60 +145,22 @@ class LeukemiaTask:
     """Leukemia detection and staging (Fed-MMX)."""
 
     name = "leukemia"
-    selection_metric = "test/stage_macro_f1"  # as in the paper
+    selection_metric = "stage_macro_f1"  # the paper's; on the merged validation split by default
     curve_metrics = ("test/accuracy", "test/auroc", "test/stage_macro_f1")
-    per_sample_files = (TRUTH_FILE,)  # the generator's ground-truth explanation signals
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-        records = load_records(cfg)
-        num_stages = cfg.model.num_stages
-        classes = label_classes(records, num_stages)
-        patients = np.array([r.patient for r in records])
-        train_idx, test_idx = split_train_test(classes, patients, cfg.data.test_fraction, cfg.seed)
-        centralized = cfg.federation.mode == "centralized"
-        sites = np.array([r.site for r in records], dtype=object)
-        shards = partition(
-            "single" if centralized else cfg.data.partition.name,
-            classes[train_idx],
-            1 if centralized else cfg.federation.num_clients,
-            cfg.seed,
-            groups=patients[train_idx],
-            sites=sites[train_idx],
-            alpha=cfg.data.partition.alpha,
-            min_size=cfg.data.partition.min_size,
-            max_size=cfg.data.partition.max_size,
-        )
-        client_indices = [train_idx[shard] for shard in shards]
+        public: list[str] = []
+        if synthetic_everywhere(cfg):
+            from fedvlm.data.synthetic_leukemia import report_vocabulary
 
-        tokenizer = None
-        if cfg.model.modality != "image":
-            tokenizer = make_tokenizer(cfg, [records[i].report for i in train_idx], run_dir)
-
-        everything = prepare_bundle(records, tokenizer, cfg.data.image_size, cfg.data.max_text_length)
-        data_dir = run_dir / DATA_DIR
-        client_sizes = save_shards(cfg, run_dir, everything, test_idx, client_indices, classes, patients)
-
-        names = class_names(num_stages)
-        summary = summarize_partition(shards, classes[train_idx], names)
-        for row, sizes, indices in zip(summary, client_sizes, client_indices, strict=True):
-            row.update(sizes)
-            site_values = sorted({str(records[i].site) for i in indices})
-            row["sites"] = site_values
-        test_counts = {names[c]: int((classes[test_idx] == c).sum()) for c in sorted(names)}
-        (run_dir / "partition.json").write_text(
-            json.dumps({"clients": summary, "test": {"num_samples": len(test_idx), "by_label": test_counts}}, indent=2)
-        )
-        write_truth(records, data_dir / TRUTH_FILE)
-        meta = {
-            "num_samples": len(records),
-            "num_train": len(train_idx),
-            "num_test": len(test_idx),
-            "num_clients": len(client_indices),
-            "client_sizes": client_sizes,
-            "vocab_size": len(tokenizer) if tokenizer is not None else None,
-        }
+            public = report_vocabulary()
+        tokenizer = make_tokenizer(cfg, run_dir, public)
+        meta = {"vocab_size": len(tokenizer) if tokenizer is not None else None}
         write_meta(run_dir, meta)
         return meta
+
+    def read_site(self, cfg: DictConfig) -> LeukemiaSiteRecords:
+        return LeukemiaSiteRecords(cfg)
 
     def build_module(self, cfg: DictConfig, run_dir: Path) -> L.LightningModule:
         meta = read_meta(run_dir)
@@ -157,12 +173,6 @@ class LeukemiaTask:
             image_size=cfg.data.image_size,
             vocab_size=meta["vocab_size"],
         )
-
-    def load_client(self, run_dir: Path, partition_id: int) -> tuple[Bundle, Bundle]:
-        return load_client_shards(run_dir, partition_id)
-
-    def load_test(self, run_dir: Path) -> Bundle:
-        return load_bundle(test_shard_path(run_dir))
 
     def make_metrics(self, cfg: DictConfig, mergeable: bool) -> LeukemiaMetrics:
         return LeukemiaMetrics(cfg.model.num_stages, auroc_bins=AUROC_BINS if mergeable else None)
@@ -187,34 +197,41 @@ class LeukemiaTask:
         assert isinstance(metrics, LeukemiaMetrics)
         return metrics.compute_scalars()
 
-    def round_callbacks(self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int) -> list[L.Callback]:
+    def round_callbacks(
+        self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int, site: SiteData
+    ) -> list[L.Callback]:
         explain = cfg.explain
         if not explain.enabled or server_round % explain.every != 0:
             return []
-        train, val = self.load_client(run_dir, partition_id)
         return [
             make_shap_callback(
                 cfg,
                 run_dir,
-                val if bundle_size(val) else train,
+                site.val if bundle_size(site.val) else site.train,
                 explain.patients,
                 client_dir(run_dir, partition_id) / EXPLANATIONS_DIR,
                 server_round,
+                site.directory,
             )
         ]
 
 
 def make_shap_callback(
-    cfg: DictConfig, run_dir: Path, bundle: Bundle, num_patients: int, output_dir: Path, server_round: int
+    cfg: DictConfig,
+    run_dir: Path,
+    bundle: Bundle,
+    num_patients: int,
+    output_dir: Path,
+    server_round: int,
+    site_dir: Path,
 ) -> ShapCallback:
     """The :class:`ShapCallback` for the first ``num_patients`` rows of ``bundle`` (with the
-    generator's ground truth when the data are synthetic), configured by ``cfg.explain``."""
+    generator's ground truth, kept in the site's ``site_dir``, when the data are synthetic),
+    configured by ``cfg.explain``."""
     explain = cfg.explain
     patients = subset(bundle, range(min(num_patients, bundle_size(bundle))))
     tokenizer = load_tokenizer(str(run_dir / TOKENIZER_DIR)) if cfg.model.modality != "image" else None
-    blast_points, signal_words = read_truth(
-        run_dir / DATA_DIR / TRUTH_FILE, patients["index"].tolist(), cfg.data.image_size
-    )
+    blast_points, signal_words = read_truth(site_dir / TRUTH_FILE, patients["index"].tolist(), cfg.data.image_size)
     callback = ShapCallback(
         output_dir,
         patients,
@@ -232,11 +249,12 @@ def make_shap_callback(
     return callback
 
 
-def write_truth(records: Sequence[LeukemiaRecord], path: Path) -> None:
+def write_truth(indices: Sequence[int] | np.ndarray, records: Sequence[LeukemiaRecord], path: Path) -> None:
     """Save what the data source knows about where the signal is (blast centres as fractions of
-    the image size, signal words), by global sample index; nothing is written when it knows nothing."""
+    the image size, signal words) of ``records``, by their sample ``indices`` in the source;
+    nothing is written when it knows nothing."""
     truth = {}
-    for index, record in enumerate(records):
+    for index, record in zip((int(i) for i in indices), records, strict=True):
         if record.blast_points or record.signal_words:
             if isinstance(record.image, np.ndarray):
                 height, width = record.image.shape[:2]

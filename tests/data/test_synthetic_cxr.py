@@ -13,20 +13,26 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from fedvlm.data import synthetic_cxr
 from fedvlm.data.cxr_records import CHEXPERT_LABELS, CxrDataset, CxrRecord
 from fedvlm.data.cxr_render import CxrStyle, FindingSpec, render_cxr, sample_anatomy
 from fedvlm.data.synthetic_cxr import (
+    NO_FINDING_PROMPTS,
     SYNTH_CXR_LABELS,
     CxrStudyTruth,
     SynthCxrConfig,
+    cxr_label_index,
     default_prompts,
     generate_cxr,
     generate_cxr_with_truth,
     read_cxr_manifest,
+    report_vocabulary,
     site_prevalences,
     write_cxr_manifest,
 )
+from fedvlm.data.synthetic_leukemia import report_tokens
 from fedvlm.errors import ConfigError, DataError
+from fedvlm.models.tokenizer import build_word_tokenizer
 
 FINDINGS = ("Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax")
 PREVALENCE = {"Cardiomegaly": 0.2, "Consolidation": 0.15, "Edema": 0.12, "Pleural Effusion": 0.2, "Pneumothorax": 0.1}
@@ -102,6 +108,81 @@ def test_record_fields_at_another_image_size() -> None:
     assert all(len(sites) == 1 for sites in patients.values())  # a patient stays at one hospital
     assert len({r.study for r in dataset.records}) == 24
     assert {r.site for r in dataset.records} == {"hospital_00", "hospital_01", "hospital_02", "hospital_03"}
+
+
+def _assert_same_record(subset: CxrRecord, full: CxrRecord) -> None:
+    np.testing.assert_array_equal(_image(subset), _image(full))
+    np.testing.assert_array_equal(_mask(subset), _mask(full))
+    fields = ("report", "labels", "patient", "study", "site", "view", "source", "boxes", "finding_phrases")
+    assert [getattr(subset, name) for name in fields] == [getattr(full, name) for name in fields]
+
+
+def test_indices_generate_exactly_those_records_of_full_generation() -> None:
+    config = SynthCxrConfig(n=30, image_size=32, num_sites=3, seed=6)
+    full, full_truths = generate_cxr_with_truth(config)
+    followups = [i for i, truth in enumerate(full_truths) if truth.followup]
+    assert followups  # a second study is drawn after its patient's first one: it must still match
+    indices = [29, followups[0], 4, 4, 0]  # the last record, any order, repeats allowed
+    subset, subset_truths = generate_cxr_with_truth(config, indices=indices)
+    assert subset.label_names == SYNTH_CXR_LABELS
+    assert [record.source for record in subset.records] == [f"synthetic_cxr:{i}" for i in indices]
+    for record, truth, index in zip(subset.records, subset_truths, indices, strict=True):
+        _assert_same_record(record, full.records[index])
+        assert truth == full_truths[index]
+    only = generate_cxr(config, indices=[followups[0]]).records
+    _assert_same_record(only[0], full.records[followups[0]])
+    assert generate_cxr(config, indices=[]).records == []
+
+
+def test_indices_keep_the_truncated_last_patient() -> None:
+    longer, truths = generate_cxr_with_truth(SynthCxrConfig(n=40, image_size=32, seed=2))
+    cut = next(i for i, truth in enumerate(truths) if truth.followup)  # n stops before this follow-up
+    config = SynthCxrConfig(n=cut, image_size=32, seed=2)
+    full = generate_cxr(config).records
+    assert len(full) == cut and full[-1].study == longer.records[cut].study.replace("_s1", "_s0")
+    _assert_same_record(generate_cxr(config, indices=[cut - 1]).records[0], full[-1])
+    assert cxr_label_index(config).patient.tolist() == [r.patient for r in full]
+    with pytest.raises(IndexError, match=rf"\[{cut}\] out of range for n={cut}"):
+        generate_cxr(config, indices=[cut])
+
+
+def test_reports_and_labels_do_not_depend_on_image_size() -> None:
+    # Rendering draws from each study's own stream, so follow-ups are the same at every size.
+    small = generate_cxr(SynthCxrConfig(n=40, image_size=32, seed=7)).records
+    large = generate_cxr(SynthCxrConfig(n=40, image_size=64, seed=7)).records
+    assert any(r.study.endswith("_s1") for r in small)
+    assert [(r.report, r.labels, r.view) for r in small] == [(r.report, r.labels, r.view) for r in large]
+
+
+def test_label_index_matches_full_generation_without_rendering(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = SynthCxrConfig(n=80, image_size=32, num_sites=4, seed=8)
+    records = generate_cxr(config).records
+
+    def no_rendering(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the label index rendered an image")
+
+    monkeypatch.setattr(synthetic_cxr, "render_cxr", no_rendering)
+    index = cxr_label_index(config)
+    assert index.labels.dtype == np.float32 and index.labels.shape == (80, len(SYNTH_CXR_LABELS))
+    np.testing.assert_array_equal(index.labels, [r.labels for r in records])
+    assert index.patient.tolist() == [r.patient for r in records]
+    assert index.site.tolist() == [r.site for r in records]
+    assert len(set(index.patient.tolist())) < 80  # some patients have two studies
+    assert index.site[:1].tolist() == ["hospital_00"] and index.labels[:, :-1].any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vocabulary_tokenizer_knows_every_report_and_prompt(seed: int) -> None:
+    vocabulary = report_vocabulary()
+    assert vocabulary == sorted(set(vocabulary))
+    assert {"effusions", "oedema", "ptx", "bilat", "mid", "none", ":", ",", "."} <= set(vocabulary)
+    assert not {"[", "]", "{", "}"} & set(vocabulary)  # template markup never reaches a report
+    tokenizer = build_word_tokenizer(vocabulary)
+    reports = [r.report for r in generate_cxr(SynthCxrConfig(n=300, num_sites=10, image_size=32, seed=seed)).records]
+    prompts = [text for sides in (*default_prompts().values(), NO_FINDING_PROMPTS) for side in sides for text in side]
+    for text in [*reports, *prompts]:
+        assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text
+        assert set(report_tokens(text)) <= set(vocabulary), text
 
 
 @pytest.mark.parametrize(

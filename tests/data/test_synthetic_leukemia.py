@@ -8,15 +8,18 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedvlm.data import synthetic_leukemia
 from fedvlm.data.records import LeukemiaRecord
 from fedvlm.data.synthetic_leukemia import (
     SynthLeukemiaConfig,
     generate_leukemia,
     generate_leukemia_with_truth,
+    leukemia_label_index,
     report_tokens,
     report_vocabulary,
 )
 from fedvlm.errors import ConfigError
+from fedvlm.models.tokenizer import build_word_tokenizer
 
 # The calibration as specified, written out here rather than imported from the module under test.
 BLAST_PERCENT_RANGE = {None: (0, 3), 0: (5, 19), 1: (20, 39), 2: (40, 59), 3: (60, 90)}
@@ -217,3 +220,54 @@ def test_vocabulary_covers_every_report_token(cohort: Cohort) -> None:
     assert unseen == set()
     assert {"blasts", "45", "%", "denies", "fever"} <= vocabulary
     assert report_vocabulary() == sorted(vocabulary)
+
+
+def test_vocabulary_tokenizer_knows_every_generated_report() -> None:
+    tokenizer = build_word_tokenizer(report_vocabulary())
+    records = generate_leukemia(SynthLeukemiaConfig(n=300, image_size=32, seed=21))
+    for record in records:
+        ids = tokenizer(record.report)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, record.report
+
+
+def _assert_same_record(subset: LeukemiaRecord, full: LeukemiaRecord) -> None:
+    np.testing.assert_array_equal(_image(subset), _image(full))
+    fields = ("report", "leukemia", "stage", "patient", "site", "source", "blast_points", "signal_words")
+    assert [getattr(subset, name) for name in fields] == [getattr(full, name) for name in fields]
+
+
+def test_indices_generate_exactly_those_records_of_full_generation() -> None:
+    config = SynthLeukemiaConfig(n=20, image_size=32, num_sites=3, seed=6)
+    full, full_image, full_report = generate_leukemia_with_truth(config)
+    indices = [17, 3, 3, 0, 19]  # any order, repeats allowed
+    subset, subset_image, subset_report = generate_leukemia_with_truth(config, indices=indices)
+    assert [record.source for record in subset] == [f"synthetic:{i}" for i in indices]
+    for record, index in zip(subset, indices, strict=True):
+        _assert_same_record(record, full[index])
+    np.testing.assert_array_equal(subset_image, full_image[indices])
+    np.testing.assert_array_equal(subset_report, full_report[indices])
+    assert [r.report for r in generate_leukemia(config, indices=[5, 2])] == [full[5].report, full[2].report]
+    assert generate_leukemia_with_truth(config, indices=[])[0] == []
+
+
+def test_indices_outside_the_cohort_are_refused() -> None:
+    with pytest.raises(IndexError, match=r"\[20, -1\] out of range for n=20"):
+        generate_leukemia(SynthLeukemiaConfig(n=20, image_size=32), indices=[0, 20, -1])
+
+
+def test_label_index_matches_full_generation_without_rendering(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = SynthLeukemiaConfig(n=60, image_size=32, num_sites=4, seed=9)
+    records = generate_leukemia(config)
+
+    def no_rendering(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the label index rendered an image")
+
+    monkeypatch.setattr(synthetic_leukemia, "render_smear", no_rendering)
+    index = leukemia_label_index(config)
+    assert index.leukemia.dtype == np.int64 and index.stage.dtype == np.int64
+    np.testing.assert_array_equal(index.leukemia, [r.leukemia for r in records])
+    np.testing.assert_array_equal(index.stage, [-1 if r.stage is None else r.stage for r in records])
+    assert index.patient.tolist() == [r.patient for r in records]
+    assert index.site.tolist() == [r.site for r in records]
+    assert 0 < index.leukemia.sum() < 60 and set(index.stage[index.leukemia == 0].tolist()) == {-1}
+    assert index.site[:5].tolist() == ["site00", "site01", "site02", "site03", "site00"]

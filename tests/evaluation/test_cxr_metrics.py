@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,18 @@ def test_linear_probe_separates_a_linearly_separable_label() -> None:
     assert 0.3 < result[1] < 0.7  # the noise label stays near chance
     assert linear_probe_auroc(features[:300], labels[:300], features[300:], labels[300:], shots=16, seed=0) == result
     assert linear_probe_auroc(features[:3], labels[:3], features[300:], labels[300:], shots=16, seed=0) == {}
+
+
+@pytest.mark.parametrize("bins", [None, 200])
+def test_a_label_with_no_valid_sample_is_nan_and_left_out_of_the_macro(bins: int | None) -> None:
+    nan = float("nan")
+    probabilities = torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.8, 0.5], [0.7, 0.4, 0.5], [0.3, 0.6, 0.5]])
+    labels = torch.tensor([[1.0, 0.0, nan], [0.0, 1.0, nan], [0.0, nan, nan], [1.0, 1.0, nan]])
+    metrics = CxrMetrics(["a", "b", "c"], auroc_bins=bins)
+    metrics.update(probabilities, labels)
+    scalars = metrics.compute_scalars()  # exact torchmetrics would raise IndexError on label c
+    expected_a = roc_auc_score([1, 0, 0, 1], [0.9, 0.1, 0.7, 0.3])
+    expected_b = roc_auc_score([0, 1, 1], [0.2, 0.8, 0.6])
+    assert math.isnan(scalars["auroc/c"])
+    assert scalars["auroc/a"] == pytest.approx(expected_a, abs=0.01)
+    assert scalars["macro_auroc"] == pytest.approx((expected_a + expected_b) / 2, abs=0.01)

@@ -27,6 +27,7 @@ from fedvlm.errors import ConfigError, FederationError
 from fedvlm.federation.app import SITE_FILE, export_site, prepare_run, run_dir_from_config, wait_for_nodes
 from fedvlm.federation.certs import make_certificates
 from fedvlm.federation.secure import CLIPPED_FRACTION
+from tests.tasks.test_sites import make_all_idb2
 
 REPO_ROOT = Path(fedvlm.__file__).resolve().parents[1]
 CONNECTION = "fedvlm-test"
@@ -42,31 +43,24 @@ def _tool(name: str) -> str:
 def _fake_run(run_dir: Path) -> None:
     data = run_dir / "data"
     data.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("task: leukemia\n")
+    (run_dir / "config.yaml").write_text("task: leukemia\nfederation: {num_clients: 3}\n")
     (run_dir / "partition.json").write_text("{}")
     (run_dir / "tokenizer").mkdir()
     (run_dir / "tokenizer" / "tokenizer.json").write_text("{}")
-    meta = {"num_clients": 3, "client_sizes": [{"train": 5}, {"train": 6}, {"train": 7}], "vocab_size": 9}
-    (data / "meta.json").write_text(json.dumps(meta))
-    for name in ("test.pt", "prompts.pt"):
-        (data / name).write_bytes(name.encode())
-    for client in range(3):  # sample indices 10c (train) and 10c + 1 (val)
-        for offset, split in enumerate(("train", "val")):
-            save_bundle({"index": torch.tensor([10 * client + offset])}, data / f"client_{client:03d}_{split}.pt")
-    truth = {str(10 * c + o): {"signal_words": [f"w{c}"]} for c in range(3) for o in range(2)}
-    (data / "truth.json").write_text(json.dumps(truth))
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 9}))
+    (data / "prompts.pt").write_bytes(b"prompts")
+    (data / "stray.pt").write_bytes(b"not something a site needs")  # only named coordinator files travel
+    own = run_dir / "clients" / "client_001" / "data"  # a simulation's site folder: never exported
+    own.mkdir(parents=True)
+    save_bundle({"index": torch.tensor([1])}, own / "train.pt")
 
 
-def test_export_site_holds_only_its_own_shard(tmp_path: Path) -> None:
+def test_export_site_holds_the_run_config_and_no_data(tmp_path: Path) -> None:
     _fake_run(tmp_path / "run")
     site = export_site(tmp_path / "run", 1, tmp_path / "site1")
     files = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
-    assert files == [
-        "config.yaml", "data/client_001_train.pt", "data/client_001_val.pt", "data/meta.json", "data/prompts.pt",
-        "data/truth.json", SITE_FILE, "tokenizer/tokenizer.json",
-    ]  # fmt: skip
-    assert sorted(json.loads((site / "data" / "truth.json").read_text())) == ["10", "11"]
-    assert json.loads((site / "data" / "meta.json").read_text()) == {"num_clients": 3, "vocab_size": 9}
+    assert files == ["config.yaml", "data/meta.json", "data/prompts.pt", SITE_FILE, "tokenizer/tokenizer.json"]
+    assert json.loads((site / "data" / "meta.json").read_text()) == {"vocab_size": 9}
     assert json.loads((site / SITE_FILE).read_text())["partition_id"] == 1
     with pytest.raises(ConfigError, match="partition id 3 is not a client"):
         export_site(tmp_path / "run", 3, tmp_path / "site3")
@@ -223,9 +217,10 @@ def test_flwr_run_on_tls_superlink_with_authenticated_supernodes(
     if secure:  # SecAgg+ across processes: the key-agreement stages each start a fresh ClientApp
         overrides.append("federation.secure_aggregation.enabled=true")
     coordinator_run = tmp_path / "coordinator" / "run"
-    prepare_run("leukemia_demo", overrides, coordinator_run)
+    prepare_run("leukemia_demo", overrides, coordinator_run)  # names no data
     sites = [export_site(coordinator_run, pid, tmp_path / f"site{pid}" / "run") for pid in range(2)]
-    assert not (sites[0] / "data" / "client_001_train.pt").exists()
+    # each hospital's own ALL-IDB2 folder, named only in its SuperNode's node config
+    site_data = [make_all_idb2(tmp_path / f"hospital{pid}_data", 12 + 2 * pid) for pid in range(2)]
 
     superlink_port, *node_ports = _free_ports(3)
     base_env = {
@@ -263,7 +258,9 @@ def test_flwr_run_on_tls_superlink_with_authenticated_supernodes(
             [
                 _tool("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}",
                 "--root-certificates", str(certs.ca_cert), "--auth-supernode-private-key", str(key.private_key),
-                "--port", str(port), "--node-config", f"run-dir='{site}' partition-id={pid}",
+                "--port", str(port), "--node-config",
+                f"run-dir='{site}' partition-id={pid} site-name='hospital_{pid}' data-format='all_idb2' "
+                f"data-root='{site_data[pid]['root']}' data-reports='{site_data[pid]['reports']}'",
             ],
             {**base_env, "FLWR_HOME": str(site.parent / "flwr")},
         )  # fmt: skip
@@ -295,9 +292,17 @@ def test_flwr_run_on_tls_superlink_with_authenticated_supernodes(
         assert row["num_clients"] == 2
         assert sorted(row["clients"]) == ["0", "1"]
         assert row["failed_clients"] == {}
-        assert 0.0 <= row["test/accuracy"] <= 1.0
         assert (f"{CLIPPED_FRACTION}_max" in row) == secure
+    assert 0.0 <= rows[-1]["test/accuracy"] <= 1.0  # federated over the hospitals' test splits
+    assert {"test/site/hospital_0/accuracy", "test/site/hospital_1/accuracy"} <= set(rows[-1])
     assert (coordinator_run / "checkpoints" / "last.ckpt").is_file()
+    # the coordinator holds no per-sample data: counts in partition.json, nothing else
+    assert sorted(p.name for p in (coordinator_run / "data").iterdir()) == ["meta.json"]
+    assert not (coordinator_run / "clients").exists()
+    partition = json.loads((coordinator_run / "partition.json").read_text())
+    assert [(c["site"], c["num_samples"]) for c in partition["clients"]] == [("hospital_0", 12), ("hospital_1", 14)]
+    for pid, site in enumerate(sites):  # each site prepared its own data, in its own folder
+        assert (site / "clients" / f"client_{pid:03d}" / "data" / "counts.json").is_file()
     print(f"deployment run took {time.monotonic() - started:.0f}s")
 
 
@@ -307,11 +312,13 @@ def test_deploy_cli_prepares_a_run_and_exports_one_site(tmp_path: Path) -> None:
 
     run_dir = tmp_path / "run"
     assert main(["deploy", "prepare", "--recipe", "leukemia_demo", "--out", str(run_dir), *TINY_OVERRIDES]) == 0
-    assert sorted(p.name for p in (run_dir / "data").glob("client_*_train.pt")) == [
-        "client_000_train.pt", "client_001_train.pt", "client_002_train.pt",
-    ]  # fmt: skip
+    assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["meta.json"]  # no data on the coordinator
     assert not (run_dir / "metrics.jsonl").exists()  # prepared, not trained
     assert main(["deploy", "export-site", str(run_dir), "--partition", "2", "--out", str(tmp_path / "site")]) == 0
-    shards = sorted(p.name for p in (tmp_path / "site" / "data").glob("*.pt"))
-    assert shards == ["client_002_train.pt", "client_002_val.pt"]
+    site = tmp_path / "site"
+    assert sorted(p.name for p in (site / "data").iterdir()) == ["meta.json"]
+    assert json.loads((site / "site.json").read_text())["partition_id"] == 2
+    assert (site / "tokenizer").is_dir() and (site / "config.yaml").is_file()
+    bad = ["deploy", "prepare", "--recipe", "leukemia_demo", "--out", str(tmp_path / "x"), "federation.strategy=nope"]
+    assert main(bad) == 2  # unknown components fail before anything is written
     assert main(["deploy", "prepare", "--recipe", "leukemia_demo", "--out", str(run_dir)]) == 2  # not empty

@@ -7,6 +7,7 @@ and central DP really clips and noises what the server aggregates.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid
 from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
 from fedvlm.data.prepared import bundle_size
 from fedvlm.errors import FederationError
+from fedvlm.evaluate import client_site
 from fedvlm.federation import client as client_module
 from fedvlm.federation import keys
 from fedvlm.federation.callback import travelling_keys
@@ -55,7 +57,7 @@ def test_only_parameters_and_scalar_metrics_leave_a_client(tmp_path: Path, recip
     server, grid = _federation(tmp_path, recipe)
     server.run(cast(Grid, grid))
     run_dir = server.run_dir
-    sizes = {pid: bundle_size(get_task(server.cfg.task).load_client(run_dir, pid)[1]) for pid in range(3)}
+    sizes = {pid: bundle_size(client_site(run_dir, pid).val) for pid in range(3)}
     assert len(set(sizes.values())) > 1  # the clients' validation splits differ in size
 
     model_keys = travelling_keys(server.module)
@@ -64,6 +66,15 @@ def test_only_parameters_and_scalar_metrics_leave_a_client(tmp_path: Path, recip
     assert len(train_replies) == len(eval_replies) == 3
     for reply in grid.received:
         content = reply.content
+        if reply.metadata.message_type == keys.QUERY:  # the site's name and its counts, nothing else
+            assert list(content.config_records) == [keys.CONFIG]
+            assert list(content.config_records[keys.CONFIG]) == [keys.SITE_COUNTS]
+            counts = json.loads(str(content.config_records[keys.CONFIG][keys.SITE_COUNTS]))
+            assert counts["site"] == f"client_{int(content.metric_records[keys.METRICS][keys.PARTITION_ID]):03d}"
+            assert all(isinstance(counts[s], int) for s in ("train", "val", "test", "num_samples"))
+            numbers = [v for split in counts["by_label"].values() for v in split.values()]
+            assert all(isinstance(v, int) for v in numbers)
+            continue
         assert not content.config_records  # no strings or bytes (text, file names) leave a client
         for record in content.array_records.values():
             # Only model entries, each with the model's shape: no images, token ids or embeddings.

@@ -11,9 +11,11 @@ from omegaconf import DictConfig
 import fedvlm.tasks.cxr as cxr_task
 from fedvlm.config import load_config
 from fedvlm.data.cxr_records import CxrDataset
+from fedvlm.data.sites import client_source
 from fedvlm.data.synthetic_cxr import SynthCxrConfig, generate_cxr
-from fedvlm.errors import ConfigError
+from fedvlm.errors import ConfigError, DataError
 from fedvlm.tasks import get_task
+from fedvlm.tasks.site import client_rows, partitioner_name
 
 
 @pytest.fixture
@@ -26,6 +28,8 @@ def siteless(monkeypatch: pytest.MonkeyPatch) -> None:
         return CxrDataset(records, dataset.label_names)
 
     monkeypatch.setattr(cxr_task, "load_dataset", load)
+    monkeypatch.setattr(cxr_task, "is_synthetic", lambda data: False)  # read through load_dataset
+    monkeypatch.setattr(cxr_task, "label_names", lambda cfg: tuple(dataset.label_names))
 
 
 @pytest.mark.usefixtures("siteless")
@@ -33,17 +37,15 @@ def test_site_partition_falls_back_when_the_data_have_no_sites(tmp_path: Path) -
     overrides = ["data.image_size=32", "federation.num_clients=3", "data.max_text_length=48"]
     cfg = load_config("cxr_demo", overrides)
     assert cfg.data.partition.name == "site" and cfg.data.partition.site_fallback == "dirichlet"
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    meta = get_task("cxr").prepare(cfg, run_dir)
-    assert meta["partitioner"] == "dirichlet" and meta["num_clients"] == 3
-    assert sum(size["train"] + size["val"] for size in meta["client_sizes"]) == meta["num_train"]
+    records = get_task("cxr").read_site(cfg)
+    assert partitioner_name(cfg, records.index) == "dirichlet"
+    rows = [client_rows(cfg, client_source(cfg, k), records.index) for k in range(3)]
+    held = sorted(int(i) for r in rows for split in ("train", "val", "test") for i in r[split])
+    assert held == list(range(120))  # every record at exactly one client
 
     strict = load_config("cxr_demo", [*overrides, "data.partition.site_fallback=null"])
-    other = tmp_path / "other"
-    other.mkdir()
-    with pytest.raises((ConfigError, ValueError), match="site"):
-        get_task("cxr").prepare(strict, other)
+    with pytest.raises((ConfigError, ValueError, DataError), match="site"):
+        client_rows(strict, client_source(strict, 0), get_task("cxr").read_site(strict).index)
 
 
 def test_prompts_are_pairs_or_ensembles_and_tokenize_with_absent_phrasings_masked() -> None:

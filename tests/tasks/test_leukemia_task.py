@@ -12,57 +12,77 @@ import torch
 
 from fedvlm.config import load_config
 from fedvlm.data.images import write_image
-from fedvlm.data.prepared import load_bundle
 from fedvlm.errors import DataError
 from fedvlm.tasks import get_task
-from fedvlm.tasks.leukemia import label_classes, load_records
+from fedvlm.tasks.base import read_meta, run_tokenizer
+from fedvlm.tasks.leukemia import load_records
+from fedvlm.tasks.site import SiteData, ensure_site_data
 
 
-def prepare(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict]:
+def prepare(tmp_path: Path, overrides: list[str]) -> tuple[Path, list[SiteData]]:
+    """The coordinator's preparation, then every client's own (as each client process does)."""
     cfg = load_config("leukemia_demo", overrides)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    meta = get_task("leukemia").prepare(cfg, run_dir)
-    return run_dir, meta
+    task = get_task("leukemia")
+    task.prepare(cfg, run_dir)
+    clients = 1 if cfg.federation.mode == "centralized" else cfg.federation.num_clients
+    sites = [
+        ensure_site_data(task.read_site, cfg, run_dir, pid, lambda: run_tokenizer(cfg, run_dir))
+        for pid in range(clients)
+    ]
+    return run_dir, sites
 
 
-def test_prepare_writes_disjoint_shards_covering_the_data(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    run_dir, meta = prepare(tmp_path, tiny_overrides)
-    test = load_bundle(run_dir / "data" / "test.pt")
-    seen = [test["index"]]
-    for client in range(3):
-        for split in ("train", "val"):
-            seen.append(load_bundle(run_dir / "data" / f"client_{client:03d}_{split}.pt")["index"])
-    everything = torch.cat(seen)
-    assert sorted(everything.tolist()) == list(range(240))  # every sample exactly once
-    assert meta["num_test"] == len(test["index"]) and meta["num_train"] + meta["num_test"] == 240
+def test_clients_prepare_disjoint_splits_covering_the_data(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    run_dir, sites = prepare(tmp_path, tiny_overrides)
+    seen = [site.bundles[split]["index"] for site in sites for split in ("train", "val", "test")]
+    assert sorted(torch.cat(seen).tolist()) == list(range(240))  # every sample exactly once
+    test = sites[0].test
     assert test["image"].dtype == torch.uint8 and test["image"].shape[1:] == (3, 32, 32)
     assert test["input_ids"].shape[1] == 48
     vocab = json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
-    assert meta["vocab_size"] == len(vocab)
+    assert read_meta(run_dir)["vocab_size"] == len(vocab)
+    for site in sites:
+        assert [site.counts[s] for s in ("train", "val", "test")] == [
+            len(site.bundles[s]["index"]) for s in ("train", "val", "test")
+        ]
 
 
-def test_test_split_is_stratified_and_never_trained_on(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    run_dir, _ = prepare(tmp_path, [*tiny_overrides, "data.synthetic.n=600"])
-    cfg = load_config("leukemia_demo", [*tiny_overrides, "data.synthetic.n=600"])
-    classes = label_classes(load_records(cfg), 4)
-    test_index = load_bundle(run_dir / "data" / "test.pt")["index"].numpy()
+def test_a_client_renders_exactly_the_generator_rows_it_holds(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    from fedvlm.data.prepared import prepare_bundle
+    from fedvlm.data.synthetic_leukemia import generate_leukemia
+    from fedvlm.tasks.leukemia import synthetic_config
+
+    _run_dir, sites = prepare(tmp_path, tiny_overrides)
+    cfg = load_config("leukemia_demo", tiny_overrides)
+    everything = prepare_bundle(generate_leukemia(synthetic_config(cfg)), None, 32, 48)
+    for site in sites:
+        rows = site.train["index"]
+        assert torch.equal(site.train["image"], everything["image"][rows])
+        assert torch.equal(site.train["stage"], everything["stage"][rows])
+
+
+def test_local_test_splits_are_stratified(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    overrides = [*tiny_overrides, "data.synthetic.n=600"]
+    _, sites = prepare(tmp_path, overrides)
+    records = get_task("leukemia").read_site(load_config("leukemia_demo", overrides))
+    classes = records.index.classes
+    test_index = torch.cat([site.test["index"] for site in sites]).numpy()
     for label in np.unique(classes):
         share = np.isin(np.flatnonzero(classes == label), test_index).mean()
-        assert share == pytest.approx(0.2, abs=0.05)
-    partition = json.loads((run_dir / "partition.json").read_text())
-    assert partition["test"]["num_samples"] == len(test_index)
+        assert share == pytest.approx(0.2, abs=0.07)
 
 
 def test_centralized_mode_prepares_a_single_client(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    run_dir, meta = prepare(tmp_path, [*tiny_overrides, "federation.mode=centralized"])
-    assert meta["num_clients"] == 1 and not (run_dir / "data" / "client_001_train.pt").exists()
+    _run_dir, sites = prepare(tmp_path, [*tiny_overrides, "federation.mode=centralized"])
+    assert len(sites) == 1 and sites[0].counts["num_samples"] == 240
 
 
 def test_image_only_model_needs_no_tokenizer(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    run_dir, meta = prepare(tmp_path, [*tiny_overrides, "model.modality=image"])
-    assert meta["vocab_size"] is None and not (run_dir / "tokenizer").exists()
-    assert "input_ids" not in load_bundle(run_dir / "data" / "test.pt")
+    run_dir, sites = prepare(tmp_path, [*tiny_overrides, "model.modality=image"])
+    assert read_meta(run_dir)["vocab_size"] is None and not (run_dir / "tokenizer").exists()
+    assert "input_ids" not in sites[0].test
 
 
 def write_all_idb2(root: Path, labels: list[int]) -> None:
