@@ -62,7 +62,7 @@ from fedvlm.data.cxr_render import (
 )
 from fedvlm.data.images import atomic_destination
 from fedvlm.data.manifest import read_table
-from fedvlm.data.synthetic_leukemia import report_tokens
+from fedvlm.data.synthetic_leukemia import checked_indices, report_tokens
 from fedvlm.errors import ConfigError, DataError
 
 SYNTH_CXR_FINDINGS = FINDINGS
@@ -678,17 +678,6 @@ def _render_study(config: SynthCxrConfig, study: _DrawnStudy, style: CxrStyle) -
     )
 
 
-def _record_indices(config: SynthCxrConfig, indices: Sequence[int] | None) -> list[int]:
-    """``indices`` as plain ints (all records when ``None``), each checked against ``config.n``."""
-    if indices is None:
-        return list(range(config.n))
-    chosen = [int(index) for index in indices]
-    out_of_range = [index for index in chosen if not 0 <= index < config.n]
-    if out_of_range:
-        raise IndexError(f"record indices {out_of_range[:5]} out of range for n={config.n}")
-    return chosen
-
-
 def generate_cxr_with_truth(
     config: SynthCxrConfig, indices: Sequence[int] | None = None
 ) -> tuple[CxrDataset, list[CxrStudyTruth]]:
@@ -712,7 +701,7 @@ def generate_cxr_with_truth(
     Raises:
         IndexError: If an index is outside ``0 .. n-1``.
     """
-    chosen = _record_indices(config, indices)
+    chosen = checked_indices(indices, config.n, "record")
     styles = site_styles(config.num_sites, config.style_shift)
     studies = _draw_studies(config)
     records: list[CxrRecord] = []

@@ -367,14 +367,18 @@ def _write_report(rng: np.random.Generator, patient: _Patient, site_index: int) 
     return f"{report} {impression}".strip(), signal_words
 
 
-def _patient_indices(config: SynthLeukemiaConfig, indices: Sequence[int] | None) -> list[int]:
-    """``indices`` as plain ints (all patients when ``None``), each checked against ``config.n``."""
+def checked_indices(indices: Sequence[int] | None, n: int, what: str) -> list[int]:
+    """``indices`` as plain ints (``0..n-1`` when ``None``), each checked against ``n``.
+
+    Raises:
+        IndexError: Naming the first out-of-range ``what`` indices.
+    """
     if indices is None:
-        return list(range(config.n))
+        return list(range(n))
     chosen = [int(index) for index in indices]
-    out_of_range = [index for index in chosen if not 0 <= index < config.n]
+    out_of_range = [index for index in chosen if not 0 <= index < n]
     if out_of_range:
-        raise IndexError(f"patient indices {out_of_range[:5]} out of range for n={config.n}")
+        raise IndexError(f"{what} indices {out_of_range[:5]} out of range for n={n}")
     return chosen
 
 
@@ -400,7 +404,7 @@ def generate_leukemia_with_truth(
     Raises:
         IndexError: If an index is outside ``0 .. n-1``.
     """
-    chosen = _patient_indices(config, indices)
+    chosen = checked_indices(indices, config.n, "patient")
     styles = site_styles(config.num_sites)
     records = []
     informative_image = np.zeros(len(chosen), dtype=bool)

@@ -266,6 +266,7 @@ def prepare_pooled(read_site: ReadSite, cfg: DictConfig, tokenizer: TokenizerLoa
     entries = read_site_entries(cfg.data.sites)
     assert entries is not None
     parts = []
+    text_tokenizer = tokenizer()  # one tokenizer for every site
     for position, entry in enumerate(entries):
         site_cfg = site_config(cfg, entry)
         source = ClientSource(entry["name"], site_cfg)
@@ -274,7 +275,6 @@ def prepare_pooled(read_site: ReadSite, cfg: DictConfig, tokenizer: TokenizerLoa
             splits = local_splits(
                 site_cfg, records.index, np.arange(len(records.index)), int(cfg.seed) + position, entry["name"]
             )
-            text_tokenizer = tokenizer()
             site_dir = directory / "sites" / entry["name"]
             site_dir.mkdir(parents=True, exist_ok=True)
             records.write_site_files(np.concatenate([splits[s] for s in SPLITS]), site_dir)
