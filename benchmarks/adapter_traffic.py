@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord
 from omegaconf import OmegaConf
 
 from fedvlm.config import load_config
-from fedvlm.federation.callback import travelling_keys
+from fedvlm.federation.callback import set_frozen, travelling_keys
 from fedvlm.models.contrastive import ContrastiveVLM
 from fedvlm.runs import read_metrics
 
@@ -51,6 +51,8 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }
 
+ENCODERS = ("image_encoder", "text_encoder")  # model.freeze_modules
+
 
 def round_bytes(overrides: list[str], vocab_size: int) -> dict[str, Any]:
     cfg = load_config("cxr_demo", overrides)
@@ -67,7 +69,7 @@ def round_bytes(overrides: list[str], vocab_size: int) -> dict[str, Any]:
     )
     state = module.state_dict()
     down = travelling_keys(module)
-    module.set_encoders_frozen(False)
+    set_frozen(module, ENCODERS, frozen=False)
     up = travelling_keys(module)
     return {
         "downlink_bytes": ArrayRecord(torch_state_dict={k: state[k] for k in sorted(down)}).count_bytes(),

@@ -90,6 +90,13 @@ class DataConfig:
     """CXR: what an uncertain (-1) CheXpert label becomes: ``ignore`` (unknown), ``zeros``, ``ones``."""
     equalize: bool = True
     """CXR: histogram-equalise each radiograph when preparing the data (scanner/hospital intensity shift)."""
+    image_cache: bool = True
+    """Each site keeps a cache of its resized images in its own folder (decoded once, when the site
+    prepares its data, which validates every file up front); false: the DataLoader decodes and
+    resizes the source files in every epoch and nothing is written (``fedvlm.data.streaming``)."""
+    datamodule_class: str | None = None
+    """``task: lightning``: dotted path of the LightningDataModule each client builds for its site,
+    as ``DataModule(site=entry)`` (``fedvlm.tasks.lightning.site_entry``)."""
     sites: Any = None
     """The federation's sites, one client each: a list of entries (``name`` plus the source keys of
     ``data``: ``format``, ``root``, ``reports`` ...) or the path of a YAML file holding that list
@@ -156,6 +163,11 @@ class ModelConfig:
     ``logits + log π`` with π the class prior of the client's own training data)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     module_class: str | None = None
+    module_options: dict[str, Any] = field(default_factory=dict)
+    """``task: lightning``: keyword arguments of ``module_class``."""
+    freeze_modules: list[str] = field(default_factory=lambda: ["image_encoder", "text_encoder"])
+    """Submodules (attribute names) frozen in the first ``federation.freeze_encoders_rounds``
+    rounds, by a framework callback (``fedvlm.federation.callback.FreezeModules``)."""
 
 
 @dataclass
@@ -189,6 +201,10 @@ class EvaluationConfig:
     select_on: str = "val"
     """Which merged metric selects ``checkpoints/best.ckpt``: ``val`` (the sites' local validation
     splits) or ``test`` (the papers' choice; optimistic, since the test set then chooses the model)."""
+    select_metric: str | None = None
+    """The metric (without split prefix, higher is better) that selects ``best.ckpt``; null: the
+    task's (leukemia ``stage_macro_f1``, cxr ``macro_auroc``); ``task: lightning`` must name one
+    its module logs in ``validation_step``."""
 
 
 @dataclass
@@ -468,12 +484,37 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
     return cfg
 
 
+def _validate_lightning(cfg: DictConfig) -> None:
+    """What ``task: lightning`` (a user's module and DataModule) cannot do: the parts that need
+    fedvlm's own data or model."""
+    if not cfg.model.module_class or not cfg.data.datamodule_class:
+        raise ConfigError("task=lightning needs model.module_class and data.datamodule_class (dotted paths)")
+    unsupported = {
+        "federation.mode=centralized": cfg.federation.mode == "centralized",
+        "federation.byzantine.attack=label_flip": cfg.federation.byzantine.attack == "label_flip",
+        "explain.enabled=true": bool(cfg.explain.enabled),
+    }
+    for setting, used in unsupported.items():
+        if used:
+            raise ConfigError(
+                f"task=lightning does not support {setting}: it needs fedvlm's own data or model "
+                "(task=leukemia or task=cxr); a centralized baseline is your DataModule over all data in one Trainer"
+            )
+    if not cfg.evaluation.select_metric:
+        raise ConfigError(
+            "task=lightning needs evaluation.select_metric: a metric your module logs in validation_step "
+            "(without the val prefix), higher is better, e.g. acc"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check choices and ranges the type system cannot express.
 
     Raises:
         ConfigError: Naming the offending key.
     """
+    if cfg.task == "lightning":
+        _validate_lightning(cfg)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

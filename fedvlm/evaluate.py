@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
-from fedvlm.data.prepared import Bundle, bundle_size, make_loader
+from fedvlm.data.prepared import Samples, bundle_size, make_loader
+from fedvlm.data.streaming import SiteSplit, concat_splits
 from fedvlm.errors import ConfigError
 from fedvlm.evaluation.cxr import linear_probe_auroc
 from fedvlm.evaluation.metrics import AUROC_BINS, export_state, merge_states
@@ -74,16 +75,16 @@ def _set_prompts(module: L.LightningModule, cfg: DictConfig, run_dir: Path) -> N
     module.set_prompts(tokens["input_ids"].long(), tokens["attention_mask"].long())  # type: ignore[operator]
 
 
-def classification_and_retrieval(module: L.LightningModule, cfg: DictConfig, bundle: Bundle) -> dict[str, float]:
+def classification_and_retrieval(module: L.LightningModule, cfg: DictConfig, bundle: Samples) -> dict[str, float]:
     """Exact (non-binned) multi-label metrics and retrieval recalls of ``module`` on ``bundle``."""
     task = get_task(cfg.task)
     metrics = task.make_metrics(cfg, mergeable=False)
-    task.evaluate(module, bundle, metrics, int(cfg.trainer.batch_size))
+    task.evaluate(module, make_loader(bundle, int(cfg.trainer.batch_size), shuffle=False), metrics)
     return task.scalar_metrics(metrics)
 
 
 @torch.no_grad()
-def image_features(module: L.LightningModule, bundle: Bundle, batch_size: int) -> np.ndarray:
+def image_features(module: L.LightningModule, bundle: Samples, batch_size: int) -> np.ndarray:
     """Image-tower features ``[N, D]`` (before projection) of every image in ``bundle``."""
     features = [
         module.image_features(batch["image"].to(module.device)).float().cpu()  # type: ignore[operator]
@@ -95,8 +96,8 @@ def image_features(module: L.LightningModule, bundle: Bundle, batch_size: int) -
 def few_shot(
     module: L.LightningModule,
     cfg: DictConfig,
-    train: Bundle,
-    test: Bundle,
+    train: Samples,
+    test: Samples,
     shots: Sequence[int],
     seeds: int,
 ) -> dict[str, Any]:
@@ -166,10 +167,10 @@ def client_site(run_dir: Path, partition_id: int) -> SiteData:
     return load_site_data(site_data_dir(run_dir, partition_id))
 
 
-def client_bundle(run_dir: Path, partition_id: int) -> Bundle:
-    """All of one client's data (local train + validation + test)."""
-    bundles = client_site(run_dir, partition_id).bundles
-    return {key: torch.cat([bundles[split][key] for split in ("train", "val", "test")]) for key in bundles["train"]}
+def client_bundle(run_dir: Path, partition_id: int) -> SiteSplit:
+    """All of one client's data (local train + validation + test), images streamed."""
+    splits = client_site(run_dir, partition_id).splits
+    return concat_splits([splits[split] for split in ("train", "val", "test")])
 
 
 def run_sites(run_dir: Path) -> list[tuple[int, SiteData]]:
@@ -200,7 +201,7 @@ def per_site_test_metrics(module: L.LightningModule, cfg: DictConfig, run_dir: P
             continue
         num_test += bundle_size(site.test)
         counts = task.make_metrics(cfg, mergeable=True)
-        task.evaluate(module, site.test, counts, int(cfg.trainer.batch_size))
+        task.evaluate(module, make_loader(site.test, int(cfg.trainer.batch_size), shuffle=False), counts)
         merge_states(pooled, [export_state(counts)])
         per_site[site.site] = classification_and_retrieval(module, cfg, site.test) | {
             "client": folder_pid,

@@ -33,8 +33,7 @@ from fedvlm.explain.cxr_scores import (
 from fedvlm.explain.render import _page, save_heatmap_png
 from fedvlm.models.contrastive import ContrastiveVLM
 from fedvlm.runs import jsonable
-from fedvlm.tasks import get_task
-from fedvlm.tasks.cxr import load_run_tokenizer
+from fedvlm.tasks.cxr import CxrTask, load_run_tokenizer
 
 EXPLAIN_BATCH_SIZE = 16
 SCORES_FILE = "scores.json"
@@ -113,7 +112,7 @@ def explain_cxr_run(
     from fedvlm.evaluate import client_site
 
     test = client_site(run_dir, client).test
-    site_records = get_task("cxr").read_site(client_source(cfg, client).cfg)
+    site_records = CxrTask().read_site(client_source(cfg, client).cfg)
     num_records = len(site_records.index)
     indices = test["index"].tolist()
     beyond = [i for i in indices if i >= num_records]

@@ -20,6 +20,7 @@ from fedvlm.federation.server import PARTITION_FILE
 from fedvlm.registry import Registry
 from fedvlm.runs import CURVES_FILE, new_run_dir, plot_curves, read_metrics
 from fedvlm.tasks import get_task
+from fedvlm.tasks.base import curve_keys, selection_key
 from fedvlm.tasks.site import CLIENTS_DIR
 
 
@@ -65,7 +66,7 @@ def fit(
         sites = site_names(cfg) if cfg.federation.mode != "centralized" else ["pooled"]
         console.print(f"sites: {', '.join(sites)} (each prepares its own data in {CLIENTS_DIR}/client_NNN/data)")
 
-    reporter = RoundDisplay(console, cfg, get_task(cfg.task).curve_metrics)
+    reporter = RoundDisplay(console, cfg, curve_keys(get_task(cfg.task), cfg))
     try:
         with reporter:
             simulate(cfg, run_dir, resume=resume is not None, report=reporter.update)
@@ -76,8 +77,8 @@ def fit(
     rows = read_metrics(run_dir)
     if rows:
         task = get_task(cfg.task)
-        plot_curves(run_dir, rows, task.curve_metrics)
-        console.print(summary_table(rows, cfg, f"{cfg.evaluation.select_on}/{task.selection_metric}"))
+        plot_curves(run_dir, rows, curve_keys(task, cfg))
+        console.print(summary_table(rows, cfg, selection_key(task, cfg)))
     partition_file = run_dir / PARTITION_FILE
     if partition_file.is_file():
         clients = json.loads(partition_file.read_text())["clients"]
@@ -106,12 +107,13 @@ def check_components(cfg: DictConfig) -> None:
     from fedvlm.models.fusion import fusions
     from fedvlm.tasks import get_task
 
-    if cfg.model.module_class:  # a user's module may register its own components on import
-        module_path = cfg.model.module_class.rpartition(".")[0]
-        try:
-            importlib.import_module(module_path)
-        except ImportError as err:
-            raise ConfigError(f"model.module_class={cfg.model.module_class!r} cannot be imported: {err}") from None
+    for key in ("model.module_class", "data.datamodule_class"):  # a user's module may register components
+        dotted = OmegaConf.select(cfg, key)
+        if dotted:
+            try:
+                importlib.import_module(dotted.rpartition(".")[0])
+            except ImportError as err:
+                raise ConfigError(f"{key}={dotted!r} cannot be imported: {err}") from None
     named: dict[str, tuple[Registry[Any], str]] = {
         "federation.strategy": (strategies, cfg.federation.strategy),
         "federation.update_codec": (update_codecs, cfg.federation.update_codec),

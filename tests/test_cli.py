@@ -74,8 +74,9 @@ def test_fit_demo_recipe_writes_a_complete_run_directory(tmp_path: Path, tiny_ov
     assert best["best_round"] == best_row["round"]
     module = LeukemiaModule.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt")
     task = get_task("leukemia")
+    tests = [client_site(run_dir, k).test for k in range(3)]
     union = {
-        key: torch.cat([client_site(run_dir, k).test[key] for k in range(3)])
+        key: torch.cat([split.take(range(len(split)))[key] for split in tests])
         for key in ("image", "input_ids", "attention_mask", "leukemia", "stage", "index")
     }
     exact = task.make_metrics(cfg, mergeable=False)
@@ -175,7 +176,7 @@ def test_centralized_baseline_trains_one_client_on_the_pooled_data(tmp_path: Pat
         union = sorted(
             int(i) for k in range(3) for i in client_rows(federated, client_source(federated, k), records.index)[split]
         )
-        assert client_site(run_dir, 0).bundles[split]["index"].tolist() == union
+        assert client_site(run_dir, 0).splits[split]["index"].tolist() == union
     assert central.federation.num_clients == 3
 
 

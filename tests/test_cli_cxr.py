@@ -39,7 +39,7 @@ def test_cxr_fit_writes_a_run_directory_with_traffic_and_zero_shot_metrics(cxr_r
     assert sorted(p.name for p in (cxr_run / "data").iterdir()) == ["meta.json", "prompts.pt"]
     # every record at exactly one site and split; patients never cross a site's splits
     sites = [client_site(cxr_run, pid) for pid in range(3)]
-    held = [i for site in sites for split in ("train", "val", "test") for i in site.bundles[split]["index"].tolist()]
+    held = [i for site in sites for split in ("train", "val", "test") for i in site.splits[split]["index"].tolist()]
     assert sorted(held) == list(range(240))
     assert all(c["test"] > 0 for c in partition["clients"])
     for row in rows:

@@ -1,9 +1,8 @@
-"""Prepared tensors: records turned into model-ready arrays once, stored per client.
+"""Model-ready tensors: records turned into token ids, labels and ``uint8`` images.
 
-A run prepares each client's shard and the server's test set as a *bundle* (a dict of tensors:
-``uint8`` images, token ids, labels) saved under ``RUN_DIR/data/``. A client process (a Ray
-actor in simulation, a fresh process per round under Flower's deployment engine) loads only its
-own shard, so preparation cost is paid once and nothing about other sites is in memory.
+An in-memory *bundle* (a dict of tensors) serves tests, explanations and a few chosen patients;
+a site's prepared splits keep only their small per-sample tensors in memory and stream their
+images (:mod:`fedvlm.data.streaming`). :class:`BundleDataset` and :func:`make_loader` take either.
 """
 
 from __future__ import annotations
@@ -13,26 +12,84 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedvlm.config import AUGMENTATIONS
 from fedvlm.data.cxr_records import CxrRecord
 from fedvlm.data.records import LeukemiaRecord
+from fedvlm.data.streaming import ImageRows, ImageSpec, SiteSplit
 from fedvlm.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Bundle = dict[str, torch.Tensor]
+Samples = Mapping[str, torch.Tensor] | SiteSplit
+"""An in-memory bundle or a site's streamed split: what loaders, ``subset`` and ``bundle_size`` take."""
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize an ``H×W×3`` uint8 image to ``size×size`` (bilinear); a no-op when already sized."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+def leukemia_image_spec(image_size: int) -> ImageSpec:
+    """Blood smears: RGB at ``image_size``."""
+    return ImageSpec(3, image_size)
+
+
+def cxr_image_spec(image_size: int, equalize: bool = True) -> ImageSpec:
+    """Radiographs: grayscale at ``image_size``; with ``equalize`` histogram-equalised first:
+    exposure, window and gamma differ between scanners and hospitals, and BatchNorm statistics
+    averaged across sites by FedAvg fit none of them unless intensities are brought to one
+    distribution."""
+    return ImageSpec(1, image_size, equalize)
+
+
+def decode_images(spec: ImageSpec, images: Sequence[np.ndarray | Path | str]) -> torch.Tensor:
+    """Every image of ``images`` decoded and shaped by ``spec``: ``uint8`` ``[N, C, S, S]``.
+
+    Raises:
+        DataError: From image reading, naming the file at fault.
+    """
+    stacked = np.empty((len(images), spec.channels, spec.size, spec.size), dtype=np.uint8)
+    for row, image in enumerate(images):
+        stacked[row] = spec.decode(image)
+    return torch.from_numpy(stacked)
+
+
+def leukemia_tensors(
+    records: Sequence[LeukemiaRecord],
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_text_length: int,
+    indices: Sequence[int] | None = None,
+) -> Bundle:
+    """The per-sample tensors of leukemia records, images aside: ``leukemia``, ``stage`` (−1
+    unknown), ``index`` and, with a tokenizer, ``input_ids``/``attention_mask``."""
+    bundle: Bundle = {
+        "leukemia": torch.tensor([r.leukemia for r in records], dtype=torch.long),
+        "stage": torch.tensor([-1 if r.stage is None else r.stage for r in records], dtype=torch.long),
+        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
+    }
+    if tokenizer is not None:
+        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
+    return bundle
+
+
+def cxr_tensors(
+    records: Sequence[CxrRecord],
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_text_length: int,
+    indices: Sequence[int] | None = None,
+) -> Bundle:
+    """The per-sample tensors of chest X-ray records, images aside: ``labels`` ``[N,C]``
+    (``nan`` unknown), ``report_group`` (rows with identical report text share an id, for
+    retrieval), ``index`` and token tensors."""
+    groups: dict[str, int] = {}
+    bundle: Bundle = {
+        "labels": torch.tensor(np.array([r.labels for r in records], dtype=np.float32).reshape(len(records), -1)),
+        "report_group": torch.tensor([groups.setdefault(r.report, len(groups)) for r in records], dtype=torch.long),
+        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
+    }
+    if tokenizer is not None:
+        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
+    return bundle
 
 
 def prepare_bundle(
@@ -42,33 +99,15 @@ def prepare_bundle(
     max_text_length: int,
     indices: Sequence[int] | None = None,
 ) -> Bundle:
-    """Turn records into a bundle of tensors.
-
-    Args:
-        records: The samples, in order.
-        tokenizer: Tokenizes the reports; None for an image-only model (no text tensors).
-        image_size: Images are resized to ``image_size × image_size``.
-        max_text_length: Reports are padded/truncated to this many tokens.
-        indices: Global sample indices stored alongside (defaults to ``0..N-1``).
+    """Leukemia records as an in-memory bundle: ``uint8`` images ``[N,3,S,S]`` and the tensors
+    of :func:`leukemia_tensors`. (A site's prepared splits stream their images instead:
+    :mod:`fedvlm.data.streaming`.)
 
     Raises:
         DataError: From image reading, naming the file at fault.
     """
-    from fedvlm.data.images import read_image
-
-    images = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
-    for row, record in enumerate(records):
-        pixels = record.image if isinstance(record.image, np.ndarray) else read_image(Path(record.image))
-        images[row] = resize_image(pixels, image_size)
-    bundle: Bundle = {
-        "image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-        "leukemia": torch.tensor([r.leukemia for r in records], dtype=torch.long),
-        "stage": torch.tensor([-1 if r.stage is None else r.stage for r in records], dtype=torch.long),
-        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
-    }
-    if tokenizer is not None:
-        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
-    return bundle
+    images = decode_images(leukemia_image_spec(image_size), [r.image for r in records])
+    return {"image": images, **leukemia_tensors(records, tokenizer, max_text_length, indices)}
 
 
 def prepare_cxr_bundle(
@@ -79,41 +118,21 @@ def prepare_cxr_bundle(
     indices: Sequence[int] | None = None,
     equalize: bool = True,
 ) -> Bundle:
-    """Turn chest X-ray records into a bundle: one-channel ``uint8`` images ``[N,1,S,S]``,
-    ``labels`` ``[N,C]`` (``nan`` unknown), ``report_group`` (rows with identical report text
-    share an id, for retrieval) and token tensors.
-
-    With ``equalize`` each radiograph is histogram-equalised first: exposure, window and gamma
-    differ between scanners and hospitals, and BatchNorm statistics averaged across sites by
-    FedAvg fit none of them unless intensities are brought to one distribution.
+    """Chest X-ray records as an in-memory bundle: one-channel ``uint8`` images ``[N,1,S,S]``
+    (:func:`cxr_image_spec`) and the tensors of :func:`cxr_tensors`.
 
     Raises:
         DataError: From image reading, naming the file at fault.
     """
-    from fedvlm.data.images import read_image
-
-    images = np.empty((len(records), 1, image_size, image_size), dtype=np.uint8)
-    for row, record in enumerate(records):
-        pixels = record.image if isinstance(record.image, np.ndarray) else read_image(Path(record.image))
-        if pixels.ndim == 3:  # radiographs are grayscale; files decode to RGB
-            pixels = pixels.mean(axis=2).round().astype(np.uint8)
-        if equalize:
-            pixels = np.asarray(ImageOps.equalize(Image.fromarray(pixels)))
-        images[row, 0] = np.asarray(Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BILINEAR))
-    groups: dict[str, int] = {}
-    bundle: Bundle = {
-        "image": torch.from_numpy(images),
-        "labels": torch.tensor(np.array([r.labels for r in records], dtype=np.float32).reshape(len(records), -1)),
-        "report_group": torch.tensor([groups.setdefault(r.report, len(groups)) for r in records], dtype=torch.long),
-        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
-    }
-    if tokenizer is not None:
-        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
-    return bundle
+    images = decode_images(cxr_image_spec(image_size, equalize), [r.image for r in records])
+    return {"image": images, **cxr_tensors(records, tokenizer, max_text_length, indices)}
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_text_length: int) -> Bundle:
     """Token ids (``int32``) and attention masks (``uint8``), padded/truncated to ``max_text_length``."""
+    if not texts:  # an empty split (a small site holds nothing out); the tokenizer cannot batch nothing
+        empty = torch.zeros((0, max_text_length), dtype=torch.int32)
+        return {"input_ids": empty, "attention_mask": empty.to(torch.uint8)}
     tokens = tokenizer(
         list(texts), padding="max_length", truncation=True, max_length=max_text_length, return_tensors="pt"
     )
@@ -123,15 +142,19 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_text_
     }
 
 
-def subset(bundle: Mapping[str, torch.Tensor], rows: Sequence[int] | np.ndarray) -> Bundle:
-    """The rows ``rows`` of every tensor in ``bundle``."""
+def subset(samples: Samples, rows: Sequence[int] | np.ndarray) -> Bundle:
+    """The rows ``rows`` of ``samples`` as an in-memory bundle (a streamed split's images decoded)."""
+    if isinstance(samples, SiteSplit):
+        return samples.take(rows)
     index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-    return {key: value[index] for key, value in bundle.items()}
+    return {key: value[index] for key, value in samples.items()}
 
 
-def bundle_size(bundle: Mapping[str, torch.Tensor]) -> int:
-    """Number of samples in a bundle."""
-    return int(next(iter(bundle.values())).shape[0])
+def bundle_size(samples: Samples) -> int:
+    """Number of samples in a bundle or a streamed split."""
+    if isinstance(samples, SiteSplit):
+        return len(samples)
+    return int(next(iter(samples.values())).shape[0])
 
 
 def save_bundle(bundle: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -157,33 +180,51 @@ def load_bundle(path: Path) -> Bundle:
 
 
 class BundleDataset(Dataset[dict[str, torch.Tensor]]):
-    """A map-style dataset over a bundle; images become ImageNet-normalised floats.
+    """A map-style dataset over a bundle or a streamed split; images become ImageNet-normalised
+    floats, one row at a time (a streamed split's image is read or decoded here, in the
+    DataLoader's worker when it has workers).
 
     Args:
-        bundle: The tensors.
+        samples: The tensors (an in-memory bundle, or a :class:`~fedvlm.data.streaming.SiteSplit`).
         augment: One of :data:`AUGMENTATIONS` (training only).
+
+    Attributes:
+        tensors: The per-sample tensors other than the images (labels can be counted from them
+            without reading any image).
     """
 
-    def __init__(self, bundle: Mapping[str, torch.Tensor], augment: str = "none") -> None:
+    def __init__(self, samples: Samples, augment: str = "none") -> None:
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment={augment!r} is not one of: {', '.join(AUGMENTATIONS)}")
         self.augment = augment
-        self.bundle = dict(bundle)
+        self.images: ImageRows | torch.Tensor | None
+        if isinstance(samples, SiteSplit):
+            self.tensors, self.images = dict(samples.tensors), samples.images
+        else:
+            self.tensors = {key: value for key, value in samples.items() if key != "image"}
+            self.images = samples.get("image")
+        self.size = bundle_size(samples)
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
-        return bundle_size(self.bundle)
+        return self.size
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        item = {key: value[row] for key, value in self.bundle.items()}
-        image = item["image"]
+        item = {key: value[row] for key, value in self.tensors.items()}
+        if self.images is None:
+            return self._tokens(item)
+        image = self.images[row]
         if self.augment == "dihedral":
             flip, quarter_turns = torch.randint(0, 2, ()).item(), int(torch.randint(0, 4, ()).item())
             image = torch.rot90(image.flip(-1) if flip else image, quarter_turns, dims=(-2, -1))
         if image.shape[0] == 1:  # grayscale radiographs feed three-channel backbones
             image = image.expand(3, -1, -1)
         item["image"] = (image.float() / 255.0 - self.mean) / self.std
+        return self._tokens(item)
+
+    @staticmethod
+    def _tokens(item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "input_ids" in item:
             item["input_ids"] = item["input_ids"].long()
             item["attention_mask"] = item["attention_mask"].long()
@@ -191,7 +232,7 @@ class BundleDataset(Dataset[dict[str, torch.Tensor]]):
 
 
 def make_loader(
-    bundle: Mapping[str, torch.Tensor],
+    bundle: Samples,
     batch_size: int,
     shuffle: bool,
     seed: int = 0,

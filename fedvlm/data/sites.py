@@ -36,6 +36,7 @@ SITE_KEYS = (
     "val_fraction",
     "uncertain",
     "equalize",
+    "image_cache",
     "synthetic",
     "synthetic_cxr",
 )

@@ -123,6 +123,8 @@ class Attack:
     scale: float = 1.0
     noise_std: float = 0.0
     num_stages: int = 0
+    poisons_data = False
+    """Whether the attack changes the training data (:meth:`poison_bundle`), not only the update."""
 
     def poison_bundle(self, bundle: Bundle) -> Bundle:
         """The training data the client trains on (the honest client: ``bundle``)."""
@@ -188,6 +190,8 @@ class GaussianUpdate(Attack):
 
 class LabelFlip(Attack):
     """Trains on :func:`flip_labels` and sends the result."""
+
+    poisons_data = True
 
     @override
     def poison_bundle(self, bundle: Bundle) -> Bundle:

@@ -1,20 +1,21 @@
 """The Lightning callback that connects a LightningModule to a federated round.
 
 At fit start it loads the global weights sent by the server; during training it applies the
-FedProx proximal term; at fit end it captures the local weights to send back. The user's
-LightningModule never learns that Flower exists.
+FedProx proximal term; at fit end it captures the local weights to send back. The round's encoder
+freeze (:class:`FreezeModules`) and learning rate (:class:`RoundLearningRate`) are callbacks too:
+the user's LightningModule never learns that Flower exists.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 from typing_extensions import override
 
-from fedvlm.errors import FederationError
+from fedvlm.errors import ConfigError, FederationError
 
 
 class FederatedRoundCallback(L.Callback):
@@ -87,6 +88,80 @@ class FederatedRoundCallback(L.Callback):
             for key, value in pl_module.state_dict().items()
             if key in travelling_keys(pl_module)
         }
+
+
+class FreezeModules(L.Callback):
+    """Freeze named submodules for one local round (Fed-MMX's encoder freeze in the first
+    ``federation.freeze_encoders_rounds`` rounds), from the outside, as Lightning's
+    ``BaseFinetuning`` does: the module needs no freezing method of its own.
+
+    Applied in ``setup``, before ``configure_optimizers`` builds the optimizer, so that an
+    optimizer over the trainable parameters leaves the frozen ones out; frozen weights then do
+    not travel (:func:`travelling_keys`). In adapter mode (the module holds LoRA matrices) the
+    backbones stay frozen for good; only the ``lora_`` matrices follow ``frozen``.
+
+    Args:
+        frozen: Freeze (True) or train (False) the submodules this round.
+        names: Attribute names of the submodules (``model.freeze_modules``); an attribute that is
+            None (a tower the modality leaves out) is skipped.
+
+    Raises:
+        ConfigError: In ``setup``, naming an attribute the module does not have.
+    """
+
+    def __init__(self, frozen: bool, names: Sequence[str]) -> None:
+        super().__init__()
+        self.frozen, self.names = frozen, tuple(names)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        set_frozen(pl_module, self.names, self.frozen)
+
+
+def set_frozen(module: torch.nn.Module, names: Sequence[str], frozen: bool) -> None:
+    """Freeze or unfreeze ``module``'s submodules ``names`` (see :class:`FreezeModules`).
+
+    Raises:
+        ConfigError: Naming an attribute ``module`` does not have.
+
+    Example:
+        >>> net = torch.nn.Sequential()
+        >>> net.backbone, net.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+        >>> set_frozen(net, ["backbone"], frozen=True)
+        >>> sorted(n for n, p in net.named_parameters() if p.requires_grad)
+        ['head.bias', 'head.weight']
+    """
+    from fedvlm.models.adapters import set_encoders_trainable
+
+    missing = [name for name in names if not hasattr(module, name)]
+    if missing:
+        raise ConfigError(
+            f"model.freeze_modules names {missing[0]!r}, which {type(module).__name__} does not have "
+            f"(submodules: {', '.join(n for n, _ in module.named_children())})"
+        )
+    parts = [getattr(module, name) for name in names if getattr(module, name) is not None]
+    # Adapter mode is the model's: a tower without LoRA targets keeps its backbone frozen too.
+    adapter_mode = any(".lora_" in f".{name}" for name, _ in module.named_parameters())
+    set_encoders_trainable(parts, not frozen, adapter_mode=adapter_mode)
+
+
+class RoundLearningRate(L.Callback):
+    """Set the round's learning rate (the server's ``optim.lr_schedule`` over rounds) on every
+    parameter group of every optimizer, once they exist (``on_fit_start``), before any step.
+
+    Args:
+        learning_rate: This round's rate.
+    """
+
+    def __init__(self, learning_rate: float) -> None:
+        super().__init__()
+        self.learning_rate = learning_rate
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.learning_rate
 
 
 def travelling_keys(module: torch.nn.Module) -> set[str]:

@@ -24,12 +24,13 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 from fedvlm.config import CONFIG_FILE_NAME, load_config
-from fedvlm.data.prepared import bundle_size, make_loader
 from fedvlm.errors import FederationError
 from fedvlm.evaluation.metrics import export_state
 from fedvlm.federation import keys
 from fedvlm.federation.callback import (
     FederatedRoundCallback,
+    FreezeModules,
+    RoundLearningRate,
     load_global_state,
     non_finite_keys,
     static_fingerprint,
@@ -38,8 +39,7 @@ from fedvlm.federation.callback import (
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.federation.secure import secure_aggregation_mod
 from fedvlm.tasks import Task, get_task
-from fedvlm.tasks.base import run_tokenizer
-from fedvlm.tasks.site import SiteData, ensure_site_data
+from fedvlm.tasks.site import SiteData
 
 if TYPE_CHECKING:
     from fedvlm.privacy import PrivateTraining
@@ -62,14 +62,7 @@ def site_data(run_dir: str, partition_id: int, node_config: Mapping[str, Any] | 
 @cache
 def _site_data(run_dir: str, partition_id: int, node_config: tuple[tuple[str, str], ...]) -> SiteData:
     cfg = _run_config(run_dir)
-    return ensure_site_data(
-        get_task(cfg.task).read_site,
-        cfg,
-        Path(run_dir),
-        partition_id,
-        lambda: run_tokenizer(cfg, Path(run_dir)),
-        dict(node_config),
-    )
+    return get_task(cfg.task).open_site(cfg, Path(run_dir), partition_id, dict(node_config))
 
 
 def make_trainer(cfg: DictConfig, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
@@ -109,30 +102,23 @@ def train_locally(
         of local training examples, and scalar metrics (``train-loss``, ``train-seconds``).
     """
     started = time.perf_counter()
-    train_bundle = site.train
     module = build_global_module(task, cfg, run_dir, global_state, str(round_config.get(keys.STATIC_FINGERPRINT, "")))
     round_seed = int(round_config[keys.ROUND_SEED]) + partition_id
     L.seed_everything(round_seed, workers=True, verbose=False)
-    module.set_encoders_frozen(bool(round_config[keys.FREEZE_ENCODERS]))  # type: ignore[operator]
-    module.learning_rate = float(round_config[keys.LEARNING_RATE])  # type: ignore[assignment]
     # Under DP the FedProx term is a pull after each step: a gradient term would be clipped and noised away.
     callback = FederatedRoundCallback(
         global_state, float(round_config.get(keys.PROXIMAL_MU, 0.0)), proximal_pull=bool(cfg.privacy.dp)
     )
     extra = task.round_callbacks(cfg, run_dir, partition_id, int(round_config[keys.SERVER_ROUND]), site)
-    loader = make_loader(
-        train_bundle,
-        cfg.trainer.batch_size,
-        shuffle=True,
-        seed=round_seed,
-        num_workers=cfg.trainer.num_workers,
-        augment=cfg.data.augment,
-    )
+    loader = task.datamodule(cfg, site, round_seed).train_dataloader()  # the site's own data, streamed
     private = _private_training(cfg, run_dir, partition_id, int(round_config[keys.SERVER_ROUND]))
     if private is not None:  # DP-SGD (fedvlm.privacy); refuses the round when the budget would be exceeded
         loader = private.private_loader(loader, int(round_config[keys.LOCAL_EPOCHS]))
         extra = [*extra, private]
-    trainer = make_trainer(cfg, [callback, *extra], int(round_config[keys.LOCAL_EPOCHS]))
+    schedule: list[L.Callback] = [RoundLearningRate(float(round_config[keys.LEARNING_RATE]))]
+    if int(cfg.federation.freeze_encoders_rounds) > 0:  # a fresh module each round: nothing to undo otherwise
+        schedule.append(FreezeModules(bool(round_config[keys.FREEZE_ENCODERS]), list(cfg.model.freeze_modules)))
+    trainer = make_trainer(cfg, [*schedule, callback, *extra], int(round_config[keys.LOCAL_EPOCHS]))
     trainer.fit(module, loader)
     train_loss = trainer.callback_metrics.get("train/loss")
     metrics = {
@@ -147,7 +133,7 @@ def train_locally(
         shareable = getattr(extra_callback, "shareable_metrics", None)
         if shareable is not None:
             metrics.update({k: float(v) for k, v in shareable().items()})
-    return callback.local_state, bundle_size(train_bundle), metrics
+    return callback.local_state, int(site.counts["train"]), metrics
 
 
 def _private_training(cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int) -> PrivateTraining | None:
@@ -229,7 +215,7 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
                     keys.METRICS: MetricRecord(
                         {
                             keys.PARTITION_ID: partition_id,
-                            keys.NUM_EXAMPLES: bundle_size(site.train),
+                            keys.NUM_EXAMPLES: int(site.counts["train"]),
                         }
                     ),
                     keys.CONFIG: ConfigRecord({keys.SITE_COUNTS: json.dumps(counts)}),
@@ -250,7 +236,8 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
 
         site = site_data(run_dir_str, partition_id, context.node_config)
         attack = client_attack(cfg, partition_id)  # federation.byzantine; a no-op for honest clients
-        attack.poison_training_data(site.train)
+        if attack.poisons_data:  # labels only (config validation keeps it to the built-in tasks)
+            attack.poison_training_data(site.train.tensors)
         local_state, num_examples, metrics = train_locally(
             get_task(cfg.task), cfg, Path(run_dir_str), partition_id, dict(global_state), round_config, site
         )
@@ -297,11 +284,13 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
             str(config.get(keys.STATIC_FINGERPRINT, "")),
         )
         reply: dict[str, Any] = {keys.PARTITION_ID: partition_id}
+        datamodule = task.datamodule(cfg, site, int(cfg.seed))
+        loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
         for split in keys.EVAL_SPLITS:  # the site's local validation and test splits, as counts
-            bundle = site.bundles[split]
             metrics = task.make_metrics(cfg, mergeable=True)
-            task.evaluate(module, bundle, metrics, cfg.trainer.batch_size)
-            reply[f"{split}/{keys.NUM_EXAMPLES}"] = bundle_size(bundle)
+            if int(site.counts[split]):
+                task.evaluate(module, loaders[split](), metrics)
+            reply[f"{split}/{keys.NUM_EXAMPLES}"] = int(site.counts[split])
             reply.update({f"{keys.EVAL_STATE_PREFIX}{split}/{k}": v for k, v in export_state(metrics).items()})
         return Message(RecordDict({keys.METRICS: MetricRecord(reply)}), reply_to=msg)
 

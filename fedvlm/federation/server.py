@@ -53,6 +53,7 @@ from fedvlm.runs import (
     write_metrics,
 )
 from fedvlm.tasks import Task
+from fedvlm.tasks.base import selection_key
 
 State = dict[str, torch.Tensor]
 STRATEGY_STATE = "strategy_state"
@@ -186,7 +187,7 @@ class FederatedServer:
         self.codec = update_codecs.create(cfg.federation.update_codec)
         L.seed_everything(int(cfg.seed), verbose=False)  # the initial global model follows the seed
         self.module = task.build_module(cfg, run_dir).to(evaluation_device(cfg))
-        self.selection_key = f"{cfg.evaluation.select_on}/{task.selection_metric}"
+        self.selection_key = selection_key(task, cfg)
         self.site_names: dict[int, str] = {}  # partition id → site name, as each client reports
         self.progress = Progress()
         self.global_state: State = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedvlm.models.adapters import adapt_encoders, set_encoders_trainable
+from fedvlm.models.adapters import adapt_encoders
 from fedvlm.models.encoders import build_image_encoder, build_text_encoder
 from fedvlm.models.optim import build_optimizer
 
@@ -156,10 +156,6 @@ class ContrastiveVLM(L.LightningModule):
     def encoders(self) -> list[nn.Module]:
         """The backbones (frozen during the first federated rounds, or for good in adapter mode)."""
         return [enc for enc in (self.image_encoder, self.text_encoder) if enc is not None]
-
-    def set_encoders_frozen(self, frozen: bool) -> None:
-        """Freeze or unfreeze the backbones (adapters only, in adapter mode); heads always train."""
-        set_encoders_trainable(self.encoders(), not frozen, adapter_mode=bool(self.adapter_layers))
 
     def scale(self) -> torch.Tensor:
         """``1/τ``, clamped to :data:`MAX_LOGIT_SCALE`."""

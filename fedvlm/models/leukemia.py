@@ -23,7 +23,7 @@ from torch import nn
 
 from fedvlm.data.prepared import BundleDataset
 from fedvlm.evaluation.metrics import LeukemiaMetrics
-from fedvlm.models.adapters import adapt_encoders, set_encoders_trainable
+from fedvlm.models.adapters import adapt_encoders
 from fedvlm.models.encoders import build_image_encoder, build_text_encoder
 from fedvlm.models.fusion import ConcatFusion, fusions
 from fedvlm.models.optim import build_optimizer
@@ -98,11 +98,6 @@ class LeukemiaModule(L.LightningModule):
     def encoders(self) -> list[nn.Module]:
         """The pretrained-style backbones (frozen during the first federated rounds)."""
         return [enc for enc in (self.image_encoder, self.text_encoder) if enc is not None]
-
-    def set_encoders_frozen(self, frozen: bool) -> None:
-        """Freeze or unfreeze the encoders (fusion and heads always train); in adapter mode only
-        the adapters unfreeze, the backbones stay frozen."""
-        set_encoders_trainable(self.encoders(), not frozen, adapter_mode=bool(self.adapter_layers))
 
     def encode(self, batch: Batch) -> list[torch.Tensor]:
         """The per-modality embeddings ``[B, D_m]`` (image first), before fusion."""
@@ -198,7 +193,7 @@ class LeukemiaModule(L.LightningModule):
             # A bundle's labels are counted directly: iterating the loader would load every image
             # and draw from the shuffle and augmentation generators, changing the training order.
             dataset = getattr(loader, "dataset", None)
-            batches = [dataset.bundle] if isinstance(dataset, BundleDataset) else loader
+            batches = [dataset.tensors] if isinstance(dataset, BundleDataset) else loader
             self.set_label_prior(*count_labels(batches, self.num_stages))
 
     def compute_loss(

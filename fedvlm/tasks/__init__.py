@@ -1,7 +1,8 @@
 """Tasks: what federation needs to know about a problem, behind one interface.
 
-A task prepares a run's data (split, partition, per-client shards), builds its LightningModule,
-and evaluates a model into mergeable metrics. The federation layer only talks to this
+A task says what the coordinator prepares, how a client opens its own site's data (prepared by
+fedvlm, or a user's LightningDataModule), builds its LightningModule, and evaluates a model into
+mergeable metrics. The federation layer only talks to this
 interface, so the leukemia task and the chest X-ray task share one round loop.
 """
 
@@ -15,6 +16,7 @@ __all__ = ["Task", "get_task", "tasks"]
 def get_task(name: str) -> Task:
     """The registered task ``name`` (importing the built-in tasks on first use)."""
     import fedvlm.tasks.cxr
-    import fedvlm.tasks.leukemia  # noqa: F401 - registers "leukemia"
+    import fedvlm.tasks.leukemia
+    import fedvlm.tasks.lightning  # noqa: F401 - registers "leukemia", "cxr", "lightning"
 
     return tasks.create(name)

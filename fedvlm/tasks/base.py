@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,7 +17,7 @@ from fedvlm.errors import ConfigError
 from fedvlm.models.encoders import tokenizer_source
 from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
 from fedvlm.registry import Registry
-from fedvlm.tasks.site import SiteData, SiteRecords
+from fedvlm.tasks.site import SiteData, SiteRecords, ensure_site_data
 
 DATA_DIR = "data"
 META_FILE = "meta.json"
@@ -25,15 +25,18 @@ TOKENIZER_DIR = "tokenizer"
 
 
 class Task(Protocol):
-    """What the round loop needs from a problem (leukemia staging, CXR contrastive, ...).
+    """What the round loop needs from a problem (leukemia staging, CXR contrastive, a user's
+    LightningModule + LightningDataModule).
 
     The coordinator calls :meth:`prepare` (config-derived files only); each client calls
-    :meth:`read_site` on its own source, in its own process (:mod:`fedvlm.tasks.site`).
+    :meth:`open_site` for its own data, in its own process, and trains from
+    :meth:`datamodule`'s loaders; evaluation goes through :meth:`evaluate` into mergeable metrics.
 
     Attributes:
         name: Registry name, the ``task`` config value.
         selection_metric: The metric (without split prefix) that selects ``best.ckpt``, higher is
-            better, read from the merged ``val/`` (default) or ``test/`` values.
+            better, read from the merged ``val/`` (default) or ``test/`` values;
+            ``evaluation.select_metric`` overrides it (:func:`selection_key`).
         curve_metrics: The ``metrics.jsonl`` keys plotted in ``curves.png``.
     """
 
@@ -50,13 +53,19 @@ class Task(Protocol):
         """
         ...
 
-    def read_site(self, cfg: DictConfig) -> SiteRecords:
-        """The records of the one source ``cfg.data`` names (a site's config), indexed and
-        validated, images not yet decoded.
+    def open_site(
+        self, cfg: DictConfig, run_dir: Path, partition_id: int, node_config: Mapping[str, Any] | None = None
+    ) -> SiteData:
+        """Client ``partition_id``'s own data (the site its node config or ``data.sites`` entry
+        names, or its partition of one source), read in this process only.
 
         Raises:
-            DataError: Naming the file, row or value at fault.
+            DataError: Naming the site (and the file, row or value at fault).
         """
+        ...
+
+    def datamodule(self, cfg: DictConfig, site: SiteData, seed: int) -> L.LightningDataModule:
+        """The site's loaders; ``seed`` orders the training split (one value per client and round)."""
         ...
 
     def build_module(self, cfg: DictConfig, run_dir: Path) -> L.LightningModule:
@@ -67,10 +76,8 @@ class Task(Protocol):
         """Fresh metrics; ``mergeable`` ones hold only sum-reduced counts (they can leave a client)."""
         ...
 
-    def evaluate(
-        self, module: L.LightningModule, bundle: dict[str, torch.Tensor], metrics: torch.nn.Module, batch_size: int
-    ) -> None:
-        """Update ``metrics`` with ``module``'s predictions on ``bundle``."""
+    def evaluate(self, module: L.LightningModule, batches: Iterable[Any], metrics: torch.nn.Module) -> None:
+        """Update ``metrics`` with ``module``'s predictions on ``batches`` (a DataLoader)."""
         ...
 
     def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
@@ -83,6 +90,58 @@ class Task(Protocol):
         """Extra Lightning callbacks for one client's local round (e.g. explanations). A callback
         with a ``shareable_metrics()`` method contributes those aggregates to the client's reply."""
         ...
+
+
+class PreparedSites:
+    """The data side of the built-in tasks: each client reads its records (``read_site``),
+    splits and prepares them in its own folder (:mod:`fedvlm.tasks.site`), and streams them
+    through a :class:`~fedvlm.data.datamodule.SiteDataModule`."""
+
+    def read_site(self, cfg: DictConfig) -> SiteRecords:
+        """The records of the one source ``cfg.data`` names (a site's config), indexed and
+        validated, images not yet decoded.
+
+        Raises:
+            DataError: Naming the file, row or value at fault.
+        """
+        raise NotImplementedError
+
+    def open_site(
+        self, cfg: DictConfig, run_dir: Path, partition_id: int, node_config: Mapping[str, Any] | None = None
+    ) -> SiteData:
+        return ensure_site_data(
+            self.read_site, cfg, run_dir, partition_id, lambda: run_tokenizer(cfg, run_dir), node_config
+        )
+
+    def datamodule(self, cfg: DictConfig, site: SiteData, seed: int) -> L.LightningDataModule:
+        from fedvlm.data.datamodule import SiteDataModule
+
+        trainer = cfg.trainer
+        return SiteDataModule(site.splits, trainer.batch_size, trainer.num_workers, cfg.data.augment, seed=seed)
+
+
+def selection_key(task: Task, cfg: DictConfig) -> str:
+    """The ``metrics.jsonl`` key that selects ``best.ckpt``: ``<evaluation.select_on>/<metric>``.
+
+    Raises:
+        ConfigError: If neither the task nor ``evaluation.select_metric`` names a metric.
+    """
+    metric = cfg.evaluation.select_metric or task.selection_metric
+    if not metric:
+        raise ConfigError(
+            f"task={task.name} needs evaluation.select_metric: a metric your module logs in validation_step "
+            "(without the val prefix), higher is better, e.g. acc"
+        )
+    return f"{cfg.evaluation.select_on}/{metric}"
+
+
+def curve_keys(task: Task, cfg: DictConfig) -> tuple[str, ...]:
+    """The ``metrics.jsonl`` keys of the live display and ``curves.png``: the task's, else the
+    selection metric on the test and validation splits."""
+    if task.curve_metrics:
+        return task.curve_metrics
+    metric = cfg.evaluation.select_metric or task.selection_metric
+    return (f"test/{metric}", f"val/{metric}") if metric else ()
 
 
 tasks: Registry[Task] = Registry("task")
@@ -102,19 +161,19 @@ def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(meta, indent=2))
 
 
-def import_class(dotted: str, base: type) -> type:
-    """Import ``package.module.ClassName`` and check it subclasses ``base``.
+def import_class(dotted: str, base: type, key: str = "model.module_class") -> type:
+    """Import ``package.module.ClassName`` (the value of config ``key``) and check it subclasses ``base``.
 
     Raises:
-        ConfigError: If it cannot be imported or is not a subclass of ``base``.
+        ConfigError: If it cannot be imported or is not a subclass of ``base``, naming ``key``.
     """
     module_name, _, class_name = dotted.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"model.module_class={dotted!r} cannot be imported: {err}") from None
+        raise ConfigError(f"{key}={dotted!r} cannot be imported: {err}") from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(f"model.module_class={dotted!r} is not a subclass of {base.__name__}")
+        raise ConfigError(f"{key}={dotted!r} is not a subclass of {base.__name__}")
     return cls
 
 

@@ -8,7 +8,7 @@ the train/test split; the official test split is used when the source has one. H
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +21,9 @@ from transformers import PreTrainedTokenizerBase
 from fedvlm.data.cxr_records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset
 from fedvlm.data.prepared import (
     Bundle,
-    bundle_size,
+    cxr_image_spec,
+    cxr_tensors,
     load_bundle,
-    make_loader,
-    prepare_cxr_bundle,
     save_bundle,
     tokenize,
 )
@@ -37,6 +36,7 @@ from fedvlm.models.tokenizer import load_tokenizer
 from fedvlm.tasks.base import (
     DATA_DIR,
     TOKENIZER_DIR,
+    PreparedSites,
     import_class,
     is_synthetic,
     make_tokenizer,
@@ -298,6 +298,7 @@ class CxrSiteRecords:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.names = label_names(cfg)
+        self.image_spec = cxr_image_spec(int(cfg.data.image_size), bool(cfg.data.equalize))
         self._records: dict[int, Any] = {}
         self.skipped: dict[str, int] = {}
         if is_synthetic(cfg.data):
@@ -333,16 +334,11 @@ class CxrSiteRecords:
             self._records.update(zip(missing, generated.records, strict=True))
         return [self._records[int(i)] for i in rows]
 
-    def bundle(self, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> Bundle:
-        data = self.cfg.data
-        return prepare_cxr_bundle(
-            self.records(rows),
-            tokenizer,
-            data.image_size,
-            data.max_text_length,
-            indices=[int(i) for i in rows],
-            equalize=data.equalize,
-        )
+    def tensors(self, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> Bundle:
+        return cxr_tensors(self.records(rows), tokenizer, self.cfg.data.max_text_length, indices=[int(i) for i in rows])
+
+    def images(self, rows: np.ndarray) -> list[np.ndarray | Path]:
+        return [record.image for record in self.records(rows)]
 
     def write_site_files(self, rows: np.ndarray, directory: Path) -> None:
         return None
@@ -352,7 +348,7 @@ class CxrSiteRecords:
         return {"positives_by_label": positives, "skipped": self.skipped}
 
 
-class CxrTask:
+class CxrTask(PreparedSites):
     """Chest X-ray vision-language pre-training (FedVLM)."""
 
     name = "cxr"
@@ -406,14 +402,12 @@ class CxrTask:
         )
 
     @torch.no_grad()
-    def evaluate(self, module: L.LightningModule, bundle: Bundle, metrics: torch.nn.Module, batch_size: int) -> None:
+    def evaluate(self, module: L.LightningModule, batches: Iterable[Any], metrics: torch.nn.Module) -> None:
         assert isinstance(metrics, CxrMetrics) and isinstance(module, ContrastiveVLM)
-        if bundle_size(bundle) == 0:
-            return
         was_training = module.training
         module.eval()
         device = module.device
-        for batch in make_loader(bundle, batch_size, shuffle=False):
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             outputs = module.label_probabilities(batch)
             metrics.update(

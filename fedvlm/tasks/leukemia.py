@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from fedvlm.data.leukemia_layouts import load_leukemia
-from fedvlm.data.prepared import Bundle, bundle_size, make_loader, prepare_bundle, subset
+from fedvlm.data.prepared import (
+    Bundle,
+    Samples,
+    bundle_size,
+    leukemia_image_spec,
+    leukemia_tensors,
+    subset,
+)
 from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
 from fedvlm.errors import DataError
 from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
@@ -23,6 +30,7 @@ from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.models.tokenizer import load_tokenizer
 from fedvlm.tasks.base import (
     TOKENIZER_DIR,
+    PreparedSites,
     import_class,
     is_synthetic,
     make_tokenizer,
@@ -94,6 +102,7 @@ class LeukemiaSiteRecords:
         self.cfg = cfg
         num_stages = int(cfg.model.num_stages)
         self.class_names = class_names(num_stages)
+        self.image_spec = leukemia_image_spec(int(cfg.data.image_size))
         self._records: dict[int, LeukemiaRecord] = {}
         if is_synthetic(cfg.data):
             from fedvlm.data.synthetic_leukemia import leukemia_label_index
@@ -122,11 +131,13 @@ class LeukemiaSiteRecords:
             )
         return [self._records[int(i)] for i in rows]
 
-    def bundle(self, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> Bundle:
-        data = self.cfg.data
-        return prepare_bundle(
-            self.records(rows), tokenizer, data.image_size, data.max_text_length, indices=[int(i) for i in rows]
+    def tensors(self, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> Bundle:
+        return leukemia_tensors(
+            self.records(rows), tokenizer, self.cfg.data.max_text_length, indices=[int(i) for i in rows]
         )
+
+    def images(self, rows: np.ndarray) -> list[np.ndarray | Path]:
+        return [record.image for record in self.records(rows)]
 
     def write_site_files(self, rows: np.ndarray, directory: Path) -> None:
         write_truth(rows, self.records(rows), directory / TRUTH_FILE)
@@ -141,7 +152,7 @@ def class_names(num_stages: int) -> dict[int, str]:
     return names
 
 
-class LeukemiaTask:
+class LeukemiaTask(PreparedSites):
     """Leukemia detection and staging (Fed-MMX)."""
 
     name = "leukemia"
@@ -178,14 +189,12 @@ class LeukemiaTask:
         return LeukemiaMetrics(cfg.model.num_stages, auroc_bins=AUROC_BINS if mergeable else None)
 
     @torch.no_grad()
-    def evaluate(self, module: L.LightningModule, bundle: Bundle, metrics: torch.nn.Module, batch_size: int) -> None:
+    def evaluate(self, module: L.LightningModule, batches: Iterable[Any], metrics: torch.nn.Module) -> None:
         assert isinstance(metrics, LeukemiaMetrics) and isinstance(module, LeukemiaModule)
-        if bundle_size(bundle) == 0:
-            return
         was_training = module.training
         module.eval()
         device = module.device
-        for batch in make_loader(bundle, batch_size, shuffle=False):
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             leukemia_prob, stage_prob = module.predict_probabilities(batch)
             metrics.update(
@@ -219,7 +228,7 @@ class LeukemiaTask:
 def make_shap_callback(
     cfg: DictConfig,
     run_dir: Path,
-    bundle: Bundle,
+    bundle: Samples,
     num_patients: int,
     output_dir: Path,
     server_round: int,

@@ -4,8 +4,12 @@ A client (a ClientApp process under Flower's deployment engine, an actor in simu
 :func:`ensure_site_data` the first time it needs data. It reads its own source
 (:func:`fedvlm.data.sites.client_source`), validates it, splits it by patient into local
 train / validation / test, and writes the tensors into its own folder
-``RUN_DIR/clients/client_NNN/data/`` (``train.pt``, ``val.pt``, ``test.pt``, ``counts.json``).
-What leaves the site is ``counts.json``'s numbers, reported to the server in the query reply.
+``RUN_DIR/clients/client_NNN/data/``: per split the small per-sample tensors (``train.pt``,
+``val.pt``, ``test.pt``) and the images, either as a site-local cache of resized images
+(``train.images`` ..., ``data.image_cache: true``) or as the list of the source's files
+(``images.json``), decoded in the DataLoader (:mod:`fedvlm.data.streaming`); then
+``counts.json``. No split's images are ever all in memory. What leaves the site is
+``counts.json``'s numbers, reported to the server in the query reply.
 
 With one source split by ``data.partition`` (the simulation convenience), every client reads the
 source's *index* (labels, patients, sites: file names and label tables, or the synthetic
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,11 +37,14 @@ from transformers import PreTrainedTokenizerBase
 from fedvlm.data.partition import partition, split_train_test
 from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, save_bundle
 from fedvlm.data.sites import ClientSource, client_source, read_site_entries, site_config
+from fedvlm.data.streaming import ImageCacheWriter, ImageSpec, SiteSplit, SplitImages
 from fedvlm.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 SITE_DATA_DIR = "data"
 COUNTS_FILE = "counts.json"
+IMAGES_FILE = "images.json"
+IMAGE_CACHE_SUFFIX = ".images"
 CLIENTS_DIR = "clients"
 
 
@@ -71,13 +79,29 @@ class SourceIndex:
 
 
 class SiteRecords(Protocol):
-    """One source as a task reads it (:meth:`Task.read_site`): an index first, tensors on demand."""
+    """One source as a task reads it (:meth:`Task.read_site`): an index first, tensors on demand.
 
-    index: SourceIndex
-    class_names: Mapping[int, str]
+    Attributes:
+        index: Classes, patients and sites of every sample.
+        class_names: Name of each class of ``index.classes``.
+        image_spec: How the task's model sees an image (channels, size, equalisation).
+    """
 
-    def bundle(self, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> Bundle:
-        """Decode and tensorise the samples ``rows`` (indices into the source)."""
+    @property
+    def index(self) -> SourceIndex: ...
+
+    @property
+    def class_names(self) -> Mapping[int, str]: ...
+
+    @property
+    def image_spec(self) -> ImageSpec: ...
+
+    def tensors(self, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> Bundle:
+        """The per-sample tensors of ``rows`` (indices into the source), images aside."""
+        ...
+
+    def images(self, rows: np.ndarray) -> list[np.ndarray | Path]:
+        """The image of each of ``rows``: its file, or the pixels where the source has no file."""
         ...
 
     def write_site_files(self, rows: np.ndarray, directory: Path) -> None:
@@ -95,27 +119,30 @@ class SiteData:
 
     Attributes:
         site: The site's name.
-        bundles: ``train``, ``val`` and ``test`` tensors.
-        counts: What the site reports (``counts.json``).
-        directory: Where they are stored.
+        splits: ``train``, ``val`` and ``test``, their images streamed (empty where the site's
+            own DataModule reads its data: ``task: lightning``).
+        counts: What the site reports (``counts.json``): ``train``, ``val``, ``test`` sizes ...
+        directory: The client's data folder.
+        datamodule: The site's own LightningDataModule (``task: lightning``), else None.
     """
 
     site: str
-    bundles: dict[str, Bundle]
+    splits: dict[str, SiteSplit]
     counts: dict[str, Any]
     directory: Path
+    datamodule: L.LightningDataModule | None = None
 
     @property
-    def train(self) -> Bundle:
-        return self.bundles["train"]
+    def train(self) -> SiteSplit:
+        return self.splits["train"]
 
     @property
-    def val(self) -> Bundle:
-        return self.bundles["val"]
+    def val(self) -> SiteSplit:
+        return self.splits["val"]
 
     @property
-    def test(self) -> Bundle:
-        return self.bundles["test"]
+    def test(self) -> SiteSplit:
+        return self.splits["test"]
 
 
 def split_by_patient(
@@ -229,24 +256,98 @@ ReadSite = Callable[[DictConfig], SiteRecords]
 TokenizerLoader = Callable[[], PreTrainedTokenizerBase | None]
 
 
+class SplitWriter:
+    """Writes one split of a client's folder: the tensors, and the images as the site-local
+    cache (one image decoded at a time) or as a list of the source's files.
+
+    ``add`` may be called once per source (the pooled baseline adds every site's rows).
+    """
+
+    def __init__(self, directory: Path, split: str, spec: ImageSpec, cache: bool) -> None:
+        self.directory, self.split, self.spec, self.cache = directory, split, spec, cache
+        self.parts: list[Bundle] = []
+        self.sources: list[str] = []
+        self.writer = ImageCacheWriter(directory / f"{split}{IMAGE_CACHE_SUFFIX}", spec) if cache else None
+
+    def add(self, records: SiteRecords, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Tensorise ``rows`` of ``records`` and append their images.
+
+        Raises:
+            DataError: Naming the image file that is missing or cannot be decoded.
+        """
+        if records.image_spec != self.spec:
+            raise ConfigError(f"internal: records shaped {records.image_spec}, split written as {self.spec}")
+        self.parts.append(records.tensors(rows, tokenizer))
+        for image in records.images(rows):
+            if self.writer is not None:
+                self.writer.write(image)  # decoded here, once: every image is validated up front
+            elif isinstance(image, np.ndarray):
+                raise DataError("data.image_cache=false needs image files; this source has none (set it true)")
+            elif not Path(image).is_file():
+                raise DataError(f"image file not found: {image}")
+            else:
+                self.sources.append(str(Path(image).resolve()))
+
+    def finish(self) -> tuple[SiteSplit, dict[str, Any]]:
+        """Close the split: ``(the split, its entry in images.json)``."""
+        tensors = concat_bundles(self.parts) if len(self.parts) > 1 else self.parts[0]
+        save_bundle(tensors, self.directory / f"{self.split}.pt")
+        count = bundle_size(tensors)
+        if self.writer is not None:
+            self.writer.close()
+            entry: dict[str, Any] = {"count": count, "cache": self.writer.path.name}
+            images = SplitImages(self.spec, count, cache=self.writer.path)
+        else:
+            entry = {"count": count, "sources": self.sources}
+            images = SplitImages(self.spec, count, sources=self.sources)
+        return SiteSplit(tensors, images), entry
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def write_splits(
+    directory: Path,
+    spec: ImageSpec,
+    cache: bool,
+    sources: list[tuple[SiteRecords, dict[str, np.ndarray]]],
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> dict[str, SiteSplit]:
+    """Write ``train``/``val``/``test`` of ``sources`` (records and their rows per split) into
+    ``directory``, and ``images.json`` saying where each split's images are."""
+    directory.mkdir(parents=True, exist_ok=True)
+    writers = {split: SplitWriter(directory, split, spec, cache) for split in SPLITS}
+    try:
+        for records, rows in sources:
+            for split in SPLITS:
+                writers[split].add(records, rows[split], tokenizer)
+        finished = {split: writer.finish() for split, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    index = {"spec": spec.to_json(), "splits": {split: entry for split, (_, entry) in finished.items()}}
+    (directory / IMAGES_FILE).write_text(json.dumps(index, indent=1))
+    return {split: data for split, (data, _) in finished.items()}
+
+
 def prepare_site(
     read_site: ReadSite, cfg: DictConfig, source: ClientSource, tokenizer: TokenizerLoader, directory: Path
 ) -> SiteData:
-    """Read, validate, split and tensorise one client's data into ``directory``.
+    """Read, validate, split and prepare one client's data into ``directory``.
 
     Raises:
         DataError: Naming the site (and, from the readers, the file, row or value at fault).
     """
-    if cfg.federation.mode == "centralized" and source.partition is None:
-        raise ConfigError("internal: a centralized run has one client reading every site (use prepare_pooled)")
     try:
         records = read_site(source.cfg)
         splits = client_rows(source.cfg, source, records.index)
         if not len(splits["train"]):
             raise DataError("no training samples after the local splits")
-        text_tokenizer = tokenizer()
-        bundles = {split: records.bundle(rows, text_tokenizer) for split, rows in splits.items()}
-        directory.mkdir(parents=True, exist_ok=True)
+        prepared = write_splits(
+            directory, records.image_spec, bool(source.cfg.data.image_cache), [(records, splits)], tokenizer()
+        )
         records.write_site_files(np.concatenate([splits[s] for s in SPLITS]), directory)
         counts = split_counts(records, splits)
     except DataError as err:
@@ -254,7 +355,7 @@ def prepare_site(
         raise DataError(
             message if message.startswith(f"site {source.site}") else f"site {source.site}: {message}"
         ) from err
-    return _save(directory, source.site, bundles, counts, data_fingerprint(cfg, source))
+    return _save(directory, source.site, prepared, counts, data_fingerprint(cfg, source))
 
 
 def prepare_pooled(read_site: ReadSite, cfg: DictConfig, tokenizer: TokenizerLoader, directory: Path) -> SiteData:
@@ -265,11 +366,10 @@ def prepare_pooled(read_site: ReadSite, cfg: DictConfig, tokenizer: TokenizerLoa
     """
     entries = read_site_entries(cfg.data.sites)
     assert entries is not None
-    parts = []
-    text_tokenizer = tokenizer()  # one tokenizer for every site
+    parts: list[tuple[SiteRecords, dict[str, np.ndarray]]] = []
+    counts = []
     for position, entry in enumerate(entries):
         site_cfg = site_config(cfg, entry)
-        source = ClientSource(entry["name"], site_cfg)
         try:
             records = read_site(site_cfg)
             splits = local_splits(
@@ -278,15 +378,17 @@ def prepare_pooled(read_site: ReadSite, cfg: DictConfig, tokenizer: TokenizerLoa
             site_dir = directory / "sites" / entry["name"]
             site_dir.mkdir(parents=True, exist_ok=True)
             records.write_site_files(np.concatenate([splits[s] for s in SPLITS]), site_dir)
-            parts.append(
-                ({s: records.bundle(r, text_tokenizer) for s, r in splits.items()}, split_counts(records, splits))
-            )
         except DataError as err:
-            raise DataError(f"site {source.site}: {err}") from err
-    bundles = {split: concat_bundles([p[0][split] for p in parts]) for split in SPLITS}
-    counts = _sum_counts([p[1] for p in parts])
+            raise DataError(f"site {entry['name']}: {err}") from err
+        parts.append((records, splits))
+        counts.append(split_counts(records, splits))
+    spec = parts[0][0].image_spec
+    try:
+        prepared = write_splits(directory, spec, bool(cfg.data.image_cache), parts, tokenizer())
+    except DataError as err:
+        raise DataError(f"pooled baseline: {err}") from err
     fingerprint = data_fingerprint(cfg, ClientSource("pooled", cfg))
-    return _save(directory, "pooled", bundles, counts, fingerprint)
+    return _save(directory, "pooled", prepared, _sum_counts(counts), fingerprint)
 
 
 def concat_bundles(bundles: list[Bundle]) -> Bundle:
@@ -317,14 +419,14 @@ def _sum_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _save(directory: Path, site: str, bundles: dict[str, Bundle], counts: dict[str, Any], fingerprint: str) -> SiteData:
-    for split, bundle in bundles.items():
-        save_bundle(bundle, directory / f"{split}.pt")
+def _save(
+    directory: Path, site: str, splits: dict[str, SiteSplit], counts: dict[str, Any], fingerprint: str
+) -> SiteData:
     counts = {"site": site, **counts, "fingerprint": fingerprint}
     tmp = directory / (COUNTS_FILE + ".tmp")
     tmp.write_text(json.dumps(counts, indent=2))
     tmp.replace(directory / COUNTS_FILE)  # written last: its presence means the splits are complete
-    return SiteData(site, bundles, counts, directory)
+    return SiteData(site, splits, counts, directory)
 
 
 def load_site_data(directory: Path) -> SiteData:
@@ -337,8 +439,18 @@ def load_site_data(directory: Path) -> SiteData:
     if not path.is_file():
         raise DataError(f"{directory} holds no prepared site data (no {COUNTS_FILE}): the client has not run yet")
     counts = json.loads(path.read_text())
-    bundles = {split: load_bundle(directory / f"{split}.pt") for split in SPLITS}
-    return SiteData(str(counts["site"]), bundles, counts, directory)
+    images_path = directory / IMAGES_FILE
+    if not images_path.is_file():
+        raise DataError(f"{directory} was prepared by an older fedvlm (no {IMAGES_FILE}): delete it to prepare again")
+    images = json.loads(images_path.read_text())
+    spec = ImageSpec.from_json(images["spec"])
+    splits = {}
+    for split in SPLITS:
+        entry = images["splits"][split]
+        cache = directory / entry["cache"] if "cache" in entry else None
+        rows = SplitImages(spec, int(entry["count"]), cache=cache, sources=entry.get("sources"))
+        splits[split] = SiteSplit(load_bundle(directory / f"{split}.pt"), rows)
+    return SiteData(str(counts["site"]), splits, counts, directory)
 
 
 def ensure_site_data(

@@ -92,3 +92,59 @@ def test_load_global_state_names_unknown_and_misshapen_keys() -> None:
         load_global_state(module, {"nope": torch.zeros(1)})
     with pytest.raises(FederationError, match="wrong shape for: \\['linear.weight'\\]"):
         load_global_state(module, {"linear.weight": torch.zeros(3, 1)})
+
+
+class TwoPart(L.LightningModule):
+    """A backbone and a head, with its own optimiser and learning rate, and no fedvlm method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Linear(2, 2, bias=False)
+        self.head = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.backbone.weight.copy_(torch.eye(2))
+            self.head.weight.fill_(0.0)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return ((self.head(self.backbone(x)) - y) ** 2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=123.0)
+
+
+def one_step(module: L.LightningModule, callbacks: list[L.Callback]) -> None:
+    x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0]])
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        accelerator="cpu",
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=1))
+
+
+def test_freezing_and_the_round_learning_rate_are_callbacks_on_a_plain_module() -> None:
+    from fedvlm.federation.callback import FreezeModules, RoundLearningRate
+
+    module = TwoPart()
+    one_step(module, [FreezeModules(True, ["backbone"]), RoundLearningRate(0.5)])
+    # loss (w·x − 1)², x = (1, 2), w = 0: gradient 2·(0 − 1)·x = (−2, −4); one SGD step of 0.5
+    torch.testing.assert_close(module.head.weight, torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(module.backbone.weight, torch.eye(2))  # frozen: untouched
+    assert travelling_keys(module) == {"head.weight"}  # frozen weights do not travel
+    one_step(module, [FreezeModules(False, ["backbone"]), RoundLearningRate(0.5)])
+    assert travelling_keys(module) == {"head.weight", "backbone.weight"}
+
+
+def test_freezing_a_submodule_the_module_lacks_is_an_error_naming_it() -> None:
+    from fedvlm.errors import ConfigError
+    from fedvlm.federation.callback import FreezeModules
+
+    with pytest.raises(
+        ConfigError, match=r"'image_encoder', which TwoPart does not have \(submodules: backbone, head\)"
+    ):
+        one_step(TwoPart(), [FreezeModules(True, ["image_encoder"])])

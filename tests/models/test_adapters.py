@@ -9,10 +9,12 @@ from torch import nn
 
 from fedvlm.config import load_config
 from fedvlm.errors import ConfigError
-from fedvlm.federation.callback import static_fingerprint, travelling_keys
+from fedvlm.federation.callback import set_frozen, static_fingerprint, travelling_keys
 from fedvlm.models.adapters import LoRALinear, apply_lora, count_parameters
 from fedvlm.models.contrastive import ContrastiveVLM
 from fedvlm.models.leukemia import LeukemiaModule
+
+ENCODERS = ("image_encoder", "text_encoder")  # model.freeze_modules
 
 
 def test_lora_equals_its_merged_linear_layer() -> None:
@@ -68,9 +70,9 @@ def test_adapter_mode_sends_only_adapters_heads_and_temperature() -> None:
     assert trainable == sum(adapted.state_dict()[k].numel() for k in keys)
     assert total > 5 * trainable
     # freezing the encoders for a round never unfreezes backbones in adapter mode
-    adapted.set_encoders_frozen(True)
+    set_frozen(adapted, ENCODERS, frozen=True)
     assert not any(p.requires_grad for n, p in adapted.named_parameters() if ".lora_" in n)
-    adapted.set_encoders_frozen(False)
+    set_frozen(adapted, ENCODERS, frozen=False)
     assert {n for n, p in adapted.named_parameters() if p.requires_grad} == keys
 
 

@@ -7,8 +7,11 @@ from omegaconf import OmegaConf
 
 from fedvlm.config import load_config
 from fedvlm.errors import ConfigError
+from fedvlm.federation.callback import set_frozen
 from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.runs import load_checkpoint, save_checkpoint
+
+ENCODERS = ("image_encoder", "text_encoder")  # model.freeze_modules
 
 
 def make_module(**model_overrides: object) -> LeukemiaModule:
@@ -74,13 +77,13 @@ def test_image_only_model_ignores_the_report() -> None:
 
 def test_frozen_encoders_are_left_out_of_the_optimiser() -> None:
     module = make_module()
-    module.set_encoders_frozen(True)
+    set_frozen(module, ENCODERS, frozen=True)
     optimiser = module.configure_optimizers()
     optimised = {id(p) for group in optimiser.param_groups for p in group["params"]}
     encoder_params = {id(p) for enc in module.encoders() for p in enc.parameters()}
     assert optimised and not (optimised & encoder_params)
     assert id(module.binary_head.weight) in optimised and id(module.fusion.linear.weight) in optimised
-    module.set_encoders_frozen(False)
+    set_frozen(module, ENCODERS, frozen=False)
     assert encoder_params <= {id(p) for g in module.configure_optimizers().param_groups for p in g["params"]}
 
 

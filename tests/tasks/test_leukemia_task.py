@@ -36,16 +36,16 @@ def prepare(tmp_path: Path, overrides: list[str]) -> tuple[Path, list[SiteData]]
 
 def test_clients_prepare_disjoint_splits_covering_the_data(tmp_path: Path, tiny_overrides: list[str]) -> None:
     run_dir, sites = prepare(tmp_path, tiny_overrides)
-    seen = [site.bundles[split]["index"] for site in sites for split in ("train", "val", "test")]
+    seen = [site.splits[split]["index"] for site in sites for split in ("train", "val", "test")]
     assert sorted(torch.cat(seen).tolist()) == list(range(240))  # every sample exactly once
-    test = sites[0].test
+    test = sites[0].test.take(range(len(sites[0].test)))
     assert test["image"].dtype == torch.uint8 and test["image"].shape[1:] == (3, 32, 32)
     assert test["input_ids"].shape[1] == 48
     vocab = json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
     assert read_meta(run_dir)["vocab_size"] == len(vocab)
     for site in sites:
         assert [site.counts[s] for s in ("train", "val", "test")] == [
-            len(site.bundles[s]["index"]) for s in ("train", "val", "test")
+            len(site.splits[s]["index"]) for s in ("train", "val", "test")
         ]
 
 
@@ -59,7 +59,7 @@ def test_a_client_renders_exactly_the_generator_rows_it_holds(tmp_path: Path, ti
     everything = prepare_bundle(generate_leukemia(synthetic_config(cfg)), None, 32, 48)
     for site in sites:
         rows = site.train["index"]
-        assert torch.equal(site.train["image"], everything["image"][rows])
+        assert torch.equal(site.train.take(range(len(rows)))["image"], everything["image"][rows])
         assert torch.equal(site.train["stage"], everything["stage"][rows])
 
 

@@ -154,7 +154,7 @@ def test_each_client_reads_only_its_own_site_and_the_coordinator_none(three_site
         # the counts a site reports are its files: every image lands in exactly one split
         assert site.counts["train"] + site.counts["val"] + site.counts["test"] == SIZES[name]
         assert site.counts["test"] > 0 and site.counts["val"] > 0
-        indices = torch.cat([site.bundles[s]["index"] for s in ("train", "val", "test")])
+        indices = torch.cat([site.splits[s]["index"] for s in ("train", "val", "test")])
         assert sorted(indices.tolist()) == list(range(SIZES[name]))
         assert (run_dir / "clients" / f"client_{pid:03d}" / "data" / "counts.json").is_file()
     assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["meta.json"]  # nothing per sample
@@ -239,7 +239,8 @@ def test_a_three_site_federation_trains_and_scores_on_the_union_of_the_sites_tes
     module = LeukemiaModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     task = get_task("leukemia")
     cfg = load_config(run_dir / "config.yaml")
-    tests = [client_site(run_dir, pid).test for pid in range(3)]
+    splits = [client_site(run_dir, pid).test for pid in range(3)]
+    tests = [split.take(range(len(split))) for split in splits]  # in memory, images included
     union = {key: torch.cat([t[key] for t in tests]) for key in tests[0]}
     exact = task.make_metrics(cfg, mergeable=False)
     task.evaluate(module, union, exact, batch_size=8)
