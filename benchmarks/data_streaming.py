@@ -12,8 +12,9 @@ tables), then, each in a fresh process so that its peak resident memory is its o
   files, decoding, converting to grayscale, resizing and normalising each JPEG, as a user would
   write it.
 
-It writes ``{"runs": [{"images", "image_cache", "peak_rss_mb", "images_per_s", ...}],
-"baseline": [{"images", "images_per_s", ...}]}``. ``images`` is the size of the tree; an epoch
+Each variant runs ``--repeats`` times, alternating with the others; the faster pass is kept. It
+writes ``{"runs": [{"images", "image_cache", "peak_rss_mb", "images_per_s", ...}],
+"baseline": [{"images", "images_per_s", ...}], "summary": ...}``. ``images`` is the size of the tree; an epoch
 covers its training split (MIMIC's official ``test`` rows, 10 %, and ``data.val_fraction`` of the
 rest are held out).
 
@@ -135,7 +136,12 @@ def fedvlm_pass(root: Path, run_dir: Path, image_cache: bool, batch_size: int, w
         "epoch_s": round(epoch, 2),
         "images_per_s": round(seen / epoch, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        # the largest DataLoader worker (each decodes its own images)
+        **(
+            {"worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+            if workers
+            else {}
+        ),
     }
 
 
@@ -221,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedvlm-data-streaming"), help="trees and run dirs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (trainer.num_workers)")
+    parser.add_argument("--repeats", type=int, default=2, help="passes of each variant (the fastest is kept)")
     parser.add_argument("--child", choices=("fedvlm", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -236,23 +243,46 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         root = write_mimic_tree(args.work / f"mimic_{size}", size)
         print(f"{size} images: tree ready in {time.perf_counter() - started:.0f} s", flush=True)
-        for cache in ("false", "true"):
-            run_dir = args.work / f"run_{size}_{cache}"
-            result = run_child(
-                "--child", "fedvlm", "--root", str(root), "--run-dir", str(run_dir), "--image-cache", cache, *common
-            )
-            runs.append({"images": size, **result})
-            print(f"  fedvlm image_cache={cache}: {result}", flush=True)
-        paths_file = args.work / f"paths_{size}.json"
-        paths_file.write_text(json.dumps(train_paths(args.work / f"run_{size}_false")))
-        result = run_child("--child", "baseline", "--paths", str(paths_file), *common)
-        baseline.append({"images": size, **result})
-        print(f"  baseline: {result}", flush=True)
+        # Alternate the variants and keep each one's faster pass (and its worst peak memory): the page
+        # cache, and anything else on the machine, then favour neither.
+        best: dict[str, dict[str, Any]] = {}
+        for repeat in range(args.repeats):
+            for variant in ("false", "true", "baseline"):
+                if variant == "baseline":
+                    paths_file = args.work / f"paths_{size}.json"
+                    paths_file.write_text(json.dumps(train_paths(args.work / f"run_{size}_false")))
+                    result = run_child("--child", "baseline", "--paths", str(paths_file), *common)
+                else:
+                    run_dir = args.work / f"run_{size}_{variant}"
+                    result = run_child(
+                        "--child",
+                        "fedvlm",
+                        "--root",
+                        str(root),
+                        "--run-dir",
+                        str(run_dir),
+                        "--image-cache",
+                        variant,
+                        *common,
+                    )
+                print(f"  pass {repeat + 1} {variant}: {result}", flush=True)
+                peak = max(result["peak_rss_mb"], best.get(variant, {}).get("peak_rss_mb", 0.0))
+                if variant not in best or result["images_per_s"] > best[variant]["images_per_s"]:
+                    best[variant] = result
+                best[variant]["peak_rss_mb"] = peak  # memory: the worst pass
+        runs += [{"images": size, **best["false"]}, {"images": size, **best["true"]}]
+        baseline.append({"images": size, **best["baseline"]})
     report = {
         "runs": runs,
         "baseline": baseline,
         "summary": summary(runs, baseline),
-        "settings": {"batch_size": args.batch_size, "workers": args.workers, "source_px": 512, "image_size": 224},
+        "settings": {
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "repeats": args.repeats,
+            "source_px": 512,
+            "image_size": 224,
+        },
         "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,46 @@ def read_image(path: Path) -> np.ndarray:
     return _to_rgb_uint8(np.asarray(pixels), path)
 
 
+def read_grayscale_image(path: Path, at_least: int | None = None) -> Image.Image:
+    """Decode an image file into an 8-bit grayscale (mode ``L``) Pillow image: the rounded mean of
+    its RGB channels.
+
+    The same values as ``read_image(path).mean(axis=2)`` rounded, but an 8-bit grayscale file
+    (a radiograph JPEG or PNG) is used as decoded, without expanding it to three channels and
+    back (about 4× faster on a 512-px JPEG); it stays a Pillow image, so that equalising and
+    resizing need no copy.
+
+    Args:
+        path: The image file.
+        at_least: With a grayscale JPEG, let the decoder scale it down by 1/2, 1/4 or 1/8 in the
+            DCT domain while both sides stay ≥ ``at_least`` (Pillow's ``draft``, as ``thumbnail``
+            does): a 3,000-px radiograph meant for 224 px is decoded at 1/8 of the work. The pixels
+            then differ slightly from a full decode resized.
+
+    Raises:
+        DataError: Naming ``path`` when the file is missing, corrupt or not an image.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "film.png"
+        >>> Image.fromarray(np.full((2, 3), 9, dtype=np.uint8)).save(target)
+        >>> np.asarray(read_grayscale_image(target)).tolist()
+        [[9, 9, 9], [9, 9, 9]]
+    """
+    path = Path(path)
+    try:
+        image = Image.open(path)
+        if image.mode == "L":
+            if at_least is not None and image.format == "JPEG":
+                image.draft("L", (at_least, at_least))
+            image.load()  # decodes, and closes the file of a single-frame image
+            return image
+        image.close()
+    except (UnidentifiedImageError, OSError, ValueError):
+        pass  # read_image names the file, or decodes what Pillow cannot (TIFF)
+    return Image.fromarray(read_image(path).mean(axis=2).round().astype(np.uint8))
+
+
 def write_image(path: Path, pixels: np.ndarray) -> None:
     """Write an ``H×W×3`` ``uint8`` RGB array as a lossless PNG, atomically.
 

@@ -128,18 +128,27 @@ def prepare_cxr_bundle(
     return {"image": images, **cxr_tensors(records, tokenizer, max_text_length, indices)}
 
 
+TOKENIZE_CHUNK = 1024
+"""Reports tokenised per call: a tokenizer's intermediate encodings take kilobytes per text, so a
+site's whole split at once would make its memory grow with its size."""
+
+
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_text_length: int) -> Bundle:
-    """Token ids (``int32``) and attention masks (``uint8``), padded/truncated to ``max_text_length``."""
-    if not texts:  # an empty split (a small site holds nothing out); the tokenizer cannot batch nothing
-        empty = torch.zeros((0, max_text_length), dtype=torch.int32)
-        return {"input_ids": empty, "attention_mask": empty.to(torch.uint8)}
-    tokens = tokenizer(
-        list(texts), padding="max_length", truncation=True, max_length=max_text_length, return_tensors="pt"
-    )
-    return {
-        "input_ids": tokens["input_ids"].to(torch.int32),
-        "attention_mask": tokens["attention_mask"].to(torch.uint8),
-    }
+    """Token ids (``int32``) and attention masks (``uint8``), padded/truncated to ``max_text_length``,
+    :data:`TOKENIZE_CHUNK` texts at a time."""
+    ids = [torch.zeros((0, max_text_length), dtype=torch.int32)]  # an empty split has no text to batch
+    masks = [torch.zeros((0, max_text_length), dtype=torch.uint8)]
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        tokens = tokenizer(
+            list(texts[start : start + TOKENIZE_CHUNK]),
+            padding="max_length",
+            truncation=True,
+            max_length=max_text_length,
+            return_tensors="pt",
+        )
+        ids.append(tokens["input_ids"].to(torch.int32))
+        masks.append(tokens["attention_mask"].to(torch.uint8))
+    return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
 
 
 def subset(samples: Samples, rows: Sequence[int] | np.ndarray) -> Bundle:

@@ -154,3 +154,46 @@ def test_failed_write_keeps_the_old_file_and_no_partial_one(tmp_path: Path, monk
 
     np.testing.assert_array_equal(read_image(path), old_pixels)
     assert [entry.name for entry in tmp_path.iterdir()] == ["smear.png"]
+
+
+@pytest.mark.parametrize(
+    ("name", "pixels"),
+    [
+        ("gray.png", np.arange(48, dtype=np.uint8).reshape(6, 8) * 5),
+        ("gray.jpg", np.arange(48, dtype=np.uint8).reshape(6, 8) * 5),
+        ("colour.png", np.random.default_rng(0).integers(0, 255, (6, 8, 3), dtype=np.uint8)),
+        ("deep.png", np.arange(48, dtype=np.uint16).reshape(6, 8) * 1300),  # 16-bit: scaled, not clipped
+    ],
+)
+def test_grayscale_reading_is_the_rounded_channel_mean_of_rgb_reading(
+    tmp_path: Path, name: str, pixels: np.ndarray
+) -> None:
+    from fedvlm.data.images import read_grayscale_image
+
+    path = tmp_path / name
+    Image.fromarray(pixels).save(path)
+    expected = read_image(path).mean(axis=2).round().astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(read_grayscale_image(path)), expected)
+
+
+def test_grayscale_reading_of_a_missing_or_corrupt_file_names_it(tmp_path: Path) -> None:
+    from fedvlm.data.images import read_grayscale_image
+
+    with pytest.raises(DataError, match="image file not found: .*absent.png"):
+        read_grayscale_image(tmp_path / "absent.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="broken.jpg"):
+        read_grayscale_image(tmp_path / "broken.jpg")
+
+
+def test_a_grayscale_jpeg_decodes_in_draft_no_smaller_than_asked_and_close_to_full(tmp_path: Path) -> None:
+    from fedvlm.data.images import read_grayscale_image
+
+    yy, xx = np.mgrid[0:400, 0:520]
+    path = tmp_path / "film.jpg"
+    Image.fromarray(((xx + 2 * yy) % 256).astype(np.uint8)).save(path, quality=95)
+    full = read_grayscale_image(path)
+    draft = read_grayscale_image(path, at_least=96)
+    assert full.size == (520, 400) and draft.size == (130, 100)  # 1/4: one more halving would go below 96
+    small = [np.asarray(image.resize((96, 96), Image.Resampling.BILINEAR), dtype=float) for image in (full, draft)]
+    assert np.abs(small[0] - small[1]).mean() < 3.0  # gray levels, out of 255

@@ -58,3 +58,16 @@ def test_dihedral_augmentation_only_moves_pixels() -> None:
     assert len(seen) == 8
     with pytest.raises(ValueError, match="augment='mixup' is not one of"):
         BundleDataset(bundle, augment="mixup")
+
+
+def test_tokenising_in_chunks_gives_the_tokens_of_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedvlm.data.prepared as prepared
+    from fedvlm.models.tokenizer import build_word_tokenizer
+
+    texts = [f"report {i} " + "word " * (i % 7) for i in range(11)]
+    tokenizer = build_word_tokenizer(iter(texts))
+    whole = prepared.tokenize(tokenizer, texts, 8)
+    monkeypatch.setattr(prepared, "TOKENIZE_CHUNK", 3)
+    chunked = prepared.tokenize(tokenizer, texts, 8)
+    assert all(torch.equal(whole[key], chunked[key]) for key in whole) and whole["input_ids"].shape == (11, 8)
+    assert prepared.tokenize(tokenizer, [], 8)["input_ids"].shape == (0, 8)
