@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedvlm.data.sites import read_site_entries
+from fedvlm.data.sites import read_site_entries, server_test_entry
 from fedvlm.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -94,6 +94,11 @@ class DataConfig:
     """Each site keeps a cache of its resized images in its own folder (decoded once, when the site
     prepares its data, which validates every file up front); false: the DataLoader decodes and
     resizes the source files in every epoch and nothing is written (``fedvlm.data.streaming``)."""
+    server_test: Any = None
+    """A test set the coordinator may hold (a public set, never a site's data): a mapping of site
+    keys (``format``, ``root``, ``reports`` ...) like a ``data.sites`` entry without ``name``.
+    The coordinator prepares all of it as one test split and scores the global model on it each
+    evaluated round (``server_test/*`` in ``metrics.jsonl``). Null: none."""
     datamodule_class: str | None = None
     """``task: lightning``: dotted path of the LightningDataModule each client builds for its site,
     as ``DataModule(site=entry)`` (``fedvlm.tasks.lightning.site_entry``)."""
@@ -476,6 +481,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as err:
             raise ConfigError(f"{override}: {_reason(err)}") from None
+    server_test_entry(cfg)  # a misspelled key fails here, not when the coordinator prepares it
     sites = read_site_entries(cfg.data.sites)
     if sites is not None:  # the list itself, so the saved config.yaml repeats the run on its own
         cfg.data.sites = sites
@@ -493,6 +499,7 @@ def _validate_lightning(cfg: DictConfig) -> None:
         "federation.mode=centralized": cfg.federation.mode == "centralized",
         "federation.byzantine.attack=label_flip": cfg.federation.byzantine.attack == "label_flip",
         "explain.enabled=true": bool(cfg.explain.enabled),
+        "data.server_test": cfg.data.server_test is not None,
     }
     for setting, used in unsupported.items():
         if used:

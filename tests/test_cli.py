@@ -12,6 +12,7 @@ import torch
 from fedvlm.cli import main
 from fedvlm.config import load_config
 from fedvlm.data.manifest import read_manifest
+from fedvlm.data.prepared import make_loader
 from fedvlm.evaluate import client_site
 from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.runs import load_checkpoint, read_metrics
@@ -80,7 +81,7 @@ def test_fit_demo_recipe_writes_a_complete_run_directory(tmp_path: Path, tiny_ov
         for key in ("image", "input_ids", "attention_mask", "leukemia", "stage", "index")
     }
     exact = task.make_metrics(cfg, mergeable=False)
-    task.evaluate(module, union, exact, batch_size=16)
+    task.evaluate(module, make_loader(union, 16, shuffle=False), exact)
     exact_values = task.scalar_metrics(exact)
     assert exact_values["accuracy"] == pytest.approx(best_row["test/accuracy"])
     assert exact_values["stage_macro_f1"] == pytest.approx(best_row["test/stage_macro_f1"])

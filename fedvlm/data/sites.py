@@ -119,6 +119,36 @@ def read_site_entries(value: Any) -> list[dict[str, Any]] | None:
     return entries
 
 
+SERVER_TEST = "server_test"
+"""The site name of ``data.server_test``, the coordinator's own (public) test set."""
+
+
+def server_test_entry(cfg: DictConfig) -> dict[str, Any] | None:
+    """``data.server_test`` as a site entry named :data:`SERVER_TEST`, or None.
+
+    Raises:
+        ConfigError: If it is not a mapping of site keys (naming the key).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> server_test_entry(OmegaConf.create({"data": {"server_test": {"format": "openi", "root": "/pub"}}}))
+        {'name': 'server_test', 'format': 'openi', 'root': '/pub'}
+    """
+    value = cfg.data.server_test
+    if value is None:
+        return None
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"data.server_test must be a mapping of site keys (format, root ...), got {value!r}")
+    unknown = [key for key in value if key not in SITE_KEYS]
+    if unknown:
+        raise ConfigError(f"data.server_test: {unknown[0]} is not a site key; it sets only {', '.join(SITE_KEYS)}")
+    if "root" not in value:
+        raise ConfigError("data.server_test needs a root: the coordinator's own (public) test data")
+    return {"name": SERVER_TEST, **value}
+
+
 def site_config(cfg: DictConfig, entry: Mapping[str, Any]) -> DictConfig:
     """``cfg`` with ``data`` = the recipe's data, the site's own keys merged over it, and no site list.
 

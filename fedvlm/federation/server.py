@@ -35,10 +35,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
+from fedvlm.data.prepared import make_loader
 from fedvlm.errors import FederationError
 from fedvlm.evaluation.metrics import merge_states
 from fedvlm.federation import keys
-from fedvlm.federation.callback import non_finite_keys, static_fingerprint, travelling_keys
+from fedvlm.federation.callback import load_global_state, non_finite_keys, static_fingerprint, travelling_keys
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.federation.messages import content_bytes, error_reason
 from fedvlm.federation.secure import CLIPPED_FRACTION, SecureAggregator
@@ -188,6 +189,7 @@ class FederatedServer:
         L.seed_everything(int(cfg.seed), verbose=False)  # the initial global model follows the seed
         self.module = task.build_module(cfg, run_dir).to(evaluation_device(cfg))
         self.selection_key = selection_key(task, cfg)
+        self.server_test = task.open_server_test(cfg, run_dir)  # a public set the coordinator may hold
         self.site_names: dict[int, str] = {}  # partition id → site name, as each client reports
         self.progress = Progress()
         self.global_state: State = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
@@ -326,6 +328,7 @@ class FederatedServer:
                 clients.setdefault(str(pid), {}).update(values)
                 site = self.site_names.get(pid, str(pid))
                 row.update({f"test/site/{site}/{k[5:]}": v for k, v in values.items() if k.startswith("test/")})
+            row.update(self._evaluate_server_test())
         row.update(
             {
                 "round_seconds": time.perf_counter() - started,
@@ -480,6 +483,17 @@ class FederatedServer:
                 values = self._scalars(pooled, split, "all sites")
                 pooled_values.update({f"{split}/{k}": v for k, v in values.items()})
         return pooled_values, per_client, sent, received, failed
+
+    def _evaluate_server_test(self) -> dict[str, float]:
+        """``server_test/*``: the global model on the coordinator's own test set (exact metrics)."""
+        if self.server_test is None:
+            return {}
+        load_global_state(self.module, self.global_state)
+        metrics = self.task.make_metrics(self.cfg, mergeable=False)
+        loader = make_loader(self.server_test.test, int(self.cfg.trainer.batch_size), shuffle=False)
+        self.task.evaluate(self.module, loader, metrics)
+        values = self._scalars(metrics, "server_test", "the coordinator")
+        return {f"server_test/{key}": value for key, value in values.items()}
 
     def _scalars(self, metrics: torch.nn.Module, split: str, where: str) -> dict[str, float]:
         """Scalar values; a per-label value with no valid sample is NaN, named in a warning."""

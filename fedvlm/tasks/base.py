@@ -13,11 +13,12 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from fedvlm.data.sites import SERVER_TEST, server_test_entry
 from fedvlm.errors import ConfigError
 from fedvlm.models.encoders import tokenizer_source
 from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
 from fedvlm.registry import Registry
-from fedvlm.tasks.site import SiteData, SiteRecords, ensure_site_data
+from fedvlm.tasks.site import SiteData, SiteRecords, ensure_held_out, ensure_site_data
 
 DATA_DIR = "data"
 META_FILE = "meta.json"
@@ -91,6 +92,11 @@ class Task(Protocol):
         with a ``shareable_metrics()`` method contributes those aggregates to the client's reply."""
         ...
 
+    def open_server_test(self, cfg: DictConfig, run_dir: Path) -> SiteData | None:
+        """The coordinator's own test set (``data.server_test``, a public set), prepared under
+        ``RUN_DIR/data/server_test`` on first use; None without one."""
+        ...
+
 
 class PreparedSites:
     """The data side of the built-in tasks: each client reads its records (``read_site``),
@@ -112,6 +118,13 @@ class PreparedSites:
         return ensure_site_data(
             self.read_site, cfg, run_dir, partition_id, lambda: run_tokenizer(cfg, run_dir), node_config
         )
+
+    def open_server_test(self, cfg: DictConfig, run_dir: Path) -> SiteData | None:
+        entry = server_test_entry(cfg)
+        if entry is None:
+            return None
+        directory = run_dir / DATA_DIR / SERVER_TEST
+        return ensure_held_out(self.read_site, cfg, entry, lambda: run_tokenizer(cfg, run_dir), directory)
 
     def datamodule(self, cfg: DictConfig, site: SiteData, seed: int) -> L.LightningDataModule:
         from fedvlm.data.datamodule import SiteDataModule

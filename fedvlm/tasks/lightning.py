@@ -194,6 +194,9 @@ class LightningTask:
     ) -> list[L.Callback]:
         return []
 
+    def open_server_test(self, cfg: DictConfig, run_dir: Path) -> SiteData | None:
+        return None  # config validation refuses data.server_test: the coordinator has no DataModule
+
 
 tasks.register("lightning")(LightningTask)
 

@@ -474,6 +474,32 @@ def ensure_site_data(
     return prepare_site(read_site, cfg, source, tokenizer, directory)
 
 
+def ensure_held_out(
+    read_site: ReadSite, cfg: DictConfig, entry: Mapping[str, Any], tokenizer: TokenizerLoader, directory: Path
+) -> SiteData:
+    """A test set the coordinator may hold (``data.server_test``: a public set, never a site's),
+    prepared whole as one test split into ``directory``, or read from there when it matches.
+
+    Raises:
+        DataError: Naming ``data.server_test`` (and the file, row or value at fault).
+    """
+    site_cfg = site_config(cfg, entry)
+    fingerprint = data_fingerprint(cfg, ClientSource(str(entry["name"]), site_cfg))
+    path = directory / COUNTS_FILE
+    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+        return load_site_data(directory)
+    try:
+        records = read_site(site_cfg)
+        rows = np.arange(len(records.index))
+        splits = {"train": rows[:0], "val": rows[:0], "test": rows}
+        cache = bool(site_cfg.data.image_cache)
+        prepared = write_splits(directory, records.image_spec, cache, [(records, splits)], tokenizer())
+        counts = split_counts(records, splits)
+    except DataError as err:
+        raise DataError(f"data.server_test: {err}") from err
+    return _save(directory, str(entry["name"]), prepared, counts, fingerprint)
+
+
 def site_data_folders(run_dir: Path) -> list[tuple[int, Path]]:
     """``(partition id, folder)`` of every client that prepared data under ``run_dir`` (simulation)."""
     found = []
@@ -490,6 +516,7 @@ __all__ = [
     "SourceIndex",
     "client_dir",
     "client_rows",
+    "ensure_held_out",
     "ensure_site_data",
     "load_site_data",
     "local_splits",

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from fedvlm.config import load_config
+from fedvlm.data.prepared import make_loader
 from fedvlm.data.sites import client_source, read_site_entries
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.tasks import get_task
@@ -243,11 +244,49 @@ def test_a_three_site_federation_trains_and_scores_on_the_union_of_the_sites_tes
     tests = [split.take(range(len(split))) for split in splits]  # in memory, images included
     union = {key: torch.cat([t[key] for t in tests]) for key in tests[0]}
     exact = task.make_metrics(cfg, mergeable=False)
-    task.evaluate(module, union, exact, batch_size=8)
+    task.evaluate(module, make_loader(union, 8, shuffle=False), exact)
     values = task.scalar_metrics(exact)
     assert values["accuracy"] == pytest.approx(row["test/accuracy"])
     assert values["stage_macro_f1"] == pytest.approx(row["test/stage_macro_f1"])
     for pid, name in enumerate(SIZES):  # and each site's own value is its split's
         own = task.make_metrics(cfg, mergeable=False)
-        task.evaluate(module, tests[pid], own, batch_size=8)
+        task.evaluate(module, make_loader(tests[pid], 8, shuffle=False), own)
         assert task.scalar_metrics(own)["accuracy"] == pytest.approx(row[f"test/site/{name}/accuracy"])
+
+
+def test_a_public_test_set_the_coordinator_holds_is_scored_exactly_each_round(tmp_path: Path) -> None:
+    from fedvlm.cli import main
+    from fedvlm.data.prepared import prepare_bundle
+    from fedvlm.models.leukemia import LeukemiaModule
+    from fedvlm.runs import read_metrics
+
+    public = make_manifest(tmp_path / "public", 12)  # e.g. a published set; no site's data
+    run_dir = tmp_path / "run"
+    overrides = [
+        *SITE_OVERRIDES,
+        "federation.num_clients=2",
+        "data.synthetic.n=120",
+        "federation.rounds=1",
+        f"data.server_test={{format: manifest, root: {public['root']}}}",
+    ]
+    assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *overrides]) == 0
+    held = json.loads((run_dir / "data" / "server_test" / "counts.json").read_text())
+    assert (held["site"], held["train"], held["val"], held["test"]) == ("server_test", 0, 0, 12)
+    (row,) = read_metrics(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    task = get_task("leukemia")
+    records = task.read_site(
+        load_config("leukemia_demo", [*SITE_OVERRIDES, "data.format=manifest", f"data.root={public['root']}"])
+    )
+    tokenizer = run_tokenizer(cfg, run_dir)
+    bundle = prepare_bundle(records.records(np.arange(12)), tokenizer, 32, 32)
+    module = LeukemiaModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    exact = task.make_metrics(cfg, mergeable=False)
+    task.evaluate(module, make_loader(bundle, 8, shuffle=False), exact)
+    for name, value in task.scalar_metrics(exact).items():
+        assert row[f"server_test/{name}"] == pytest.approx(value), name
+
+
+def test_a_server_test_set_with_a_site_key_misspelled_is_refused() -> None:
+    with pytest.raises(ConfigError, match="data.server_test: rot is not a site key"):
+        load_config("leukemia_demo", ["data.server_test={format: manifest, rot: /x}"])
