@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,13 +54,16 @@ def _run_config(run_dir: str) -> DictConfig:
 
 
 def site_data(run_dir: str, partition_id: int, node_config: Mapping[str, Any] | None = None) -> SiteData:
-    """This client's own data, prepared from its own source on first use and kept for the process."""
+    """This client's own data, prepared from its own source on first use; the process keeps the
+    last site it served (only one)."""
     named = tuple(sorted((str(k), str(v)) for k, v in (node_config or {}).items()))
     return _site_data(run_dir, partition_id, named)
 
 
-@cache
+@lru_cache(maxsize=1)
 def _site_data(run_dir: str, partition_id: int, node_config: tuple[tuple[str, str], ...]) -> SiteData:
+    # One site at a time: in simulation a Ray actor serves several clients one after another, and
+    # keeps only the site it serves now (its images stream from disk, so re-opening is cheap).
     cfg = _run_config(run_dir)
     return get_task(cfg.task).open_site(cfg, Path(run_dir), partition_id, dict(node_config))
 
