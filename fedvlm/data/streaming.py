@@ -125,6 +125,8 @@ class SplitImages:
     def __init__(
         self, spec: ImageSpec, count: int, cache: Path | None = None, sources: Sequence[str] | None = None
     ) -> None:
+        self._fd: int | None = None  # first: __del__ runs even when a check below refuses the cache
+        self._pid = -1
         if (cache is None) == (sources is None):
             raise ValueError("SplitImages reads either a cache file or source files")
         if sources is not None and len(sources) != count:
@@ -136,8 +138,6 @@ class SplitImages:
                 state = "missing" if size < 0 else f"{size} bytes, expected {expected}"
                 raise DataError(f"image cache {cache} is {state}: prepare the site again")
         self.spec, self.count, self.cache, self.sources = spec, count, cache, sources
-        self._fd: int | None = None
-        self._pid = -1
 
     def __len__(self) -> int:
         return self.count

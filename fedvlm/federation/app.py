@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
@@ -41,40 +40,19 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
-from fedvlm.errors import ConfigError, FederationError
+from fedvlm.errors import ConfigError
 from fedvlm.federation.client import RUN_DIR_KEY, make_client_app
-from fedvlm.federation.server import FederatedServer
+from fedvlm.federation.server import FederatedServer, wait_for_nodes
 from fedvlm.runs import METRICS_FILE
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import DATA_DIR, META_FILE, TOKENIZER_DIR, read_meta
 
 RESUME_KEY = "resume"
 """Run-config key: continue the run directory from its last completed round."""
-NODE_POLL_SECONDS = 1.0
-"""How often :func:`wait_for_nodes` asks the SuperLink for connected nodes."""
 SITE_FILES = (META_FILE, "prompts.pt")
 """The coordinator's ``data/`` files a SuperNode needs (vocabulary size and labels, CXR prompts)."""
 SITE_FILE = "site.json"
 """Written by :func:`export_site`: which partition a site directory holds and where it came from."""
-
-
-def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
-    """Wait until ``expected`` SuperNodes are connected (they may start after the run).
-
-    Raises:
-        FederationError: If fewer are connected after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) >= expected:
-            return node_ids
-        if time.monotonic() >= deadline:
-            raise FederationError(
-                f"{len(node_ids)} SuperNodes connected after {timeout:g}s, {expected} expected "
-                "(federation.num_clients); check that every site's flower-supernode is running"
-            )
-        time.sleep(NODE_POLL_SECONDS)
 
 
 def run_dir_from_config(run_config: Mapping[str, Any]) -> Path:

@@ -82,6 +82,31 @@ class Progress:
         }
 
 
+NODE_POLL_SECONDS = 1.0
+"""How often :func:`wait_for_nodes` asks the SuperLink for connected nodes."""
+NODE_WAIT_SECONDS = 120.0
+"""How long the server waits for the run's SuperNodes before asking them for their sites."""
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    """Wait until ``expected`` SuperNodes are connected (they may start after the run).
+
+    Raises:
+        FederationError: If fewer are connected after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= expected:
+            return node_ids
+        if time.monotonic() >= deadline:
+            raise FederationError(
+                f"{len(node_ids)} SuperNodes connected after {timeout:g}s, {expected} expected "
+                "(federation.num_clients); check that every site's flower-supernode is running"
+            )
+        time.sleep(NODE_POLL_SECONDS)
+
+
 def learning_rate(cfg: DictConfig, server_round: int) -> float:
     """The round's learning rate: constant, or decaying linearly from ``lr`` over the rounds.
 
@@ -550,10 +575,9 @@ class FederatedServer:
 
     def _discover(self, grid: Grid) -> dict[int, int]:
         """Map partition id → node id by asking every node (node ids differ between runs)."""
-        node_ids = sorted(grid.get_node_ids())
         expected = 1 if self.cfg.federation.mode == "centralized" else int(self.cfg.federation.num_clients)
-        if len(node_ids) < expected:
-            raise FederationError(f"{len(node_ids)} SuperNodes connected, {expected} expected")
+        # Simulated SuperNodes register while the ServerApp starts: on a loaded machine, after it.
+        node_ids = wait_for_nodes(grid, expected, min(float(self.cfg.federation.round_timeout), NODE_WAIT_SECONDS))
         messages = [
             Message(RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type=keys.QUERY)
             for node in node_ids
