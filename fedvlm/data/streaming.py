@@ -264,18 +264,43 @@ class SiteSplit:
         return chosen
 
 
+def concat_tensors(parts: Sequence[Mapping[str, torch.Tensor]], offset: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Row-wise concatenation of the tensors every part has. Each key in ``offset`` holds ids
+    numbered from 0 within its part (sample indices, report groups); it is shifted past the
+    previous parts' largest id, so that two parts' ids never collide.
+
+    Example:
+        >>> first = {"index": torch.tensor([0, 1]), "y": torch.tensor([5, 6])}
+        >>> parts = [first, {"index": torch.tensor([0]), "y": torch.tensor([7])}]
+        >>> {k: v.tolist() for k, v in concat_tensors(parts, offset=["index"]).items()}
+        {'index': [0, 1, 2], 'y': [5, 6, 7]}
+    """
+    keys = set.intersection(*(set(part) for part in parts))
+    merged = {}
+    for key in sorted(keys):
+        values, shift = [], 0
+        for part in parts:
+            values.append(part[key] + shift if key in offset else part[key])
+            if key in offset and len(part[key]):
+                shift += int(part[key].max()) + 1
+        merged[key] = torch.cat(values)
+    return merged
+
+
 def concat_splits(splits: Sequence[SiteSplit]) -> SiteSplit:
     """Several splits of one site as one. Sample indices are already distinct within a site;
     report groups (numbered per split) are offset so that two splits' groups never collide."""
-    keys = set.intersection(*(set(s.tensors) for s in splits))
-    tensors = {key: torch.cat([s.tensors[key] for s in splits]) for key in sorted(keys) if key != "report_group"}
-    if "report_group" in keys:
-        groups, offset = [], 0
-        for part in splits:
-            groups.append(part.tensors["report_group"] + offset)
-            offset += int(part.tensors["report_group"].max()) + 1 if len(part) else 0
-        tensors["report_group"] = torch.cat(groups)
+    tensors = concat_tensors([split.tensors for split in splits], offset=["report_group"])
     return SiteSplit(tensors, ConcatImages([s.images for s in splits]))
 
 
-__all__ = ["ConcatImages", "ImageCacheWriter", "ImageRows", "ImageSpec", "SiteSplit", "SplitImages", "concat_splits"]
+__all__ = [
+    "ConcatImages",
+    "ImageCacheWriter",
+    "ImageRows",
+    "ImageSpec",
+    "SiteSplit",
+    "SplitImages",
+    "concat_splits",
+    "concat_tensors",
+]

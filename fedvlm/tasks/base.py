@@ -139,12 +139,9 @@ def selection_key(task: Task, cfg: DictConfig) -> str:
     Raises:
         ConfigError: If neither the task nor ``evaluation.select_metric`` names a metric.
     """
-    metric = cfg.evaluation.select_metric or task.selection_metric
+    metric = _selection_metric(task, cfg)
     if not metric:
-        raise ConfigError(
-            f"task={task.name} needs evaluation.select_metric: a metric your module logs in validation_step "
-            "(without the val prefix), higher is better, e.g. acc"
-        )
+        raise ConfigError(f"task={task.name} has no selection metric: set evaluation.select_metric")
     return f"{cfg.evaluation.select_on}/{metric}"
 
 
@@ -153,8 +150,12 @@ def curve_keys(task: Task, cfg: DictConfig) -> tuple[str, ...]:
     selection metric on the test and validation splits."""
     if task.curve_metrics:
         return task.curve_metrics
-    metric = cfg.evaluation.select_metric or task.selection_metric
+    metric = _selection_metric(task, cfg)
     return (f"test/{metric}", f"val/{metric}") if metric else ()
+
+
+def _selection_metric(task: Task, cfg: DictConfig) -> str:
+    return str(cfg.evaluation.select_metric or task.selection_metric)
 
 
 tasks: Registry[Task] = Registry("task")

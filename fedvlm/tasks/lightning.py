@@ -128,8 +128,7 @@ class LightningTask:
     curve_metrics: tuple[str, ...] = ()
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-        if not cfg.model.module_class or not cfg.data.datamodule_class:
-            raise ConfigError("task=lightning needs model.module_class and data.datamodule_class (dotted paths)")
+        # Both classes are named: config validation refuses task=lightning without them.
         import_class(cfg.model.module_class, L.LightningModule)
         import_class(cfg.data.datamodule_class, L.LightningDataModule, key="data.datamodule_class")
         meta = {"module_class": cfg.model.module_class, "datamodule_class": cfg.data.datamodule_class}

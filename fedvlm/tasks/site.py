@@ -30,14 +30,13 @@ from typing import Any, Protocol
 
 import lightning as L
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from fedvlm.data.partition import partition, split_train_test
 from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, save_bundle
 from fedvlm.data.sites import ClientSource, client_source, read_site_entries, site_config
-from fedvlm.data.streaming import ImageCacheWriter, ImageSpec, SiteSplit, SplitImages
+from fedvlm.data.streaming import ImageCacheWriter, ImageSpec, SiteSplit, SplitImages, concat_tensors
 from fedvlm.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -45,6 +44,8 @@ SITE_DATA_DIR = "data"
 COUNTS_FILE = "counts.json"
 IMAGES_FILE = "images.json"
 IMAGE_CACHE_SUFFIX = ".images"
+SAMPLE_IDS = ("index", "report_group")
+"""Per-sample ids numbered from 0 within a source: offset when the pooled baseline joins sites."""
 CLIENTS_DIR = "clients"
 
 
@@ -290,7 +291,7 @@ class SplitWriter:
 
     def finish(self) -> tuple[SiteSplit, dict[str, Any]]:
         """Close the split: ``(the split, its entry in images.json)``."""
-        tensors = concat_bundles(self.parts) if len(self.parts) > 1 else self.parts[0]
+        tensors = concat_tensors(self.parts, offset=SAMPLE_IDS) if len(self.parts) > 1 else self.parts[0]
         save_bundle(tensors, self.directory / f"{self.split}.pt")
         count = bundle_size(tensors)
         if self.writer is not None:
@@ -391,24 +392,6 @@ def prepare_pooled(read_site: ReadSite, cfg: DictConfig, tokenizer: TokenizerLoa
     return _save(directory, "pooled", prepared, _sum_counts(counts), fingerprint)
 
 
-def concat_bundles(bundles: list[Bundle]) -> Bundle:
-    """Row-wise concatenation; sample indices are made unique by offsetting each part's."""
-    keys = set.intersection(*(set(b) for b in bundles))
-    merged = {key: torch.cat([b[key] for b in bundles]) for key in keys if key not in ("index", "report_group")}
-    offsets, index, groups = 0, [], []
-    group_offset = 0
-    for b in bundles:
-        index.append(b["index"] + offsets)
-        offsets += int(b["index"].max()) + 1 if bundle_size(b) else 0
-        if "report_group" in b:
-            groups.append(b["report_group"] + group_offset)
-            group_offset += int(b["report_group"].max()) + 1 if bundle_size(b) else 0
-    merged["index"] = torch.cat(index)
-    if groups:
-        merged["report_group"] = torch.cat(groups)
-    return merged
-
-
 def _sum_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {key: sum(p[key] for p in parts) for key in (*SPLITS, "num_samples")}
     total["by_label"] = {
@@ -453,6 +436,14 @@ def load_site_data(directory: Path) -> SiteData:
     return SiteData(str(counts["site"]), splits, counts, directory)
 
 
+def _reusable(directory: Path, fingerprint: str) -> SiteData | None:
+    """The splits already prepared in ``directory`` when their fingerprint is ``fingerprint``."""
+    path = directory / COUNTS_FILE
+    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+        return load_site_data(directory)
+    return None
+
+
 def ensure_site_data(
     read_site: ReadSite,
     cfg: DictConfig,
@@ -466,9 +457,9 @@ def ensure_site_data(
     directory = site_data_dir(run_dir, partition_id)
     pooled = cfg.federation.mode == "centralized" and cfg.data.sites is not None
     source = ClientSource("pooled", cfg) if pooled else client_source(cfg, partition_id, node_config)
-    path = directory / COUNTS_FILE
-    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == data_fingerprint(cfg, source):
-        return load_site_data(directory)
+    reusable = _reusable(directory, data_fingerprint(cfg, source))
+    if reusable is not None:
+        return reusable
     if pooled:
         return prepare_pooled(read_site, cfg, tokenizer, directory)
     return prepare_site(read_site, cfg, source, tokenizer, directory)
@@ -485,9 +476,9 @@ def ensure_held_out(
     """
     site_cfg = site_config(cfg, entry)
     fingerprint = data_fingerprint(cfg, ClientSource(str(entry["name"]), site_cfg))
-    path = directory / COUNTS_FILE
-    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
-        return load_site_data(directory)
+    reusable = _reusable(directory, fingerprint)
+    if reusable is not None:
+        return reusable
     try:
         records = read_site(site_cfg)
         rows = np.arange(len(records.index))

@@ -25,20 +25,24 @@ class Regression(L.LightningModule):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
-def fit(module: L.LightningModule, callback: FederatedRoundCallback, epochs: int = 20) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(64, 3)
-    y = x @ torch.tensor([[2.0], [-1.0], [0.5]]) + 3.0
-    trainer = L.Trainer(
-        max_epochs=epochs,
+def quiet_trainer(callbacks: list[L.Callback], **limits: int) -> L.Trainer:
+    """A CPU Trainer that writes nothing, stopping at ``limits`` (``max_epochs`` / ``max_steps``)."""
+    return L.Trainer(
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[callback],
+        callbacks=callbacks,
         accelerator="cpu",
+        **limits,
     )
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+
+
+def fit(module: L.LightningModule, callback: FederatedRoundCallback, epochs: int = 20) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    y = x @ torch.tensor([[2.0], [-1.0], [0.5]]) + 3.0
+    quiet_trainer([callback], max_epochs=epochs).fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
 
 
 def global_weights() -> dict[str, torch.Tensor]:
@@ -115,16 +119,7 @@ class TwoPart(L.LightningModule):
 
 def one_step(module: L.LightningModule, callbacks: list[L.Callback]) -> None:
     x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0]])
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        accelerator="cpu",
-    )
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=1))
+    quiet_trainer(callbacks, max_steps=1).fit(module, DataLoader(TensorDataset(x, y), batch_size=1))
 
 
 def test_freezing_and_the_round_learning_rate_are_callbacks_on_a_plain_module() -> None:
