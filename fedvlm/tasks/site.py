@@ -44,8 +44,6 @@ SITE_DATA_DIR = "data"
 COUNTS_FILE = "counts.json"
 IMAGES_FILE = "images.json"
 IMAGE_CACHE_SUFFIX = ".images"
-SAMPLE_IDS = ("index", "report_group")
-"""Per-sample ids numbered from 0 within a source: offset when the pooled baseline joins sites."""
 CLIENTS_DIR = "clients"
 
 
@@ -270,15 +268,20 @@ class SplitWriter:
         self.sources: list[str] = []
         self.writer = ImageCacheWriter(directory / f"{split}{IMAGE_CACHE_SUFFIX}", spec) if cache else None
 
-    def add(self, records: SiteRecords, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """Tensorise ``rows`` of ``records`` and append their images.
+    def add(
+        self, records: SiteRecords, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase | None, first_index: int = 0
+    ) -> None:
+        """Tensorise ``rows`` of ``records`` and append their images; sample indices start at
+        ``first_index`` (the pooled baseline numbers each site's rows after the previous sites').
 
         Raises:
             DataError: Naming the image file that is missing or cannot be decoded.
         """
         if records.image_spec != self.spec:
             raise ConfigError(f"internal: records shaped {records.image_spec}, split written as {self.spec}")
-        self.parts.append(records.tensors(rows, tokenizer))
+        tensors = records.tensors(rows, tokenizer)
+        tensors["index"] = tensors["index"] + first_index
+        self.parts.append(tensors)
         for image in records.images(rows):
             if self.writer is not None:
                 self.writer.write(image)  # decoded here, once: every image is validated up front
@@ -291,7 +294,8 @@ class SplitWriter:
 
     def finish(self) -> tuple[SiteSplit, dict[str, Any]]:
         """Close the split: ``(the split, its entry in images.json)``."""
-        tensors = concat_tensors(self.parts, offset=SAMPLE_IDS) if len(self.parts) > 1 else self.parts[0]
+        # report groups are numbered per split and part: offset them so that two sites' never collide
+        tensors = concat_tensors(self.parts, offset=["report_group"]) if len(self.parts) > 1 else self.parts[0]
         save_bundle(tensors, self.directory / f"{self.split}.pt")
         count = bundle_size(tensors)
         if self.writer is not None:
@@ -320,9 +324,11 @@ def write_splits(
     directory.mkdir(parents=True, exist_ok=True)
     writers = {split: SplitWriter(directory, split, spec, cache) for split in SPLITS}
     try:
+        first_index = 0
         for records, rows in sources:
             for split in SPLITS:
-                writers[split].add(records, rows[split], tokenizer)
+                writers[split].add(records, rows[split], tokenizer, first_index)
+            first_index += len(records.index)  # the same shift in every split: indices stay unique
         finished = {split: writer.finish() for split, writer in writers.items()}
     except BaseException:
         for writer in writers.values():
@@ -369,13 +375,12 @@ def prepare_pooled(read_site: ReadSite, cfg: DictConfig, tokenizer: TokenizerLoa
     assert entries is not None
     parts: list[tuple[SiteRecords, dict[str, np.ndarray]]] = []
     counts = []
-    for position, entry in enumerate(entries):
+    for entry in entries:
         site_cfg = site_config(cfg, entry)
         try:
             records = read_site(site_cfg)
-            splits = local_splits(
-                site_cfg, records.index, np.arange(len(records.index)), int(cfg.seed) + position, entry["name"]
-            )
+            # the seed client_rows gives each site's own client: the same local splits
+            splits = local_splits(site_cfg, records.index, np.arange(len(records.index)), int(cfg.seed), entry["name"])
             site_dir = directory / "sites" / entry["name"]
             site_dir.mkdir(parents=True, exist_ok=True)
             records.write_site_files(np.concatenate([splits[s] for s in SPLITS]), site_dir)

@@ -290,3 +290,30 @@ def test_a_public_test_set_the_coordinator_holds_is_scored_exactly_each_round(tm
 def test_a_server_test_set_with_a_site_key_misspelled_is_refused() -> None:
     with pytest.raises(ConfigError, match="data.server_test: rot is not a site key"):
         load_config("leukemia_demo", ["data.server_test={format: manifest, rot: /x}"])
+
+
+def test_the_pooled_baseline_joins_every_sites_local_splits_with_distinct_indices(
+    three_sites: Path, tmp_path: Path
+) -> None:
+    overrides = [*SITE_OVERRIDES, f"data.sites={three_sites}", "federation.mode=centralized"]
+    cfg = load_config("leukemia_demo", overrides)
+    task = get_task("leukemia")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    task.prepare(cfg, run_dir)
+    pooled = ensure_site_data(task.read_site, cfg, run_dir, 0, lambda: run_tokenizer(cfg, run_dir))
+    sites = []
+    for pid in range(3):  # each site alone, as its federated client prepares it
+        federated = load_config("leukemia_demo", [*SITE_OVERRIDES, f"data.sites={three_sites}"])
+        sites.append(ensure_site_data(task.read_site, federated, tmp_path / f"site{pid}", pid, lambda: None))
+    for split in ("train", "val", "test"):
+        assert pooled.counts[split] == sum(site.counts[split] for site in sites)
+        # indices: site 0's as they are, each later site's shifted past every earlier one's
+        expected, shift = [], 0
+        for site in sites:
+            expected += (site.splits[split]["index"] + shift).tolist()
+            shift += (
+                max(int(site.splits[s]["index"].max()) for s in ("train", "val", "test") if len(site.splits[s])) + 1
+            )
+        assert pooled.splits[split]["index"].tolist() == expected
+        assert len(set(expected)) == len(expected)
