@@ -42,16 +42,12 @@ def variant_overrides(variant: str, fraction: float, scale: float) -> list[str]:
         return ["federation.strategy=fedavg"]
     strategy = variant.removeprefix("signflip_")
     attackers = math.floor(fraction * NUM_CLIENTS + 1e-9)
+    options = {"trimmed_mean": f"trim_fraction: {fraction}", "krum": f"byzantine_f: {attackers}"}.get(strategy)
     overrides = [
-        f"federation.strategy={strategy}",
-        "federation.byzantine.attack=sign_flip",
+        f"federation.strategy={{name: {strategy}, {options}}}" if options else f"federation.strategy={strategy}",
+        f"federation.byzantine.attack={{name: sign_flip, scale: {scale}}}",
         f"federation.byzantine.fraction={fraction}",
-        f"federation.byzantine.scale={scale}",
     ]
-    if strategy == "trimmed_mean":
-        overrides.append(f"federation.trim_fraction={fraction}")
-    if strategy == "krum":
-        overrides.append(f"federation.byzantine_f={attackers}")
     return overrides
 
 

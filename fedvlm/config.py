@@ -8,36 +8,21 @@ resolved config is saved into every run directory so that a run can be repeated 
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedvlm.data.prepared import AUGMENTATIONS
 from fedvlm.data.sites import read_site_entries, server_test_entry
 from fedvlm.errors import ConfigError
+from fedvlm.registry import load_plugins, registry_of
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CONFIG_FILE_NAME = "config.yaml"
-
-AUGMENTATIONS = ("none", "dihedral")
-"""``data.augment`` values. ``dihedral``: a random flip/90° rotation (the 8 symmetries of the
-square) per training image, valid where orientation carries no meaning (blood smears; not chest
-X-rays)."""
-
-
-@dataclass
-class PartitionConfig:
-    """How the training pool is split across clients (see ``fedvlm.data.partition``)."""
-
-    name: str = "dirichlet"
-    alpha: float = 0.5
-    min_size: int = 0
-    max_size: int = 0
-    site_fallback: str | None = None
-    """With ``name: site``: the partitioner used when the data carry no site (e.g. MIMIC-CXR);
-    None makes site-less data an error."""
 
 
 @dataclass
@@ -81,7 +66,9 @@ class DataConfig:
     max_text_length: int = 96
     test_fraction: float = 0.2
     val_fraction: float = 0.1
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    partition: Any = field(default_factory=lambda: {"name": "dirichlet"})
+    """How the training pool is split across clients: a partitioner and its options
+    (``{name: dirichlet, alpha: 0.5}``; ``fedvlm.data.partition``)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     synthetic_cxr: SyntheticCxrConfig = field(default_factory=SyntheticCxrConfig)
     labels: list[str] = field(default_factory=list)
@@ -241,15 +228,14 @@ class TrainerConfig:
 
 @dataclass
 class ByzantineConfig:
-    """Simulated malicious clients (``fedvlm.federation.byzantine``): ``attack`` (``none``,
-    ``sign_flip``, ``scale``, ``gaussian``, ``label_flip``) run by ``clients``, or by
+    """Simulated malicious clients (``fedvlm.federation.byzantine``): ``attack`` and its options
+    (``none``, ``{name: sign_flip, scale: 10}``, ``{name: scale, scale: 10}``,
+    ``{name: gaussian, noise_std: 1}``, ``label_flip``) run by ``clients``, or by
     ``⌊fraction·num_clients⌋`` clients drawn with the run's seed when ``clients`` is empty."""
 
-    attack: str = "none"
+    attack: Any = "none"
     clients: list[int] = field(default_factory=list)
     fraction: float = 0.0
-    scale: float = 10.0
-    noise_std: float = 1.0
 
 
 @dataclass
@@ -284,20 +270,20 @@ class FederationConfig:
     """
 
     mode: str = "simulation"
-    strategy: str = "fedavg"
+    strategy: Any = "fedavg"
+    """The aggregation strategy and its options: ``fedavg``, ``{name: fedprox, mu: 0.01}``,
+    ``{name: fedavgm, server_learning_rate: 1, server_momentum: 0.9}``, ``{name: trimmed_mean,
+    trim_fraction: 0.2}``, ``median``, ``{name: krum, byzantine_f: 1}``, ``{name: multikrum,
+    byzantine_f: 1, num_selected: 0}`` (robust ones take ``mu`` too); ``fedvlm.federation.strategies``."""
     rounds: int = 20
     num_clients: int = 10
     clients_per_round: int = 0
     min_clients: int = 1
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 1.0
-    """``fedavgm``: η, the server's step along the momentum."""
-    server_momentum: float = 0.9
-    """``fedavgm``: β, the server momentum (0 with η = 1 is FedAvg)."""
     freeze_encoders_rounds: int = 0
     convergence_tol: float = 0.0
     round_timeout: float = 3600.0
-    update_codec: str = "none"
+    codec: Any = "none"
+    """How clients pack their updates (``none``, ``fp16``) and its options; ``fedvlm.federation.codecs``."""
     evaluate_clients: bool = True
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
@@ -305,14 +291,6 @@ class FederationConfig:
     """Partition ids left out of training (leave-one-hospital-out evaluation)."""
     faults: list[str] = field(default_factory=list)
     """Injected client failures for resilience drills: ``"PID@ROUND"`` raises in that round."""
-    trim_fraction: float = 0.2
-    """``trimmed_mean``: β, the fraction of client values trimmed per side and coordinate."""
-    byzantine_f: int = 0
-    """``krum``/``multikrum``: f, the assumed number of Byzantine clients (needs n > 2f + 2)."""
-    multikrum_m: int = 0
-    """``multikrum``: m, the number of best-scored updates averaged (0: n − f)."""
-    robust_proximal: bool = False
-    """Robust strategies also send ``proximal_mu``, so clients add FedProx's proximal term."""
     byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
@@ -403,7 +381,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.mode": ("simulation", "centralized"),
     "model.adapter.name": ("none", "lora"),
     "data.uncertain": ("ignore", "zeros", "ones"),
-    "federation.byzantine.attack": ("none", "sign_flip", "scale", "gaussian", "label_flip"),
     "privacy.accountant": ("rdp", "prv"),
     "privacy.grad_sample_mode": ("hooks", "functorch"),
     "privacy.central.clipping": ("none", "server", "client"),
@@ -411,10 +388,36 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "explain.text_baseline": ("mask", "remove"),
     "evaluation.select_on": ("val", "test"),
 }
-ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
-MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
-"""Strategies whose aggregate is a (weighted) mean of the client updates: all that secure aggregation
-reveals to the server, and the aggregate that central DP's noise calibration covers."""
+COMPONENTS: dict[str, str] = {
+    "federation.strategy": "fedvlm.strategies",
+    "federation.codec": "fedvlm.codecs",
+    "data.partition": "fedvlm.partitioners",
+    "federation.byzantine.attack": "fedvlm.attacks",
+}
+"""Config keys naming a component with options (``{name: ..., option: value}``) → its plugin group."""
+
+NAMED: dict[str, str] = {
+    "model.image_encoder.name": "fedvlm.image_encoders",
+    "model.text_encoder.name": "fedvlm.text_encoders",
+    "model.fusion": "fedvlm.fusions",
+    "task": "fedvlm.tasks",
+}
+"""Config keys naming a component by name alone → its plugin group."""
+
+MOVED: dict[str, str] = {
+    "federation.proximal_mu": "federation.strategy.mu (federation.strategy={name: fedprox, mu: 0.01})",
+    "federation.server_learning_rate": "federation.strategy.server_learning_rate (with name: fedavgm)",
+    "federation.server_momentum": "federation.strategy.server_momentum (with name: fedavgm)",
+    "federation.trim_fraction": "federation.strategy.trim_fraction (with name: trimmed_mean)",
+    "federation.byzantine_f": "federation.strategy.byzantine_f (with name: krum or multikrum)",
+    "federation.multikrum_m": "federation.strategy.num_selected (with name: multikrum)",
+    "federation.robust_proximal": "federation.strategy.mu (a robust strategy sends FedProx's μ when mu > 0)",
+    "federation.update_codec": "federation.codec",
+    "federation.byzantine.scale": "federation.byzantine.attack.scale (with name: sign_flip or scale)",
+    "federation.byzantine.noise_std": "federation.byzantine.attack.noise_std (with name: gaussian)",
+    "data.partition.site_fallback": "data.partition.fallback (with name: site)",
+}
+"""Flat keys of earlier versions → where their setting lives now (an old recipe fails naming it)."""
 
 
 def list_recipes(recipes_dir: Path = RECIPES_DIR) -> dict[str, str]:
@@ -457,30 +460,34 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
 
     Example:
         >>> cfg = load_config(None, ["federation.rounds=3", "federation.strategy=fedprox"])
-        >>> cfg.federation.rounds, cfg.federation.strategy
-        (3, 'fedprox')
+        >>> cfg.federation.rounds, dict(cfg.federation.strategy)
+        (3, {'name': 'fedprox', 'mu': 0.01})
         >>> load_config(None, ["federation.roundz=3"])
         Traceback (most recent call last):
         ...
         fedvlm.errors.ConfigError: federation.roundz=3: Key 'roundz' not in 'FederationConfig'. Did you mean: 'rounds'?
     """
+    load_plugins()  # third-party components register before any name is checked
     cfg = OmegaConf.structured(Config)
     if recipe is not None:
         path = recipe_path(str(recipe))
         try:
             recipe_cfg = OmegaConf.load(path)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {_reason(err)}") from None
+        for old, new in MOVED.items():
+            if OmegaConf.select(recipe_cfg, old, default=None) is not None:
+                raise ConfigError(f"{path}: {old} has moved to {new}")
+        try:
             cfg = OmegaConf.merge(cfg, recipe_cfg)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{path}: {_reason(err)}") from None
         if "recipe" not in recipe_cfg:
             cfg.recipe = path.stem
+    settle_components(cfg)
     for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"override {override!r} is not of the form key=value")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"{override}: {_reason(err)}") from None
+        cfg = _apply_override(cfg, override)
+        settle_components(cfg)
     server_test_entry(cfg)  # a misspelled key fails here, not when the coordinator prepares it
     sites = read_site_entries(cfg.data.sites)
     if sites is not None:  # the list itself, so the saved config.yaml repeats the run on its own
@@ -490,6 +497,75 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
     return cfg
 
 
+def _apply_override(cfg: DictConfig, override: str) -> DictConfig:
+    """Merge one ``key=value``; naming a component (``federation.strategy=fedprox`` or
+    ``data.partition.name=iid``) starts it from that component's default options."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    key = override.split("=", 1)[0].strip()
+    for old, new in MOVED.items():
+        if key == old or key.startswith(f"{old}."):
+            raise ConfigError(f"{override}: {old} has moved to {new}")
+    try:
+        given = OmegaConf.from_dotlist([override])
+        slot = next((c for c in COMPONENTS if key in (c, f"{c}.name")), None)
+        if slot is None:
+            return cast(DictConfig, OmegaConf.merge(cfg, given))
+        value = OmegaConf.select(given, key)
+        value = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+        OmegaConf.update(cfg, slot, value if key == slot else {"name": value}, merge=False)
+        return cfg
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{override}: {_reason(err)}") from None
+
+
+def settle_components(cfg: DictConfig) -> None:
+    """Check every component the config names, and write each with its options in full.
+
+    A component with options (:data:`COMPONENTS`) becomes ``{name, **options}`` with every
+    option present, checked against the dataclass it registered; an encoder that declared options
+    has its ``options`` checked the same way; names alone (:data:`NAMED`) must be registered.
+    User modules named by ``model.module_class`` / ``data.datamodule_class`` are imported first,
+    since they may register components.
+
+    Raises:
+        ConfigError: Naming the key: an unknown name (listing the valid ones), an unknown option,
+            a wrong type or a value out of range.
+    """
+    for key in ("model.module_class", "data.datamodule_class"):
+        dotted = OmegaConf.select(cfg, key)
+        if dotted:
+            try:
+                importlib.import_module(str(dotted).rpartition(".")[0])
+            except ImportError as err:
+                raise ConfigError(f"{key}={dotted!r} cannot be imported: {err}") from None
+    for key, group in COMPONENTS.items():
+        registry = registry_of(group)
+        value = OmegaConf.select(cfg, key)
+        spec = registry.spec(OmegaConf.to_container(value) if isinstance(value, DictConfig) else value, key)
+        if spec.get("fallback") is not None:  # data.partition {name: site, fallback: ...}: a partitioner itself
+            spec["fallback"] = registry.spec(spec["fallback"], f"{key}.fallback")
+        OmegaConf.update(cfg, key, spec, merge=False)
+    for key, group in NAMED.items():
+        name = OmegaConf.select(cfg, key)
+        try:
+            registry_of(group).get(str(name))
+        except KeyError as err:
+            raise ConfigError(f"{key}: {err.args[0]}") from None
+    for which, group in (("image_encoder", "fedvlm.image_encoders"), ("text_encoder", "fedvlm.text_encoders")):
+        encoder = cfg.model[which]
+        registry = registry_of(group)
+        if registry.options_of(encoder.name) is not None:
+            given = OmegaConf.to_container(encoder.options) if encoder.options else {}
+            spec = registry.spec({"name": encoder.name, **given}, f"model.{which}.options")  # type: ignore[dict-item]
+            encoder.options = {k: v for k, v in spec.items() if k != "name"}
+    for key, group in COMPONENTS.items():  # checks that need the whole run (e.g. Krum's clients per round)
+        spec = OmegaConf.select(cfg, key)
+        check = getattr(registry_of(group).get(spec.name), "check_config", None)
+        if check is not None:
+            check(spec, cfg)
+
+
 def _validate_lightning(cfg: DictConfig) -> None:
     """What ``task: lightning`` (a user's module and DataModule) cannot do: the parts that need
     fedvlm's own data or model."""
@@ -497,7 +573,7 @@ def _validate_lightning(cfg: DictConfig) -> None:
         raise ConfigError("task=lightning needs model.module_class and data.datamodule_class (dotted paths)")
     unsupported = {
         "federation.mode=centralized": cfg.federation.mode == "centralized",
-        "federation.byzantine.attack=label_flip": cfg.federation.byzantine.attack == "label_flip",
+        "federation.byzantine.attack=label_flip": cfg.federation.byzantine.attack.name == "label_flip",
         "explain.enabled=true": bool(cfg.explain.enabled),
         "data.server_test": cfg.data.server_test is not None,
     }
@@ -582,44 +658,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"federation.exclude_clients={bad_excluded}: clients are 0..{cfg.federation.num_clients - 1}")
     if cfg.contrastive.temperature <= 0:
         raise ConfigError(f"contrastive.temperature={cfg.contrastive.temperature} must be positive")
-    if cfg.federation.proximal_mu < 0:
-        raise ConfigError(f"federation.proximal_mu={cfg.federation.proximal_mu} must be >= 0")
-    if cfg.federation.server_learning_rate <= 0:
-        raise ConfigError(f"federation.server_learning_rate={cfg.federation.server_learning_rate} must be positive")
-    if not 0.0 <= cfg.federation.server_momentum < 1.0:
-        raise ConfigError(f"federation.server_momentum={cfg.federation.server_momentum} must be in [0, 1)")
-    _validate_robustness(cfg.federation)
+    _validate_byzantine(cfg.federation)
     _validate_secure_aggregation(cfg.federation)
     _validate_privacy(cfg)
 
 
-def _validate_robustness(federation: DictConfig) -> None:
-    """Robust aggregation and simulated Byzantine clients (``federation.byzantine``)."""
-    if not 0.0 <= federation.trim_fraction < 0.5:
-        raise ConfigError(f"federation.trim_fraction={federation.trim_fraction} must be in [0, 0.5)")
-    for key in ("byzantine_f", "multikrum_m"):
-        if federation[key] < 0:
-            raise ConfigError(f"federation.{key}={federation[key]} must be >= 0")
-    if federation.robust_proximal and federation.strategy not in ROBUST_STRATEGIES:
-        raise ConfigError(
-            f"federation.robust_proximal applies to {', '.join(ROBUST_STRATEGIES)}, not "
-            f"federation.strategy={federation.strategy} (use strategy=fedprox)"
-        )
-    asked = federation.clients_per_round or federation.num_clients - len(set(federation.exclude_clients))
-    f = federation.byzantine_f
-    if federation.strategy in ("krum", "multikrum") and asked <= 2 * f + 2:
-        raise ConfigError(
-            f"federation.strategy={federation.strategy} needs more than 2·federation.byzantine_f + 2 = {2 * f + 2} "
-            f"clients per round (byzantine_f={f}); {asked} are asked (num_clients={federation.num_clients}, "
-            f"clients_per_round={federation.clients_per_round}, exclude_clients={list(federation.exclude_clients)})"
-        )
-    if federation.strategy == "multikrum" and federation.multikrum_m > asked - f:
-        raise ConfigError(f"federation.multikrum_m={federation.multikrum_m} exceeds n − f = {asked} − {f}")
+def _validate_byzantine(federation: DictConfig) -> None:
+    """Simulated Byzantine clients (``federation.byzantine``): who attacks."""
     byzantine = federation.byzantine
     if not 0.0 <= byzantine.fraction < 1.0:
         raise ConfigError(f"federation.byzantine.fraction={byzantine.fraction} must be in [0, 1)")
-    if byzantine.noise_std < 0:
-        raise ConfigError(f"federation.byzantine.noise_std={byzantine.noise_std} must be >= 0")
     outside = [pid for pid in byzantine.clients if not 0 <= pid < federation.num_clients]
     if outside:
         raise ConfigError(
@@ -629,9 +677,9 @@ def _validate_robustness(federation: DictConfig) -> None:
     if byzantine.clients and byzantine.fraction > 0:
         raise ConfigError("federation.byzantine: set clients or fraction, not both")
     drawn = int(byzantine.fraction * federation.num_clients + 1e-9)
-    if byzantine.attack != "none" and not byzantine.clients and drawn == 0:
+    if byzantine.attack.name != "none" and not byzantine.clients and drawn == 0:
         raise ConfigError(
-            f"federation.byzantine.attack={byzantine.attack} names no client: set federation.byzantine.clients "
+            f"federation.byzantine.attack={byzantine.attack.name} names no client: set federation.byzantine.clients "
             f"or a federation.byzantine.fraction ≥ 1/num_clients"
         )
 
@@ -655,16 +703,16 @@ def _validate_secure_aggregation(federation: DictConfig) -> None:
             )
     if not secure.enabled:
         return
-    if federation.strategy not in MEAN_STRATEGIES:
+    if not _linear(federation):
         raise ConfigError(
             f"federation.secure_aggregation.enabled: the server sees only the sum of the updates, so "
-            f"federation.strategy={federation.strategy} (which needs each client's update) cannot run; "
-            f"use one of: {', '.join(MEAN_STRATEGIES)}"
+            f"federation.strategy={federation.strategy.name} (which needs each client's update) cannot run; "
+            f"use a linear one: {', '.join(_linear_strategies())}"
         )
-    if federation.update_codec != "none":
+    if federation.codec.name != "none":
         raise ConfigError(
             f"federation.secure_aggregation.enabled quantises the updates itself: "
-            f"federation.update_codec={federation.update_codec} must be none"
+            f"federation.codec={federation.codec.name} must be none"
         )
     if federation.mode == "centralized":
         raise ConfigError("federation.secure_aggregation.enabled needs federation.mode=simulation (several clients)")
@@ -716,15 +764,28 @@ def _validate_central_dp(cfg: DictConfig) -> None:
     if not 0.0 < central.delta < 1.0:
         raise ConfigError(f"privacy.central.delta={central.delta} must be in (0, 1)")
     if central.clipping != "none":
-        # Imported here: fedvlm.privacy pulls in Opacus and Lightning, which a config needs only now.
-        from fedvlm.privacy.central import check_central_strategy
-
-        check_central_strategy(cfg.federation.strategy)
+        if not _linear(cfg.federation):
+            raise ConfigError(
+                f"privacy.central.clipping needs a linear federation.strategy ({', '.join(_linear_strategies())}), "
+                f"not {cfg.federation.strategy.name!r}: central DP's noise σ·C/m is calibrated to the uniform mean "
+                "of clipped updates, and robust aggregation rules are not analysed with it "
+                "(set privacy.central.clipping=none)"
+            )
         if central.clipping == "server" and cfg.federation.secure_aggregation.enabled:
             raise ConfigError(
                 "privacy.central.clipping=server needs each client's update, which "
                 "federation.secure_aggregation.enabled hides from the server: use privacy.central.clipping=client"
             )
+
+
+def _linear(federation: DictConfig) -> bool:
+    """Whether ``federation.strategy`` declares a linear aggregate (a weighted mean of the updates)."""
+    return bool(getattr(registry_of("fedvlm.strategies").get(federation.strategy.name), "linear", False))
+
+
+def _linear_strategies() -> list[str]:
+    strategies = registry_of("fedvlm.strategies")
+    return [name for name in strategies.names() if getattr(strategies.get(name), "linear", False)]
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
@@ -17,7 +16,6 @@ from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
 from fedvlm.data.sites import site_names
 from fedvlm.errors import ConfigError
 from fedvlm.federation.server import PARTITION_FILE
-from fedvlm.registry import Registry
 from fedvlm.runs import CURVES_FILE, new_run_dir, plot_curves, read_metrics
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import curve_keys, selection_key
@@ -49,12 +47,10 @@ def fit(
             raise ConfigError(f"cannot resume {run_dir}: it has no {CONFIG_FILE_NAME}")
         cfg = load_config(run_dir / CONFIG_FILE_NAME, overrides)
         _check_resume_overrides(load_config(run_dir / CONFIG_FILE_NAME), cfg)
-        check_components(cfg)
         save_config(cfg, run_dir / CONFIG_FILE_NAME)
         console.print(f"[bold]Resuming[/] {run_dir}")
     else:
         cfg = load_config(recipe, overrides)
-        check_components(cfg)
         run_dir = _create_run_dir(out, cfg.recipe)
         save_config(cfg, run_dir / CONFIG_FILE_NAME)
         console.print(f"[bold]fedvlm fit[/] recipe={cfg.recipe} → {run_dir}")
@@ -92,43 +88,6 @@ def fit(
                 console.print(f"[yellow]{client['site']}: skipped {count}[/] {reason}")
     console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, {CURVES_FILE})")
     return run_dir
-
-
-def check_components(cfg: DictConfig) -> None:
-    """Fail before any work if a recipe names a component no registry has.
-
-    Raises:
-        ConfigError: Naming the key and listing the valid names.
-    """
-    from fedvlm.data.partition import partitioners
-    from fedvlm.federation.codecs import update_codecs
-    from fedvlm.federation.strategies import strategies
-    from fedvlm.models.encoders import image_encoders, text_encoders
-    from fedvlm.models.fusion import fusions
-    from fedvlm.tasks import get_task
-
-    for key in ("model.module_class", "data.datamodule_class"):  # a user's module may register components
-        dotted = OmegaConf.select(cfg, key)
-        if dotted:
-            try:
-                importlib.import_module(dotted.rpartition(".")[0])
-            except ImportError as err:
-                raise ConfigError(f"{key}={dotted!r} cannot be imported: {err}") from None
-    named: dict[str, tuple[Registry[Any], str]] = {
-        "federation.strategy": (strategies, cfg.federation.strategy),
-        "federation.update_codec": (update_codecs, cfg.federation.update_codec),
-        "data.partition.name": (partitioners, cfg.data.partition.name),
-        "model.image_encoder.name": (image_encoders, cfg.model.image_encoder.name),
-        "model.text_encoder.name": (text_encoders, cfg.model.text_encoder.name),
-        "model.fusion": (fusions, cfg.model.fusion),
-    }
-    try:
-        get_task(cfg.task)
-    except KeyError as err:
-        raise ConfigError(f"task: {err.args[0]}") from None
-    for key, (registry, name) in named.items():
-        if name not in registry:
-            raise ConfigError(f"{key}={name!r}: unknown {registry.kind}; valid names: {', '.join(registry.names())}")
 
 
 FROZEN_ON_RESUME = ("task", "seed", "data", "model", "contrastive", "federation.mode", "federation.num_clients")

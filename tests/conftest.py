@@ -12,6 +12,10 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
+collect_ignore = ["plugins"]
+"""The example plugin is a package to install, not tests: importing it here (``--doctest-modules``)
+would register its components in every later test."""
+
 TINY_OVERRIDES = [
     "data.synthetic.n=240",
     "data.image_size=32",

@@ -202,7 +202,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path: Path, caps
     assert "Key 'roundz' not in 'FederationConfig'" in capsys.readouterr().out
     # Unknown component names fail before any data is prepared.
     assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), "federation.strategy=fedsgd"]) == 2
-    unknown = "federation.strategy='fedsgd': unknown strategy; valid names: fedavg, fedavgm, fedprox"
+    unknown = "federation.strategy: unknown strategy 'fedsgd'; valid names: fedavg, fedavgm, fedprox"
     assert unknown in capsys.readouterr().out
     assert not run_dir.exists()
 
@@ -249,8 +249,8 @@ def test_sampling_freeze_fedprox_and_codec_compose_in_one_run(tmp_path: Path, ti
                 "federation.clients_per_round=2",
                 "federation.freeze_encoders_rounds=1",
                 "federation.strategy=fedprox",
-                "federation.proximal_mu=0.1",
-                "federation.update_codec=fp16",
+                "federation.strategy.mu=0.1",
+                "federation.codec=fp16",
             ]
         )
         == 0

@@ -10,7 +10,7 @@ from fedvlm.errors import ConfigError
 def test_recipe_then_overrides_are_merged_over_defaults() -> None:
     cfg = load_config("leukemia_demo", ["federation.rounds=5", "federation.strategy=fedprox"])
     assert cfg.recipe == "leukemia_demo"
-    assert cfg.federation.rounds == 5 and cfg.federation.strategy == "fedprox"
+    assert cfg.federation.rounds == 5 and dict(cfg.federation.strategy) == {"name": "fedprox", "mu": 0.01}
     assert cfg.model.image_encoder.name == "vit_micro"  # from the recipe
     assert cfg.federation.min_clients == 1  # from the defaults
 

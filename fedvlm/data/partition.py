@@ -232,9 +232,6 @@ def partition_iid(
     *,
     groups: np.ndarray | None = None,
     sites: np.ndarray | None = None,
-    alpha: float = 0.5,
-    min_size: int = 0,
-    max_size: int = 0,
 ) -> list[np.ndarray]:
     """IID split: shuffled groups dealt out so client sizes differ by at most one group.
 
@@ -258,7 +255,16 @@ def partition_iid(
     return _shards(table, client_of_group, num_clients)
 
 
-@partitioners.register("dirichlet")
+@dataclass
+class DirichletOptions:
+    """``alpha``: the Dirichlet concentration (smaller: more label skew); ``min_size``: the fewest
+    samples a client may get (the draw is repeated until every client has them)."""
+
+    alpha: float = 0.5
+    min_size: int = 0
+
+
+@partitioners.register("dirichlet", options=DirichletOptions)
 def partition_dirichlet(
     labels: np.ndarray,
     num_clients: int,
@@ -268,7 +274,6 @@ def partition_dirichlet(
     sites: np.ndarray | None = None,
     alpha: float = 0.5,
     min_size: int = 0,
-    max_size: int = 0,
 ) -> list[np.ndarray]:
     """Label skew by Dirichlet proportions (Hsu et al. 2019, "Measuring the Effects of
     Non-Identical Data Distribution for Federated Visual Classification").
@@ -333,7 +338,15 @@ def _draw_client_sizes(
     return client_size
 
 
-@partitioners.register("quantity")
+@dataclass
+class QuantityOptions:
+    """Client sizes are drawn uniformly in ``[min_size, max_size]``."""
+
+    min_size: int = 0
+    max_size: int = 0
+
+
+@partitioners.register("quantity", options=QuantityOptions)
 def partition_quantity(
     labels: np.ndarray,
     num_clients: int,
@@ -341,7 +354,6 @@ def partition_quantity(
     *,
     groups: np.ndarray | None = None,
     sites: np.ndarray | None = None,
-    alpha: float = 0.5,
     min_size: int = 0,
     max_size: int = 0,
 ) -> list[np.ndarray]:
@@ -384,7 +396,16 @@ def partition_quantity(
     return shards
 
 
-@partitioners.register("site")
+@dataclass
+class SiteOptions:
+    """``fallback``: the partitioner (a name or ``{name, options}``) used when the data carry no
+    site (e.g. MIMIC-CXR); null makes site-less data an error. Applied by the caller
+    (:func:`fedvlm.tasks.site.partition_spec`)."""
+
+    fallback: Any = None
+
+
+@partitioners.register("site", options=SiteOptions)
 def partition_site(
     labels: np.ndarray,
     num_clients: int,
@@ -392,9 +413,7 @@ def partition_site(
     *,
     groups: np.ndarray | None = None,
     sites: np.ndarray | None = None,
-    alpha: float = 0.5,
-    min_size: int = 0,
-    max_size: int = 0,
+    fallback: Any = None,
 ) -> list[np.ndarray]:
     """One client per acquisition site, clients ordered by sorted site name.
 
@@ -435,9 +454,6 @@ def partition_single(
     *,
     groups: np.ndarray | None = None,
     sites: np.ndarray | None = None,
-    alpha: float = 0.5,
-    min_size: int = 0,
-    max_size: int = 0,
 ) -> list[np.ndarray]:
     """Everything to one client: the centralized baseline.
 
@@ -468,7 +484,14 @@ def _check_exact_cover(name: str, shards: list[np.ndarray], num_samples: int, nu
 
 
 def partition(
-    name: str, labels: Sequence[int] | np.ndarray, num_clients: int, seed: int, **kwargs: Any
+    name: str,
+    labels: Sequence[int] | np.ndarray,
+    num_clients: int,
+    seed: int,
+    *,
+    groups: Sequence[Any] | np.ndarray | None = None,
+    sites: Sequence[Any] | np.ndarray | None = None,
+    **options: Any,
 ) -> list[np.ndarray]:
     """Split samples over clients with the partitioner registered under ``name``.
 
@@ -478,7 +501,10 @@ def partition(
         labels: Integer label of each sample.
         num_clients: Number of clients, at least 1.
         seed: Seed of ``np.random.default_rng``; the same seed gives the same partition.
-        **kwargs: Passed to the partitioner: ``groups``, ``sites``, ``alpha``, ``min_size``,
+        groups: Per sample, its group (patient); a group stays on one client.
+        sites: Per sample, its acquisition site (``site`` partitioner).
+        **options: The partitioner's options (``alpha``, ``min_size`` ...), checked against the
+            dataclass it declared (the options of ``data.partition``); one it does not take raises.
             ``max_size``.
 
     Returns:
@@ -496,16 +522,17 @@ def partition(
         >>> sum(len(shard) for shard in shards), all(2 <= len(s) <= 5 for s in shards)
         (10, True)
     """
-    try:
-        partitioner = partitioners.get(name)
-    except KeyError as error:
-        raise ConfigError(error.args[0]) from error
+    spec = partitioners.spec({"name": name, **options}, "data.partition")  # unknown name or option: ConfigError
+    partitioner = partitioners.get(name)
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)):
         raise ConfigError(f"num_clients must be an integer, got {num_clients!r}")
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
     label_array = _as_labels(labels)
-    shards = partitioner(label_array, int(num_clients), np.random.default_rng(seed), **kwargs)
+    given = {k: v for k, v in spec.items() if k != "name"}
+    shards = partitioner(
+        label_array, int(num_clients), np.random.default_rng(seed), groups=groups, sites=sites, **given
+    )
     _check_exact_cover(name, shards, len(label_array), int(num_clients))
     return shards
 

@@ -15,7 +15,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from fedvlm.config import AUGMENTATIONS
 from fedvlm.data.cxr_records import CxrRecord
 from fedvlm.data.records import LeukemiaRecord
 from fedvlm.data.streaming import ImageRows, ImageSpec, SiteSplit
@@ -27,6 +26,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Bundle = dict[str, torch.Tensor]
 Samples = Mapping[str, torch.Tensor] | SiteSplit
 """An in-memory bundle or a site's streamed split: what loaders, ``subset`` and ``bundle_size`` take."""
+
+AUGMENTATIONS = ("none", "dihedral")
+"""``data.augment`` values. ``dihedral``: a random flip/90° rotation (the 8 symmetries of the
+square) per training image, valid where orientation carries no meaning (blood smears; not chest
+X-rays)."""
 
 
 def leukemia_image_spec(image_size: int) -> ImageSpec:

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 GROUND_TRUTH_HEAD = "detection"
 """Blast centres and signal words are checked against the detection head's attributions."""
 
+SHARED_PATIENTS = "explain/patients"
+"""The shared aggregate counting the patients explained (summed over clients, not averaged)."""
+
 
 def round_dir(output_dir: Path, round_number: int) -> Path:
     """``output_dir/round_NNN``."""
@@ -80,7 +83,7 @@ def summarize(
     """
     games = [(e, m) for e in explanations for m in e.modalities()]
     summary: dict[str, float] = {
-        "explain/patients": float(len(explanations)),
+        SHARED_PATIENTS: float(len(explanations)),
         "explain/efficiency_error_max": max((max(m.efficiency_error.values()) for _, m in games), default=0.0),
         "explain/sparsity": _mean(quality.top_k_mass(m.attributions[h], top_k) for _, m in games for h in HEADS),
         "explain/active_features": _mean(quality.active_features(m.attributions[h]) for _, m in games for h in HEADS),

@@ -121,9 +121,6 @@ def prepare_run(recipe: str | None, overrides: list[str], out: Path) -> dict[str
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty")
     cfg = load_config(recipe, overrides)
-    from fedvlm.fit import check_components
-
-    check_components(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / CONFIG_FILE_NAME)
     try:

@@ -14,9 +14,10 @@ gaussian   ``w + N(0, σ²)`` (training ignored)   Gaussian attack (Blanchard et
 label_flip ``w_k`` trained on flipped labels     label flipping (Fang et al. 2020)
 ========== ===================================== =============================================
 
-Only floating-point entries are attacked; integer buffers travel as trained. Label flipping turns
-leukemia ``0 ↔ 1`` and stage ``k → K−1−k`` (unknown stage ``-1`` stays), and CXR multi-label
-``labels`` ``0 ↔ 1`` (``nan`` unknowns stay).
+Only floating-point entries are attacked; integer buffers travel as trained. Label flipping asks
+the task how its labels flip (:meth:`fedvlm.tasks.base.Task.flip_labels`): this module knows no
+task's labels. Each attack is a dataclass whose fields are its options
+(``federation.byzantine.attack: {name: sign_flip, scale: 4}``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -80,53 +81,22 @@ def gaussian_update(
     )
 
 
-def flip_labels(bundle: Mapping[str, torch.Tensor], num_stages: int) -> Bundle:
-    """A copy of ``bundle`` with its labels flipped; other tensors are shared, not copied.
-
-    Leukemia bundles: ``leukemia`` ``0 ↔ 1`` and ``stage`` ``k → K−1−k`` for ``k ≥ 0`` (``-1``,
-    no stage, stays). CXR bundles: ``labels`` ``0 ↔ 1``, ``nan`` (unknown) stays ``nan``.
-
-    Args:
-        bundle: A prepared training bundle.
-        num_stages: K, the number of leukemia stages (``model.num_stages``).
-
-    Raises:
-        ValueError: If the bundle has no labels this function knows.
-
-    Example:
-        >>> flipped = flip_labels({"leukemia": torch.tensor([0, 1, 1]), "stage": torch.tensor([-1, 0, 3])}, 4)
-        >>> flipped["leukemia"].tolist(), flipped["stage"].tolist()
-        ([1, 0, 0], [-1, 3, 0])
-    """
-    flipped = dict(bundle)
-    if "leukemia" in bundle:
-        flipped["leukemia"] = 1 - bundle["leukemia"]
-        stage = bundle["stage"]
-        flipped["stage"] = torch.where(stage >= 0, num_stages - 1 - stage, stage)
-    elif "labels" in bundle:
-        flipped["labels"] = 1 - bundle["labels"]  # nan stays nan
-    else:
-        raise ValueError(f"label_flip: no leukemia/stage or labels in the bundle (keys: {sorted(bundle)})")
-    return flipped
+LabelFlipper = Callable[[Bundle], Bundle]
+"""The task's own label flip (:meth:`fedvlm.tasks.base.Task.flip_labels`): the attack knows no labels."""
 
 
 @dataclass(frozen=True)
 class Attack:
     """What a malicious client does to its round; the base class is an honest client.
 
-    Args:
-        scale: s of ``sign_flip`` and ``scale``.
-        noise_std: σ of ``gaussian``.
-        num_stages: K of ``label_flip``.
+    Attacks are registered with their options (``federation.byzantine.attack: {name: scale,
+    scale: 10}``): each subclass is a dataclass whose fields are its options.
     """
 
-    scale: float = 1.0
-    noise_std: float = 0.0
-    num_stages: int = 0
-    poisons_data = False
+    poisons_data: ClassVar[bool] = False
     """Whether the attack changes the training data (:meth:`poison_bundle`), not only the update."""
 
-    def poison_bundle(self, bundle: Bundle) -> Bundle:
+    def poison_bundle(self, bundle: Bundle, flip_labels: LabelFlipper) -> Bundle:
         """The training data the client trains on (the honest client: ``bundle``)."""
         return bundle
 
@@ -136,7 +106,7 @@ class Attack:
         """The state the client sends (the honest client: ``local``)."""
         return dict(local)
 
-    def poison_training_data(self, bundle: Bundle) -> None:
+    def poison_training_data(self, bundle: Bundle, flip_labels: LabelFlipper) -> None:
         """Poison the client's cached training bundle **in place**, once per bundle object.
 
         The client's bundle is loaded once per process and reused across rounds (Flower
@@ -144,7 +114,7 @@ class Attack:
         """
         if _POISONED.get(id(bundle)) is bundle:
             return
-        poisoned = self.poison_bundle(bundle)
+        poisoned = self.poison_bundle(bundle, flip_labels)
         if poisoned is not bundle:
             bundle.update(poisoned)
             _POISONED[id(bundle)] = bundle
@@ -157,9 +127,16 @@ class Attack:
 _POISONED: dict[int, Bundle] = {}
 """Bundles already poisoned in this process, by identity (the dict keeps them alive: no id reuse)."""
 
+attacks: Registry[Attack] = Registry("attack")
+"""Attack name (``federation.byzantine.attack.name``) → ``Attack`` class (its fields: the options)."""
+attacks.register(NO_ATTACK)(Attack)
 
+
+@dataclass(frozen=True)
 class SignFlip(Attack):
-    """Sends :func:`sign_flip`."""
+    """Sends :func:`sign_flip` with ``scale`` s."""
+
+    scale: float = 10.0
 
     @override
     def poison_update(
@@ -168,8 +145,11 @@ class SignFlip(Attack):
         return sign_flip(local, global_state, self.scale)
 
 
+@dataclass(frozen=True)
 class ScaleUpdate(Attack):
-    """Sends :func:`scale_update`."""
+    """Sends :func:`scale_update` with ``scale`` s."""
+
+    scale: float = 10.0
 
     @override
     def poison_update(
@@ -178,8 +158,15 @@ class ScaleUpdate(Attack):
         return scale_update(local, global_state, self.scale)
 
 
+@dataclass(frozen=True)
 class GaussianUpdate(Attack):
-    """Sends :func:`gaussian_update`."""
+    """Sends :func:`gaussian_update` with ``noise_std`` σ."""
+
+    noise_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std={self.noise_std} must be >= 0")
 
     @override
     def poison_update(
@@ -188,27 +175,24 @@ class GaussianUpdate(Attack):
         return gaussian_update(local, global_state, self.noise_std, generator)
 
 
+@dataclass(frozen=True)
 class LabelFlip(Attack):
-    """Trains on :func:`flip_labels` and sends the result."""
+    """Trains on labels flipped by the task (:meth:`fedvlm.tasks.base.Task.flip_labels`) and sends the result."""
 
-    poisons_data = True
+    poisons_data: ClassVar[bool] = True
 
     @override
-    def poison_bundle(self, bundle: Bundle) -> Bundle:
-        return flip_labels(bundle, self.num_stages)
+    def poison_bundle(self, bundle: Bundle, flip_labels: LabelFlipper) -> Bundle:
+        return flip_labels(bundle)
 
-
-attacks: Registry[Attack] = Registry("attack")
-"""Attack name (``federation.byzantine.attack``) → ``Attack`` class."""
 
 for _name, _cls in {
-    NO_ATTACK: Attack,
     "sign_flip": SignFlip,
     "scale": ScaleUpdate,
     "gaussian": GaussianUpdate,
     "label_flip": LabelFlip,
 }.items():
-    attacks.register(_name)(_cls)
+    attacks.register(_name, options=_cls)(_cls)
 
 
 def byzantine_clients(federation: Any, seed: int) -> list[int]:
@@ -222,7 +206,7 @@ def byzantine_clients(federation: Any, seed: int) -> list[int]:
         [2, 3]
     """
     settings = federation.byzantine
-    if settings.attack == NO_ATTACK:
+    if settings.attack.name == NO_ATTACK:
         return []
     if settings.clients:
         return sorted(int(pid) for pid in settings.clients)
@@ -233,11 +217,9 @@ def byzantine_clients(federation: Any, seed: int) -> list[int]:
 
 def client_attack(cfg: DictConfig, partition_id: int) -> Attack:
     """The attack client ``partition_id`` runs under ``cfg.federation.byzantine`` (honest: a no-op)."""
-    settings = cfg.federation.byzantine
     if partition_id not in byzantine_clients(cfg.federation, int(cfg.seed)):
         return Attack()
-    attack_cls = attacks.get(str(settings.attack))
-    return attack_cls(float(settings.scale), float(settings.noise_std), int(cfg.model.num_stages))
+    return attacks.build(cfg.federation.byzantine.attack)
 
 
 def _per_float_entry(
@@ -261,7 +243,6 @@ __all__ = [
     "attacks",
     "byzantine_clients",
     "client_attack",
-    "flip_labels",
     "gaussian_update",
     "scale_update",
     "sign_flip",

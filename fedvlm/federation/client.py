@@ -238,11 +238,12 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
         from fedvlm.federation.byzantine import client_attack
 
         site = site_data(run_dir_str, partition_id, context.node_config)
+        task = get_task(cfg.task)
         attack = client_attack(cfg, partition_id)  # federation.byzantine; a no-op for honest clients
-        if attack.poisons_data:  # labels only (config validation keeps it to the built-in tasks)
-            attack.poison_training_data(site.train.tensors)
+        if attack.poisons_data:  # the task flips its own labels (config validation keeps it to the built-in tasks)
+            attack.poison_training_data(site.train.tensors, lambda tensors: task.flip_labels(cfg, tensors))
         local_state, num_examples, metrics = train_locally(
-            get_task(cfg.task), cfg, Path(run_dir_str), partition_id, dict(global_state), round_config, site
+            task, cfg, Path(run_dir_str), partition_id, dict(global_state), round_config, site
         )
         diverged = non_finite_keys(local_state)
         if diverged:  # never send NaN/Inf: averaged in, they would destroy the global model
@@ -253,11 +254,11 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
             )
         reference = {k: global_state[k] for k in local_state}
         if keys.CENTRAL_CLIPPING_NORM in round_config:  # privacy.central.clipping=client: bound this client's update
-            from fedvlm.privacy.central import clip_update
+            from fedvlm.federation.central_dp import clip_update
 
             local_state = clip_update(local_state, reference, float(round_config[keys.CENTRAL_CLIPPING_NORM]))[0]
         local_state = attack.poison(local_state, global_state, int(round_config[keys.ROUND_SEED]) + partition_id)
-        codec = update_codecs.create(str(round_config[keys.UPDATE_CODEC]))
+        codec = update_codecs.build(json.loads(str(round_config[keys.UPDATE_CODEC])))
         record = codec.encode(local_state, reference)
         return Message(
             RecordDict(

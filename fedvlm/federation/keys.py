@@ -34,9 +34,6 @@ EPSILON = "privacy/epsilon"  # the client's cumulative DP-SGD ε over all its ro
 EPSILON_MAX = "privacy/epsilon_max"  # the largest ε of the round's clients
 CENTRAL_EPSILON = "privacy/central_epsilon"  # user-level ε of central DP after this round (privacy.central)
 
-# A client's error message that opens with this stops the run (fedvlm.privacy.PrivacyBudgetExhausted)
-BUDGET_EXHAUSTED = "privacy budget exhausted"
-
 # Message types
 QUERY = "query"
 TRAIN = "train"

@@ -18,7 +18,7 @@ Both halves are Flower's own code, wrapped so they fit fedvlm's round loop:
 Constraints (Flower's implementation): values are clipped to ±``clipping_range`` after scaling
 by ``n_k / max_weight`` and quantised, hence deltas rather than weights; integer buffers
 (``num_batches_tracked``) are not aggregated and keep their global value; only strategies that
-need the sum alone (FedAvg, FedProx) can run. Scalar metrics (training loss, example count)
+need the sum alone (``linear`` ones: FedAvg, FedProx, FedAvgM) can run. Scalar metrics (training loss, example count)
 still travel in the clear, as in plain FedAvg.
 """
 
@@ -47,7 +47,9 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
+from fedvlm.errors import ConfigError
 from fedvlm.federation import keys
+from fedvlm.federation.aggregation import Aggregator, AggregatorWrapper, ClientUpdate, Exchange, RoundReplies
 from fedvlm.federation.messages import content_bytes, error_reason
 
 State = dict[str, torch.Tensor]
@@ -301,9 +303,54 @@ class SecureAggregator:
         return SecureRound(mean_delta, replies, failed, metered.bytes_sent, metered.bytes_received, completed)
 
 
+class SecureAggregation(AggregatorWrapper):
+    """Secure aggregation around a linear aggregator: the round's exchange runs SecAgg+.
+
+    Only the weighted mean delta reaches the server (:class:`SecureAggregator`); the inner
+    aggregator turns it into the aggregate (FedAvg: the global state plus that delta) and applies
+    its server update. Scalar metrics still arrive per client, in the clear.
+
+    Args:
+        inner: A linear aggregator (its aggregate is computable from the sum of the updates).
+        settings: ``federation.secure_aggregation``.
+
+    Raises:
+        ConfigError: If ``inner`` needs each client's update (robust rules).
+    """
+
+    def __init__(self, inner: Aggregator, settings: DictConfig) -> None:
+        if not inner.linear:
+            raise ConfigError(
+                f"federation.secure_aggregation.enabled: the server sees only the sum of the updates, so "
+                f"{type(inner).__name__} (which needs each client's update) cannot run; use a linear "
+                "federation.strategy (fedavg, fedprox, fedavgm)"
+            )
+        super().__init__(inner)
+        self.settings = settings
+
+    def collect(self, exchange: Exchange, contents: Mapping[int, Any], server_round: int) -> RoundReplies:
+        secure = SecureAggregator(self.settings, exchange.timeout).run(
+            exchange.grid, contents, exchange.nodes, exchange.reference, exchange.client_sizes, server_round
+        )
+        updates = [
+            ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), {}, metrics)
+            for pid, metrics in sorted(secure.replies.items())
+        ]
+        return RoundReplies(
+            updates, secure.failed, secure.bytes_sent, secure.bytes_received, secure.mean_delta, secure.completed
+        )
+
+
 def _share_setting(value: float) -> int | float:
     """Flower reads an int as a count and a float as a fraction."""
     return int(value) if value > 1 else float(value)
 
 
-__all__ = ["CLIPPED_FRACTION", "SecureAggregator", "SecureRound", "secure_aggregation_mod", "secure_keys"]
+__all__ = [
+    "CLIPPED_FRACTION",
+    "SecureAggregation",
+    "SecureAggregator",
+    "SecureRound",
+    "secure_aggregation_mod",
+    "secure_keys",
+]

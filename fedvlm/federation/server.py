@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,15 +35,15 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedvlm.data.prepared import make_loader
-from fedvlm.errors import FederationError
+from fedvlm.errors import FederationError, PrivacyBudgetExhausted
 from fedvlm.evaluation.metrics import merge_states
 from fedvlm.federation import keys
-from fedvlm.federation.callback import load_global_state, non_finite_keys, static_fingerprint, travelling_keys
+from fedvlm.federation.callback import load_global_state, static_fingerprint, travelling_keys
 from fedvlm.federation.codecs import update_codecs
+from fedvlm.federation.exchange import RoundExchange, exchange
 from fedvlm.federation.messages import content_bytes, error_reason
-from fedvlm.federation.secure import CLIPPED_FRACTION, SecureAggregator
-from fedvlm.federation.strategies import ClientUpdate, strategies
-from fedvlm.privacy.central import add_central_noise, central_epsilon, clip_update, uniform_mean
+from fedvlm.federation.pipeline import build_aggregator
+from fedvlm.federation.secure import CLIPPED_FRACTION
 from fedvlm.runs import (
     BEST_CHECKPOINT,
     CHECKPOINT_DIR,
@@ -209,8 +208,8 @@ class FederatedServer:
         self.run_dir = run_dir
         self.task = task
         self.report = report or (lambda row: None)
-        self.strategy = strategies.create(cfg.federation.strategy, cfg.federation)
-        self.codec = update_codecs.create(cfg.federation.update_codec)
+        self.aggregator = build_aggregator(cfg)  # strategy, wrapped by secure aggregation / central DP
+        self.codec = update_codecs.build(cfg.federation.codec)
         L.seed_everything(int(cfg.seed), verbose=False)  # the initial global model follows the seed
         self.module = task.build_module(cfg, run_dir).to(evaluation_device(cfg))
         self.selection_key = selection_key(task, cfg)
@@ -227,15 +226,7 @@ class FederatedServer:
 
             check_private_trainable(self.module)
         self.static_fingerprint = static_fingerprint(self.module, self.downlink_keys)
-        self.central_dp = cfg.privacy.central.clipping != "none"
-        # Central DP noise must be unpredictable: not derived from the run seed saved in config.yaml.
-        self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
         self.client_sizes: dict[int, int] = {}  # partition id → training examples, as each client reports
-        self.secure = (
-            SecureAggregator(cfg.federation.secure_aggregation, float(cfg.federation.round_timeout))
-            if cfg.federation.secure_aggregation.enabled
-            else None
-        )
         if resume:
             self._restore()
 
@@ -271,34 +262,24 @@ class FederatedServer:
             keys.FREEZE_ENCODERS: frozen,
             keys.LOCAL_EPOCHS: int(self.cfg.trainer.local_epochs),
             keys.ROUND_SEED: int(self.cfg.seed) * 100_003 + server_round * 1_009,
-            keys.UPDATE_CODEC: federation.update_codec,
+            keys.UPDATE_CODEC: json.dumps(dict(federation.codec)),
             keys.STATIC_FINGERPRINT: self.static_fingerprint,
-            **self.strategy.client_config(server_round),
-            **self._central_dp_config(),
+            **self.aggregator.configure_round(server_round),
         }
         downlink = self._downlink()
         contents = {
             pid: RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord(round_config)}) for pid in sampled
         }
-        timeout = float(federation.round_timeout)
-        if self.secure is None:
-            updates, failed, bytes_sent, bytes_received = self._train(grid, contents, nodes, timeout)
-            self._check_answers(server_round, len(updates), len(sampled), len(nodes), failed)
-            aggregated = self._aggregate(updates)
-        else:
-            secure = self.secure.run(grid, contents, nodes, self.global_state, self.client_sizes, server_round)
-            failed, bytes_sent, bytes_received = secure.failed, secure.bytes_sent, secure.bytes_received
-            updates = [
-                ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), {}, metrics)
-                for pid, metrics in sorted(secure.replies.items())
-            ]
-            self._check_answers(server_round, len(updates) if secure.completed else 0, len(sampled), len(nodes), failed)
-            # FedAvg of the updates = the global state plus the weighted mean delta SecAgg+ unmasked
-            aggregated = {k: self.global_state[k].double() + delta for k, delta in secure.mean_delta.items()}
-            if self.central_dp:  # the clients clipped; the mean is uniform (weights 1): add the noise
-                aggregated = self._add_noise(aggregated, len(updates))
+        round_exchange = RoundExchange(
+            grid, nodes, self.global_state, self.client_sizes, float(federation.round_timeout), self.codec
+        )
+        replies = self.aggregator.collect(round_exchange, contents, server_round)
+        failed, bytes_sent, bytes_received = replies.failed, replies.bytes_sent, replies.bytes_received
+        updates = replies.updates
+        self._check_answers(server_round, replies.answered, len(sampled), len(nodes), failed)
         previous = self.global_state
-        aggregated = self.strategy.server_update(previous, aggregated)  # e.g. FedAvgM's server momentum
+        aggregated = self.aggregator.aggregate(replies, previous)  # the one aggregation call
+        aggregated = self.aggregator.server_update(previous, aggregated)  # e.g. FedAvgM's server momentum
         self.global_state = {
             **previous,
             **{k: v.to(previous[k].dtype) for k, v in aggregated.items()},
@@ -323,23 +304,13 @@ class FederatedServer:
             for u in updates:
                 if key in u.metrics:
                     clients[str(u.partition_id)][key] = float(u.metrics[key])
-            # maxima stay maxima, counts add up, everything else is the mean over clients
-            if key.endswith("_max"):
-                row[key] = max(shared_values)
-            elif key == f"{keys.SHARED_PREFIX}patients":
-                row[key] = sum(shared_values)
-            else:
-                row[key] = sum(shared_values) / len(shared_values)
+            row[key] = self.task.reduce_shared(key, shared_values)  # the task knows how its aggregates combine
         epsilons = {str(u.partition_id): float(u.metrics[keys.EPSILON]) for u in updates if keys.EPSILON in u.metrics}
         for pid_key, epsilon in epsilons.items():  # cumulative DP-SGD ε per client (privacy.dp)
             clients[pid_key][keys.EPSILON] = epsilon
         if epsilons:
             row[keys.EPSILON_MAX] = max(epsilons.values())
-        if self.central_dp:  # user-level ε of the whole run so far (privacy.central)
-            central = self.cfg.privacy.central
-            row[keys.CENTRAL_EPSILON] = central_epsilon(
-                float(central.noise_multiplier), len(sampled) / len(nodes), server_round, float(central.delta)
-            )
+        row.update(self.aggregator.round_metrics(server_round, len(sampled) / len(nodes)))  # e.g. central DP's ε
         clipped = [float(u.metrics[CLIPPED_FRACTION]) for u in updates if CLIPPED_FRACTION in u.metrics]
         if clipped:  # coordinates SecAgg+ had to clip to ±clipping_range: should stay ~0
             row[f"{CLIPPED_FRACTION}_max"] = max(clipped)
@@ -369,39 +340,15 @@ class FederatedServer:
         )
         self._complete(server_round, row, norm)
 
-    def _train(
-        self, grid: Grid, contents: Mapping[int, RecordDict], nodes: Mapping[int, int], timeout: float
-    ) -> tuple[list[ClientUpdate], dict[int, str], int, int]:
-        """The plain exchange: every client's decoded update, the failures, bytes sent and received."""
-        messages = [
-            Message(content, dst_node_id=nodes[pid], message_type=keys.TRAIN) for pid, content in contents.items()
-        ]
-        bytes_sent = sum(content_bytes(content) for content in contents.values())
-        replies, failed = self._exchange(grid, messages, nodes, timeout)
-        updates = []
-        bytes_received = 0
-        for pid, reply in sorted(replies.items()):
-            record = reply.content.array_records[keys.ARRAYS]
-            bytes_received += content_bytes(reply.content)
-            metrics = {k: float(v) for k, v in reply.content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
-            reference = {k: self.global_state[k] for k in record}
-            state = self.codec.decode(record, reference)
-            non_finite = non_finite_keys(state)
-            if non_finite:  # a faulty or malicious client: left out like one that raised
-                failed[pid] = f"sent non-finite weights (NaN/Inf) in {non_finite[:3]}"
-                continue
-            updates.append(ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), state, metrics))
-        return updates, failed, bytes_sent, bytes_received
-
     def _check_answers(
         self, server_round: int, answered: int, asked: int, available: int, failed: Mapping[int, str]
     ) -> None:
         """Stop the run (keeping every completed round) on an exhausted privacy budget or too few answers."""
         federation = self.cfg.federation
-        exhausted = {pid: why for pid, why in failed.items() if keys.BUDGET_EXHAUSTED in why}
+        exhausted = {pid: why for pid, why in failed.items() if PrivacyBudgetExhausted.raised_in(why)}
         if exhausted:  # not an ordinary failure: going on would train without the clients that hit the budget
             raise FederationError(
-                f"round {server_round}: stopped, {keys.BUDGET_EXHAUSTED} (privacy.max_epsilon="
+                f"round {server_round}: stopped, {PrivacyBudgetExhausted.MARKER} (privacy.max_epsilon="
                 f"{self.cfg.privacy.max_epsilon}): "
                 + "; ".join(f"client {pid}: {why}" for pid, why in sorted(exhausted.items()))
                 + f". Rounds up to {self.progress.completed_round} are kept in {self.run_dir}"
@@ -414,55 +361,8 @@ class FederatedServer:
                 f"{self.progress.completed_round} are saved: continue with `fedvlm fit --resume {self.run_dir}`"
             )
 
-    def _aggregate(self, updates: Sequence[ClientUpdate]) -> State:
-        """The strategy's aggregate, or under central DP with server-side clipping the noised
-        uniform mean of the clipped updates (clients that clip are re-clipped: it is idempotent)."""
-        if not self.central_dp:
-            return self.strategy.aggregate(updates)
-        norm = float(self.cfg.privacy.central.clipping_norm)
-        clipped = [clip_update(u.state, {k: self.global_state[k] for k in u.state}, norm)[0] for u in updates]
-        return self._add_noise(uniform_mean(clipped), len(updates))
-
-    def _add_noise(self, aggregated: Mapping[str, torch.Tensor], num_clients: int) -> State:
-        central = self.cfg.privacy.central
-        reference = {k: self.global_state[k] for k in aggregated}
-        return add_central_noise(
-            aggregated,
-            reference,
-            float(central.noise_multiplier),
-            float(central.clipping_norm),
-            num_clients,
-            self.noise_generator,
-        )
-
-    def _central_dp_config(self) -> dict[str, Any]:
-        central = self.cfg.privacy.central
-        if central.clipping != "client":
-            return {keys.UNIFORM_WEIGHTS: self.central_dp}
-        return {keys.UNIFORM_WEIGHTS: True, keys.CENTRAL_CLIPPING_NORM: float(central.clipping_norm)}
-
     def _downlink(self) -> ArrayRecord:
         return ArrayRecord(torch_state_dict={k: v for k, v in self.global_state.items() if k in self.downlink_keys})
-
-    def _exchange(
-        self, grid: Grid, messages: list[Message], nodes: Mapping[int, int], timeout: float
-    ) -> tuple[dict[int, Message], dict[int, str]]:
-        """Send, then sort replies into answers and failures, both keyed by partition id."""
-        partition_of = {node: pid for pid, node in nodes.items()}
-        expected = {partition_of[m.metadata.dst_node_id] for m in messages}
-        answered: dict[int, Message] = {}
-        failed: dict[int, str] = {}
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            pid = partition_of.get(reply.metadata.src_node_id)
-            if pid is None:
-                continue
-            if reply.has_error():
-                failed[pid] = error_reason(reply)
-            else:
-                answered[pid] = reply
-        for pid in expected - set(answered) - set(failed):
-            failed[pid] = f"no reply within federation.round_timeout={timeout:g}s"
-        return answered, failed
 
     def _evaluate_on_clients(
         self, grid: Grid, nodes: Mapping[int, int]
@@ -481,7 +381,7 @@ class FederatedServer:
             for _, node in sorted(nodes.items())
         ]
         sent = content_bytes(messages[0].content) * len(messages) if messages else 0  # one content for every client
-        replies, failed = self._exchange(grid, messages, nodes, float(self.cfg.federation.round_timeout))
+        replies, failed = exchange(grid, messages, nodes, float(self.cfg.federation.round_timeout))
         received = sum(content_bytes(reply.content) for reply in replies.values())
         pooled_values: dict[str, float] = {}
         per_client: dict[int, dict[str, float]] = {}
@@ -548,7 +448,7 @@ class FederatedServer:
         if improved:
             progress.best_value, progress.best_round = value, server_round
         hparams = dict(self.module.hparams)
-        resumable = {**progress.as_dict(), STRATEGY_STATE: self.strategy.state_dict()}
+        resumable = {**progress.as_dict(), STRATEGY_STATE: self.aggregator.state_dict()}
         save_checkpoint(checkpoints / LAST_CHECKPOINT, self.global_state, hparams, resumable)
         if improved:
             save_checkpoint(checkpoints / BEST_CHECKPOINT, self.global_state, hparams, resumable)
@@ -561,7 +461,7 @@ class FederatedServer:
             return  # no round was completed: start from round 1 on the prepared data
         checkpoint = load_checkpoint(path)
         saved = dict(checkpoint["fedvlm"])
-        self.strategy.load_state_dict(saved.pop(STRATEGY_STATE, {}))  # e.g. FedAvgM's momentum
+        self.aggregator.load_state_dict(saved.pop(STRATEGY_STATE, {}))  # e.g. FedAvgM's momentum
         self.progress = Progress(**saved)
         # Convergence is judged with the tolerance in force now (a resume may relax it).
         tolerance = float(self.cfg.federation.convergence_tol)

@@ -37,15 +37,11 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from fedvlm.errors import ConfigError, FederationError
+from fedvlm.errors import ConfigError, PrivacyBudgetExhausted
 from fedvlm.privacy.accountant import HistoryEntry, PrivacyLedger
 from fedvlm.tasks.site import client_dir
 
 log = logging.getLogger(__name__)
-
-BUDGET_EXHAUSTED = "privacy budget exhausted"
-"""Marker that opens a :class:`PrivacyBudgetExhausted` message; the server stops the run on it
-(``fedvlm.federation.keys.BUDGET_EXHAUSTED`` is the same string)."""
 
 LEDGER_FILE = Path("privacy") / "accountant.pt"
 
@@ -53,10 +49,6 @@ LEDGER_FILE = Path("privacy") / "accountant.pt"
 def ledger_path(run_dir: Path, partition_id: int) -> Path:
     """The client's privacy ledger: ``RUN_DIR/clients/client_NNN/privacy/accountant.pt``."""
     return client_dir(run_dir, partition_id) / LEDGER_FILE
-
-
-class PrivacyBudgetExhausted(FederationError):
-    """A client refuses to train: the round would take its ε past ``privacy.max_epsilon``."""
 
 
 def check_private_trainable(module: nn.Module) -> None:
@@ -205,7 +197,7 @@ class PrivateTraining(L.Callback):
         if self.max_epsilon is not None and would_be > self.max_epsilon:
             spent = self.ledger.epsilon(self.mechanism, self.delta)
             raise PrivacyBudgetExhausted(
-                f"{BUDGET_EXHAUSTED}: {self.client} has spent ε={spent:.4g} (δ={self.delta:g}) and round "
+                f"{self.client} has spent ε={spent:.4g} (δ={self.delta:g}) and round "
                 f"{self.server_round}'s {self.planned_steps} steps "
                 f"(σ={self.noise_multiplier:g}, q={self.sample_rate:.4g}) would take it to ε={would_be:.4g} "
                 f"> privacy.max_epsilon={self.max_epsilon:g}; it does not train"

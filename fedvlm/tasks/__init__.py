@@ -15,8 +15,6 @@ __all__ = ["Task", "get_task", "tasks"]
 
 def get_task(name: str) -> Task:
     """The registered task ``name`` (importing the built-in tasks on first use)."""
-    import fedvlm.tasks.cxr
-    import fedvlm.tasks.leukemia
-    import fedvlm.tasks.lightning  # noqa: F401 - registers "leukemia", "cxr", "lightning"
+    import fedvlm.tasks.builtin  # noqa: F401 - registers "leukemia", "cxr", "lightning"
 
     return tasks.create(name)

@@ -97,6 +97,25 @@ class Task(Protocol):
         ``RUN_DIR/data/server_test`` on first use; None without one."""
         ...
 
+    def flip_labels(self, cfg: DictConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A copy of a training split's tensors with every label flipped (the ``label_flip``
+        attack asks the task, so the attack knows no labels); other tensors shared, not copied.
+
+        Raises:
+            ConfigError: If the task cannot flip its labels (a user's DataModule).
+        """
+        ...
+
+    def reduce_shared(self, key: str, values: Sequence[float]) -> float:
+        """One round value of the shareable aggregate ``key`` from the clients that sent it
+        (e.g. explanation quality: maxima stay maxima, counts add up)."""
+        ...
+
+
+def mean_of(values: Sequence[float]) -> float:
+    """The default reduction of a shared aggregate over clients: their mean."""
+    return sum(values) / len(values)
+
 
 class PreparedSites:
     """The data side of the built-in tasks: each client reads its records (``read_site``),
@@ -111,6 +130,9 @@ class PreparedSites:
             DataError: Naming the file, row or value at fault.
         """
         raise NotImplementedError
+
+    def reduce_shared(self, key: str, values: Sequence[float]) -> float:
+        return mean_of(values)
 
     def open_site(
         self, cfg: DictConfig, run_dir: Path, partition_id: int, node_config: Mapping[str, Any] | None = None

@@ -8,7 +8,7 @@ the train/test split; the official test split is used when the source has one. H
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -422,6 +422,15 @@ class CxrTask(PreparedSites):
     def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
         assert isinstance(metrics, CxrMetrics)
         return metrics.compute_scalars()
+
+    def flip_labels(self, cfg: DictConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Multi-label ``labels`` ``0 ↔ 1``; ``nan`` (unknown) stays ``nan``.
+
+        Example:
+            >>> CxrTask().flip_labels(None, {"labels": torch.tensor([[0.0, 1.0, float("nan")]])})["labels"]
+            tensor([[1., 0., nan]])
+        """
+        return {**tensors, "labels": 1 - tensors["labels"]}
 
     def round_callbacks(
         self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int, site: SiteData

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from fedvlm.data.prepared import (
 from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
 from fedvlm.errors import DataError
 from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
-from fedvlm.explain.callback import ShapCallback
+from fedvlm.explain.callback import SHARED_PATIENTS, ShapCallback
 from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.models.tokenizer import load_tokenizer
 from fedvlm.tasks.base import (
@@ -34,6 +34,7 @@ from fedvlm.tasks.base import (
     import_class,
     is_synthetic,
     make_tokenizer,
+    mean_of,
     read_meta,
     synthetic_everywhere,
     tasks,
@@ -205,6 +206,33 @@ class LeukemiaTask(PreparedSites):
     def scalar_metrics(self, metrics: torch.nn.Module) -> dict[str, float]:
         assert isinstance(metrics, LeukemiaMetrics)
         return metrics.compute_scalars()
+
+    def flip_labels(self, cfg: DictConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``leukemia`` ``0 ↔ 1`` and ``stage`` ``k → K−1−k`` for ``k ≥ 0`` (``-1``, no stage, stays).
+
+        Example:
+            >>> from fedvlm.config import load_config
+            >>> flipped = LeukemiaTask().flip_labels(
+            ...     load_config(None, ["model.num_stages=4"]),
+            ...     {"leukemia": torch.tensor([0, 1, 1]), "stage": torch.tensor([-1, 0, 3])})
+            >>> flipped["leukemia"].tolist(), flipped["stage"].tolist()
+            ([1, 0, 0], [-1, 3, 0])
+        """
+        stage = tensors["stage"]
+        num_stages = int(cfg.model.num_stages)
+        return {
+            **tensors,
+            "leukemia": 1 - tensors["leukemia"],
+            "stage": torch.where(stage >= 0, num_stages - 1 - stage, stage),
+        }
+
+    def reduce_shared(self, key: str, values: Sequence[float]) -> float:
+        """Explanation quality over clients: maxima stay maxima, patient counts add up, the rest is the mean."""
+        if key.endswith("_max"):
+            return max(values)
+        if key == SHARED_PATIENTS:
+            return sum(values)
+        return mean_of(values)
 
     def round_callbacks(
         self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int, site: SiteData

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedvlm.data.sites import SITE_KEYS, client_source
 from fedvlm.errors import ConfigError
-from fedvlm.tasks.base import import_class, tasks, write_meta
+from fedvlm.tasks.base import import_class, mean_of, tasks, write_meta
 from fedvlm.tasks.site import SPLITS, SiteData, site_data_dir
 
 VALIDATION_PREFIXES = ("val/", "val_", "validation/", "validation_")
@@ -126,6 +126,12 @@ class LightningTask:
     name = "lightning"
     selection_metric = ""  # evaluation.select_metric names it: a task cannot know what a module logs
     curve_metrics: tuple[str, ...] = ()
+
+    def flip_labels(self, cfg: DictConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise ConfigError("task=lightning cannot flip labels (federation.byzantine.attack=label_flip)")
+
+    def reduce_shared(self, key: str, values: Sequence[float]) -> float:
+        return mean_of(values)
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         # Both classes are named: config validation refuses task=lightning without them.

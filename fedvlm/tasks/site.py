@@ -183,12 +183,12 @@ def local_splits(cfg: DictConfig, index: SourceIndex, rows: np.ndarray, seed: in
     return {"train": train, "val": val, "test": test}
 
 
-def partitioner_name(cfg: DictConfig, index: SourceIndex) -> str:
-    """``data.partition.name``, or its ``site_fallback`` when partitioning by a site the source lacks."""
-    name = str(cfg.data.partition.name)
-    if name == "site" and all(site is None for site in index.sites) and cfg.data.partition.site_fallback:
-        return str(cfg.data.partition.site_fallback)
-    return name
+def partition_spec(cfg: DictConfig, index: SourceIndex) -> dict[str, Any]:
+    """``data.partition``, or its ``fallback`` when partitioning by a site the source lacks."""
+    spec = dict(cfg.data.partition)
+    if spec["name"] == "site" and all(site is None for site in index.sites) and spec.get("fallback"):
+        return dict(spec["fallback"])
+    return spec
 
 
 def client_rows(cfg: DictConfig, source: ClientSource, index: SourceIndex) -> dict[str, np.ndarray]:
@@ -201,16 +201,10 @@ def client_rows(cfg: DictConfig, source: ClientSource, index: SourceIndex) -> di
     if source.partition is None:  # a site: all its records are its own
         return local_splits(cfg, index, rows, int(cfg.seed), source.site)
     num_clients = int(cfg.federation.num_clients)
+    spec = partition_spec(cfg, index)
+    options = {k: v for k, v in spec.items() if k != "name"}
     shards = partition(
-        partitioner_name(cfg, index),
-        index.classes,
-        num_clients,
-        int(cfg.seed),
-        groups=index.patients,
-        sites=index.sites,
-        alpha=cfg.data.partition.alpha,
-        min_size=cfg.data.partition.min_size,
-        max_size=cfg.data.partition.max_size,
+        spec["name"], index.classes, num_clients, int(cfg.seed), groups=index.patients, sites=index.sites, **options
     )
     if cfg.federation.mode == "centralized":  # the union of every federated client's splits
         parts = [local_splits(cfg, index, rows[s], int(cfg.seed) + k, f"client_{k:03d}") for k, s in enumerate(shards)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -43,18 +44,21 @@ def _grouped_pool() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 LABELS, PATIENTS, SITES = _grouped_pool()
 
 
+POOL_OPTIONS = {"alpha": 1.0, "min_size": 10, "max_size": 80}
+
+
 def _partition_pool(name: str, seed: int) -> list[np.ndarray]:
-    return partition(
-        name,
-        LABELS,
-        NUM_CLIENTS_FOR.get(name, NUM_SITES),
-        seed,
-        groups=PATIENTS,
-        sites=SITES,
-        alpha=1.0,
-        min_size=10,
-        max_size=80,
-    )
+    declared = partitioners.options_of(name)
+    fields = {f.name for f in dataclasses.fields(declared)} if declared else set()
+    options = {k: v for k, v in POOL_OPTIONS.items() if k in fields}  # each partitioner takes only its own
+    return partition(name, LABELS, NUM_CLIENTS_FOR.get(name, NUM_SITES), seed, groups=PATIENTS, sites=SITES, **options)
+
+
+def test_a_partitioner_refuses_an_option_it_does_not_take() -> None:
+    with pytest.raises(
+        ConfigError, match=r"data.partition.alpha: not an option of partitioner 'iid' \(options: none\)"
+    ):
+        partition("iid", LABELS, 3, seed=0, alpha=1.0)
 
 
 def _sizes(shards: list[np.ndarray]) -> list[int]:

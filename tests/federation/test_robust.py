@@ -11,9 +11,10 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from fedvlm.config import CHOICES, ROBUST_STRATEGIES, load_config
+from fedvlm.config import load_config
 from fedvlm.errors import ConfigError, FederationError
 from fedvlm.federation import keys
+from fedvlm.federation.aggregation import ClientUpdate, RoundReplies
 from fedvlm.federation.byzantine import (
     Attack,
     GaussianUpdate,
@@ -22,29 +23,42 @@ from fedvlm.federation.byzantine import (
     attacks,
     byzantine_clients,
     client_attack,
-    flip_labels,
     gaussian_update,
     scale_update,
     sign_flip,
 )
 from fedvlm.federation.robust import multikrum_select, pairwise_sq_distances
-from fedvlm.federation.strategies import ClientUpdate, FedAvg, MultiKrum, strategies
+from fedvlm.federation.strategies import FedAvg, MultiKrum, RobustStrategy, strategies
+from fedvlm.tasks import get_task
+from fedvlm.tasks.cxr import CxrTask
+from fedvlm.tasks.leukemia import LeukemiaTask
+
+ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
+NO_STATE = {"w": torch.zeros(2), "n": torch.tensor(0)}  # robust rules ignore the global state
 
 
-def _federation(*overrides: str):  # type: ignore[no-untyped-def]
-    return load_config(None, list(overrides)).federation
+def _strategy(*overrides: str):  # type: ignore[no-untyped-def]
+    return strategies.build(load_config(None, list(overrides)).federation.strategy)
 
 
-def _updates(rows: list[list[float]]) -> list[ClientUpdate]:
-    return [ClientUpdate(pid, 10 * (pid + 1), {"w": torch.tensor(row)}) for pid, row in enumerate(rows)]
+def _updates(rows: list[list[float]]) -> RoundReplies:
+    return RoundReplies(
+        [ClientUpdate(pid, 10 * (pid + 1), {"w": torch.tensor(row)}) for pid, row in enumerate(rows)], {}
+    )
+
+
+def test_robust_strategies_are_exactly_the_non_linear_ones() -> None:
+    robust = {name for name in strategies.names() if issubclass(strategies.get(name), RobustStrategy)}  # type: ignore[arg-type]
+    assert robust == set(ROBUST_STRATEGIES)
+    assert not any(strategies.get(name).linear for name in robust)  # type: ignore[attr-defined]
 
 
 FIVE = [[1.0, 10.0], [2.0, -5.0], [3.0, 0.0], [4.0, 7.0], [100.0, 1.0]]
 
 
 def test_trimmed_mean_of_five_clients_by_hand() -> None:
-    strategy = strategies.create("trimmed_mean", _federation("federation.strategy=trimmed_mean"))
-    aggregated = strategy.aggregate(_updates(FIVE))["w"]
+    strategy = _strategy("federation.strategy=trimmed_mean")
+    aggregated = strategy.aggregate(_updates(FIVE), NO_STATE)["w"]
     # β = 0.2, n = 5: drop the lowest and highest value of each coordinate.
     # w[0]: 1 2 3 4 100 → (2+3+4)/3 = 3;  w[1]: −5 0 1 7 10 → (0+1+7)/3 = 8/3
     torch.testing.assert_close(aggregated, torch.tensor([3.0, 8.0 / 3.0]))
@@ -52,34 +66,33 @@ def test_trimmed_mean_of_five_clients_by_hand() -> None:
 
 
 def test_trimmed_mean_with_nothing_to_trim_is_the_unweighted_mean() -> None:
-    strategy = strategies.create("trimmed_mean", _federation("federation.trim_fraction=0.1"))  # ⌊0.1·5⌋ = 0
-    torch.testing.assert_close(strategy.aggregate(_updates(FIVE))["w"], torch.tensor([22.0, 13.0 / 5.0]))
+    strategy = _strategy("federation.strategy={name: trimmed_mean, trim_fraction: 0.1}")  # ⌊0.1·5⌋ = 0
+    torch.testing.assert_close(strategy.aggregate(_updates(FIVE), NO_STATE)["w"], torch.tensor([22.0, 13.0 / 5.0]))
 
 
 def test_median_of_five_clients_by_hand_and_of_an_even_count() -> None:
-    median = strategies.create("median", _federation())
+    median = _strategy("federation.strategy=median")
     # w[0]: 1 2 3 4 100 → 3;  w[1]: −5 0 1 7 10 → 1
-    torch.testing.assert_close(median.aggregate(_updates(FIVE))["w"], torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(median.aggregate(_updates(FIVE), NO_STATE)["w"], torch.tensor([3.0, 1.0]))
     # four clients, mean of the two middle values (numpy's convention): 2 3 4 100 → 3.5; −5 0 1 7 → 0.5
-    torch.testing.assert_close(median.aggregate(_updates(FIVE[1:]))["w"], torch.tensor([3.5, 0.5]))
+    torch.testing.assert_close(median.aggregate(_updates(FIVE[1:]), NO_STATE)["w"], torch.tensor([3.5, 0.5]))
 
 
 @pytest.mark.parametrize("name", ROBUST_STRATEGIES)
 def test_robust_strategies_keep_integer_buffers_integer(name: str) -> None:
-    strategy = strategies.create(name, _federation())
+    strategy = _strategy(f"federation.strategy={name}")
     counts = [6, 4, 6, 8, 6]  # trimmed mean, median, mean: 6; Krum (all "w" equal, a tie): client 0
     updates = [ClientUpdate(pid, 1, {"n": torch.tensor(n), "w": torch.tensor([1.0])}) for pid, n in enumerate(counts)]
-    aggregated = strategy.aggregate(updates)
+    aggregated = strategy.aggregate(RoundReplies(updates, {}), NO_STATE)
     assert aggregated["n"].dtype == torch.int64 and int(aggregated["n"]) == 6
     torch.testing.assert_close(aggregated["w"], torch.tensor([1.0]))
 
 
 @pytest.mark.parametrize("name", ROBUST_STRATEGIES)
 def test_robust_strategies_compose_with_the_fedprox_client_term(name: str) -> None:
-    assert strategies.create(name, _federation()).client_config(1) == {}
-    overrides = [f"federation.strategy={name}", "federation.robust_proximal=true", "federation.proximal_mu=0.3"]
-    prox = strategies.create(name, _federation(*overrides))
-    assert prox.client_config(1) == {keys.PROXIMAL_MU: 0.3}
+    assert _strategy(f"federation.strategy={name}").configure_round(1) == {}
+    prox = _strategy(f"federation.strategy={name}", "federation.strategy.mu=0.3")
+    assert prox.configure_round(1) == {keys.PROXIMAL_MU: 0.3}
 
 
 # Four honest clients near (1, 1) and one outlier. With f = 1 each score sums the n − f − 2 = 2
@@ -93,19 +106,18 @@ KRUM_ROWS = [[0.0, 1.0], [1.0, 1.0], [2.0, 1.0], [0.5, 1.0], [50.0, -50.0]]
 
 
 def test_krum_picks_the_most_central_honest_update() -> None:
-    krum = strategies.create("krum", _federation("federation.strategy=krum", "federation.byzantine_f=1"))
-    torch.testing.assert_close(krum.aggregate(_updates(KRUM_ROWS))["w"], torch.tensor([0.5, 1.0]))
-    states = [u.state for u in _updates(KRUM_ROWS)]
+    krum = _strategy("federation.strategy={name: krum, byzantine_f: 1}")
+    torch.testing.assert_close(krum.aggregate(_updates(KRUM_ROWS), NO_STATE)["w"], torch.tensor([0.5, 1.0]))
+    states = [u.state for u in _updates(KRUM_ROWS).updates]
     assert multikrum_select(states, byzantine_f=1, num_selected=4) == [3, 0, 1, 2]
 
 
 def test_multikrum_averages_the_m_best_and_leaves_the_outlier_out() -> None:
-    federation = _federation("federation.strategy=multikrum", "federation.byzantine_f=1", "federation.multikrum_m=3")
-    multikrum = strategies.create("multikrum", federation)
+    multikrum = _strategy("federation.strategy={name: multikrum, byzantine_f: 1, num_selected: 3}")
     # clients 3, 0, 1 unweighted: ((0.5+0+1)/3, 1)
-    torch.testing.assert_close(multikrum.aggregate(_updates(KRUM_ROWS))["w"], torch.tensor([0.5, 1.0]))
-    default_m = strategies.create("multikrum", _federation("federation.byzantine_f=1"))  # m = n − f = 4
-    torch.testing.assert_close(default_m.aggregate(_updates(KRUM_ROWS))["w"], torch.tensor([0.875, 1.0]))
+    torch.testing.assert_close(multikrum.aggregate(_updates(KRUM_ROWS), NO_STATE)["w"], torch.tensor([0.5, 1.0]))
+    default_m = _strategy("federation.strategy={name: multikrum, byzantine_f: 1}")  # m = n − f = 4
+    torch.testing.assert_close(default_m.aggregate(_updates(KRUM_ROWS), NO_STATE)["w"], torch.tensor([0.875, 1.0]))
 
 
 def test_krum_selection_matches_flowers_reference() -> None:
@@ -129,19 +141,19 @@ def test_krum_distances_are_exact_for_nearby_weights_of_large_norm() -> None:
 
 def test_krum_with_too_few_updates_names_the_round_and_the_counts() -> None:
     krum = MultiKrum(byzantine_f=1)
-    krum.client_config(7)
+    krum.configure_round(7)
     expected = r"round 7: Krum needs more than .* = 4 .*but 4 arrived \(clients: 0, 1, 2, 3\)"
     with pytest.raises(FederationError, match=expected):
-        krum.aggregate(_updates(KRUM_ROWS[:4]))
+        krum.aggregate(_updates(KRUM_ROWS[:4]), NO_STATE)
 
 
 def test_config_validation_names_the_key() -> None:
-    with pytest.raises(ConfigError, match="federation.byzantine.attack='flip' is not one of: none, sign_flip, scale"):
+    with pytest.raises(ConfigError, match="federation.byzantine.attack: unknown attack 'flip'; valid names: gaussian"):
         load_config(None, ["federation.byzantine.attack=flip"])
-    with pytest.raises(ConfigError, match=r"federation.trim_fraction=0.5 must be in \[0, 0.5\)"):
-        load_config(None, ["federation.trim_fraction=0.5"])
+    with pytest.raises(ConfigError, match=r"federation.strategy.trim_fraction=0.5 must be in \[0, 0.5\)"):
+        load_config(None, ["federation.strategy=trimmed_mean", "federation.strategy.trim_fraction=0.5"])
     with pytest.raises(ConfigError, match=r"federation.strategy=krum needs more than .* = 8 clients per round"):
-        load_config(None, ["federation.strategy=krum", "federation.byzantine_f=3", "federation.num_clients=8"])
+        load_config(None, ["federation.strategy={name: krum, byzantine_f: 3}", "federation.num_clients=8"])
     with pytest.raises(ConfigError, match=r"federation.byzantine.clients=\[0, 3\]: clients \[3\]"):
         load_config(
             None,
@@ -149,14 +161,20 @@ def test_config_validation_names_the_key() -> None:
         )
     with pytest.raises(ConfigError, match="federation.byzantine.attack=gaussian names no client"):
         load_config(None, ["federation.byzantine.attack=gaussian"])
-    with pytest.raises(ConfigError, match="federation.robust_proximal applies to"):
+    with pytest.raises(ConfigError, match="federation.robust_proximal has moved to federation.strategy.mu"):
         load_config(None, ["federation.robust_proximal=true"])
-    with pytest.raises(ConfigError, match="federation.multikrum_m=9 exceeds n − f = 10 − 2"):
-        load_config(None, ["federation.strategy=multikrum", "federation.byzantine_f=2", "federation.multikrum_m=9"])
+    with pytest.raises(ConfigError, match="federation.strategy.num_selected=9 exceeds n − f = 10 − 2"):
+        load_config(None, ["federation.strategy={name: multikrum, byzantine_f: 2, num_selected: 9}"])
+    with pytest.raises(ConfigError, match="federation.byzantine.attack.noise_std=-1.0 must be >= 0"):
+        load_config(None, ["federation.byzantine.attack={name: gaussian, noise_std: -1}"])
 
 
-def test_every_configurable_attack_is_registered() -> None:
-    assert set(CHOICES["federation.byzantine.attack"]) == set(attacks.names())
+def test_every_attack_is_registered_with_its_options() -> None:
+    assert attacks.names() == ["gaussian", "label_flip", "none", "scale", "sign_flip"]
+    spec = load_config(
+        None, ["federation.byzantine.attack={name: scale, scale: 4}", "federation.byzantine.clients=[0]"]
+    )
+    assert dict(spec.federation.byzantine.attack) == {"name": "scale", "scale": 4.0}
 
 
 # -- attacks -------------------------------------------------------------------------------
@@ -196,7 +214,7 @@ def test_label_flip_of_a_leukemia_bundle() -> None:
         "stage": torch.tensor([-1, 0, 1, 2, 3, -1]),
         "image": torch.zeros(6, 3, 2, 2, dtype=torch.uint8),
     }
-    flipped = flip_labels(bundle, num_stages=4)
+    flipped = LeukemiaTask().flip_labels(load_config(None, ["model.num_stages=4"]), bundle)
     assert flipped["leukemia"].tolist() == [1, 0, 0, 0, 0, 0]
     assert flipped["stage"].tolist() == [-1, 3, 2, 1, 0, -1]  # k → K−1−k, unknown stays
     assert flipped["image"] is bundle["image"] and bundle["leukemia"].tolist() == [0, 1, 1, 1, 1, 1]
@@ -204,17 +222,17 @@ def test_label_flip_of_a_leukemia_bundle() -> None:
 
 def test_label_flip_of_a_cxr_bundle_keeps_unknowns() -> None:
     labels = torch.tensor([[1.0, 0.0, math.nan], [0.0, math.nan, 1.0]])
-    flipped = flip_labels({"labels": labels}, num_stages=4)["labels"]
+    flipped = CxrTask().flip_labels(load_config(None, ["task=cxr"]), {"labels": labels})["labels"]
     torch.testing.assert_close(flipped, torch.tensor([[0.0, 1.0, math.nan], [1.0, math.nan, 0.0]]), equal_nan=True)
-    with pytest.raises(ValueError, match="no leukemia/stage or labels"):
-        flip_labels({"image": labels}, num_stages=4)
+    with pytest.raises(ConfigError, match="task=lightning cannot flip labels"):
+        get_task("lightning").flip_labels(load_config(None), {"labels": labels})
 
 
 def test_label_flip_poisons_the_cached_bundle_once_across_rounds() -> None:
     bundle = {"leukemia": torch.tensor([0, 1]), "stage": torch.tensor([-1, 0])}
-    attack = LabelFlip(num_stages=4)
+    attack, cfg = LabelFlip(), load_config(None, ["model.num_stages=4"])
     for _ in range(3):  # three rounds in one simulation actor: a self-inverse flip must not undo itself
-        attack.poison_training_data(bundle)
+        attack.poison_training_data(bundle, lambda tensors: LeukemiaTask().flip_labels(cfg, tensors))
         assert bundle["leukemia"].tolist() == [1, 0] and bundle["stage"].tolist() == [-1, 3]
 
 
@@ -223,9 +241,8 @@ def test_client_attack_applies_only_to_the_named_or_drawn_clients() -> None:
         None,
         [
             "federation.num_clients=4",
-            "federation.byzantine.attack=sign_flip",
+            "federation.byzantine.attack={name: sign_flip, scale: 4}",
             "federation.byzantine.clients=[0,3]",
-            "federation.byzantine.scale=4",
         ],
     )
     assert byzantine_clients(cfg.federation, cfg.seed) == [0, 3]
@@ -238,13 +255,14 @@ def test_client_attack_applies_only_to_the_named_or_drawn_clients() -> None:
     )
     chosen = byzantine_clients(drawn.federation, drawn.seed)
     assert len(chosen) == 3 and chosen == byzantine_clients(drawn.federation, drawn.seed)
-    assert isinstance(client_attack(drawn, chosen[0]), LabelFlip) and client_attack(drawn, chosen[0]).num_stages == 4
+    assert isinstance(client_attack(drawn, chosen[0]), LabelFlip)
     off = load_config(None, ["federation.byzantine.clients=[1]"])  # attack: none
     assert byzantine_clients(off.federation, off.seed) == []
 
 
 def test_fedavg_is_not_robust_to_the_same_outlier() -> None:
-    averaged = FedAvg().aggregate([ClientUpdate(u.partition_id, 1, u.state) for u in _updates(KRUM_ROWS)])
+    unit = [ClientUpdate(u.partition_id, 1, u.state) for u in _updates(KRUM_ROWS).updates]
+    averaged = FedAvg().aggregate(RoundReplies(unit, {}), NO_STATE)
     torch.testing.assert_close(averaged["w"], torch.tensor([10.7, -9.2]))
 
 
@@ -259,13 +277,12 @@ def test_trimmed_mean_and_median_bound_a_sign_flipping_client(tmp_path: Path, ti
     attack = [
         "federation.rounds=1",
         "federation.evaluate_clients=false",
-        "federation.byzantine.attack=sign_flip",
+        "federation.byzantine.attack={name: sign_flip, scale: 100}",
         "federation.byzantine.clients=[1]",
-        "federation.byzantine.scale=100",
-        "federation.trim_fraction=0.34",
     ]
     norms = {}
-    for strategy in ("fedavg", "trimmed_mean", "median"):
+    specs = {"fedavg": "fedavg", "trimmed_mean": "{name: trimmed_mean, trim_fraction: 0.34}", "median": "median"}
+    for strategy, spec in specs.items():
         run_dir = tmp_path / strategy
         argv = [
             "fit",
@@ -275,7 +292,7 @@ def test_trimmed_mean_and_median_bound_a_sign_flipping_client(tmp_path: Path, ti
             str(run_dir),
             *tiny_overrides,
             *attack,
-            f"federation.strategy={strategy}",
+            f"federation.strategy={spec}",
         ]
         assert main(argv) == 0
         (row,) = read_metrics(run_dir)

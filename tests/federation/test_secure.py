@@ -19,8 +19,9 @@ from fedvlm.cli import main
 from fedvlm.config import load_config
 from fedvlm.errors import ConfigError
 from fedvlm.federation import keys
+from fedvlm.federation.aggregation import ClientUpdate, RoundReplies
 from fedvlm.federation.secure import CLIPPED_FRACTION, SecureAggregator, secure_aggregation_mod
-from fedvlm.federation.strategies import ClientUpdate, FedAvg
+from fedvlm.federation.strategies import FedAvg
 from fedvlm.runs import load_checkpoint, read_metrics
 from tests.federation.conftest import InProcessGrid
 
@@ -98,7 +99,7 @@ def _grid(app: ClientApp) -> InProcessGrid:
 
 def _fedavg(reference: dict[str, torch.Tensor], deltas: dict[int, dict[str, torch.Tensor]], pids: list[int]):  # type: ignore[no-untyped-def]
     updates = [ClientUpdate(pid, SIZES[pid], {k: reference[k] + deltas[pid][k] for k in ("w", "b")}) for pid in pids]
-    return FedAvg().aggregate(updates)
+    return FedAvg().aggregate(RoundReplies(updates, {}), reference)
 
 
 def _quantisation_bound(pids: list[int]) -> float:
@@ -204,7 +205,7 @@ def test_train_messages_without_secagg_pass_through_the_mod() -> None:
     ("overrides", "message"),
     [
         (["federation.strategy=krum"], "federation.strategy=krum"),
-        (["federation.update_codec=fp16"], "federation.update_codec=fp16"),
+        (["federation.codec=fp16"], "federation.codec=fp16"),
         (["federation.secure_aggregation.clipping_range=0"], "federation.secure_aggregation.clipping_range"),
         (["federation.secure_aggregation.num_shares=2.5"], "federation.secure_aggregation.num_shares"),
     ],

@@ -24,9 +24,9 @@ from fedvlm.evaluate import client_site
 from fedvlm.federation import client as client_module
 from fedvlm.federation import keys
 from fedvlm.federation.callback import travelling_keys
+from fedvlm.federation.central_dp import central_epsilon, clip_update, uniform_mean
 from fedvlm.federation.client import make_client_app
 from fedvlm.federation.server import FederatedServer, update_norm
-from fedvlm.privacy.central import central_epsilon, clip_update, uniform_mean
 from fedvlm.tasks import get_task
 from tests.conftest import CXR_TINY, TINY_OVERRIDES
 from tests.federation.conftest import InProcessGrid

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedvlm.federation import keys
 from fedvlm.privacy import PrivacyBudgetExhausted, PrivacyLedger, PrivateTraining, compute_epsilon, ledger_path
-from fedvlm.privacy.dp import BUDGET_EXHAUSTED
 
 ROUNDS = [[(1.1, 0.25, 8)], [(1.1, 0.25, 8)], [(0.9, 0.2, 10)]]
 PRIVACY = {
@@ -78,6 +76,6 @@ def test_budget_check_refuses_a_round_that_would_exceed_max_epsilon(tmp_path: Pa
     with pytest.raises(PrivacyBudgetExhausted, match=r"^privacy budget exhausted: client 7 has spent ε=4\.87") as err:
         private.check_budget()
     assert "privacy.max_epsilon=4.97" in str(err.value) and "round 2's 4 steps" in str(err.value)
-    assert BUDGET_EXHAUSTED == keys.BUDGET_EXHAUSTED  # the server recognises the client's refusal by it
+    assert PrivacyBudgetExhausted.raised_in(f"ClientApp raised: {err.value}")  # how the server recognises it
     private.max_epsilon = 7.0
     assert private.check_budget() == pytest.approx(compute_epsilon("rdp", [(1.0, 0.25, 8)], 1e-5))

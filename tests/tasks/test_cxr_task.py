@@ -15,7 +15,7 @@ from fedvlm.data.sites import client_source
 from fedvlm.data.synthetic_cxr import SynthCxrConfig, generate_cxr
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.tasks import get_task
-from fedvlm.tasks.site import client_rows, partitioner_name
+from fedvlm.tasks.site import client_rows, partition_spec
 
 
 @pytest.fixture
@@ -36,14 +36,14 @@ def siteless(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_site_partition_falls_back_when_the_data_have_no_sites(tmp_path: Path) -> None:
     overrides = ["data.image_size=32", "federation.num_clients=3", "data.max_text_length=48"]
     cfg = load_config("cxr_demo", overrides)
-    assert cfg.data.partition.name == "site" and cfg.data.partition.site_fallback == "dirichlet"
+    assert cfg.data.partition.name == "site" and cfg.data.partition.fallback.name == "dirichlet"
     records = get_task("cxr").read_site(cfg)
-    assert partitioner_name(cfg, records.index) == "dirichlet"
+    assert partition_spec(cfg, records.index) == {"name": "dirichlet", "alpha": 0.5, "min_size": 0}
     rows = [client_rows(cfg, client_source(cfg, k), records.index) for k in range(3)]
     held = sorted(int(i) for r in rows for split in ("train", "val", "test") for i in r[split])
     assert held == list(range(120))  # every record at exactly one client
 
-    strict = load_config("cxr_demo", [*overrides, "data.partition.site_fallback=null"])
+    strict = load_config("cxr_demo", [*overrides, "data.partition.fallback=null"])
     with pytest.raises((ConfigError, ValueError, DataError), match="site"):
         client_rows(strict, client_source(strict, 0), get_task("cxr").read_site(strict).index)
 

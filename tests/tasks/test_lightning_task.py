@@ -160,7 +160,12 @@ def test_task_lightning_refuses_what_needs_fedvlm_data_naming_the_setting() -> N
     from fedvlm.config import load_config
     from fedvlm.errors import ConfigError
 
-    base = ["task=lightning", "model.module_class=a.B", "data.datamodule_class=a.C", "evaluation.select_metric=acc"]
+    base = [
+        "task=lightning",
+        "model.module_class=lightning.LightningModule",
+        "data.datamodule_class=lightning.LightningDataModule",
+        "evaluation.select_metric=acc",
+    ]
     with pytest.raises(ConfigError, match="does not support explain.enabled=true"):
         load_config(None, [*base, "explain.enabled=true"])
     with pytest.raises(ConfigError, match="needs evaluation.select_metric"):

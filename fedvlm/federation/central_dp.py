@@ -23,6 +23,9 @@ would not cover it. A uniform mean of clipped updates has sensitivity ``C/m`` wh
 clients report as ``num-examples``, as in McMahan et al. with equal user weights (Flower's own
 accounted DP mode likewise requires equal client weights).
 
+:class:`CentralDP` wraps any linear aggregator (``fedavg``, ``fedprox``, ``fedavgm``, or a plugin
+that declares ``linear``) with these steps, around a plain or a secure exchange.
+
 The norm, clipping and standard deviation come from Flower's helpers
 (``flwr.supercore.differential_privacy``: ``get_norm``, ``clip_inputs_inplace``,
 ``compute_stdv``), applied to float64 copies of the entries. Flower's noise helper draws from
@@ -33,13 +36,16 @@ so a server can make a round's noise reproducible (or secret) on purpose.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
-from fedvlm.config import MEAN_STRATEGIES
 from fedvlm.errors import ConfigError
+from fedvlm.federation import keys
+from fedvlm.federation.aggregation import Aggregator, AggregatorWrapper, RoundReplies
 from fedvlm.privacy.accountant import compute_epsilon
 
 State = dict[str, torch.Tensor]
@@ -249,29 +255,60 @@ def central_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, de
     return compute_epsilon("rdp", [(noise_multiplier, sample_rate, rounds)], delta)
 
 
-def check_central_strategy(strategy_name: str) -> None:
-    """Refuse a strategy whose aggregate central DP's analysis does not cover.
+class CentralDP(AggregatorWrapper):
+    """Central DP around an aggregator: every update clipped to ``C``, the uniform mean, noise.
 
-    The noise ``σ·C/m`` is calibrated to the uniform mean of clipped updates. Robust rules
-    (trimmed mean, median, Krum) have other sensitivities, which are not analysed here.
+    The round config tells clients to weigh 1 (secure aggregation then sums unit-weighted
+    deltas) and, with ``clipping=client``, to clip their own update. Without secure aggregation
+    the server clips each update again (idempotent for clients that clipped) and averages
+    uniformly; under it the clients' clipped, unit-weighted mean delta is what arrives. Noise
+    ``N(0, (σ·C/m)²)`` is then added and the inner aggregator's server update applied as usual
+    (FedAvgM's momentum post-processes the noised mean, which DP permits).
 
     Args:
-        strategy_name: ``federation.strategy``.
+        inner: A linear aggregator (its aggregate is a mean of the updates).
+        settings: ``privacy.central`` (``clipping``, ``clipping_norm``, ``noise_multiplier``, ``delta``).
+        generator: The noise source; None seeds one from a secret (never from the run seed saved
+            in config.yaml: whoever knows the seed could subtract the noise).
 
     Raises:
-        ConfigError: Naming ``privacy.central`` and ``federation.strategy`` unless the strategy is
-            ``fedavg``, ``fedprox`` or ``fedavgm`` (server momentum only post-processes the noised mean).
-
-    Example:
-        >>> check_central_strategy("fedprox")
-        >>> check_central_strategy("krum")
-        Traceback (most recent call last):
-        ...
-        fedvlm.errors.ConfigError: privacy.central.clipping needs federation.strategy in (fedavg, ...), not 'krum': ...
+        ConfigError: If ``inner`` is not linear: robust rules have other sensitivities, not analysed here.
     """
-    if strategy_name not in MEAN_STRATEGIES:
-        raise ConfigError(
-            f"privacy.central.clipping needs federation.strategy in ({', '.join(MEAN_STRATEGIES)}), not "
-            f"{strategy_name!r}: central DP's noise σ·C/m is calibrated to the uniform mean of clipped updates, "
-            "and robust aggregation rules are not analysed with it (set privacy.central.clipping=none)"
+
+    def __init__(self, inner: Aggregator, settings: Any, generator: torch.Generator | None = None) -> None:
+        if not inner.linear:
+            raise ConfigError(
+                f"privacy.central.clipping needs a linear federation.strategy (fedavg, fedprox, fedavgm), not "
+                f"{type(inner).__name__}: central DP's noise σ·C/m is calibrated to the uniform mean of clipped "
+                "updates, and robust aggregation rules are not analysed with it (set privacy.central.clipping=none)"
+            )
+        super().__init__(inner)
+        self.clipping = str(settings.clipping)
+        self.clipping_norm = float(settings.clipping_norm)
+        self.noise_multiplier = float(settings.noise_multiplier)
+        self.delta = float(settings.delta)
+        self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+
+    def configure_round(self, server_round: int) -> dict[str, Any]:
+        config = {**self.inner.configure_round(server_round), keys.UNIFORM_WEIGHTS: True}
+        if self.clipping == "client":
+            config[keys.CENTRAL_CLIPPING_NORM] = self.clipping_norm
+        return config
+
+    def aggregate(self, replies: RoundReplies, global_state: Mapping[str, torch.Tensor]) -> State:
+        if replies.mean_delta is None:  # each update arrived: clip it here, weigh every client 1
+            clipped = [
+                clip_update(u.state, {k: global_state[k] for k in u.state}, self.clipping_norm)[0]
+                for u in self.require_updates(replies)
+            ]
+            aggregated = uniform_mean(clipped)  # the linear inner aggregate with unit weights
+        else:  # secure aggregation: the clients clipped, and their unit-weighted mean delta arrived
+            aggregated = self.inner.aggregate(replies, global_state)
+        reference = {k: global_state[k] for k in aggregated}
+        return add_central_noise(
+            aggregated, reference, self.noise_multiplier, self.clipping_norm, len(replies.updates), self.generator
         )
+
+    def round_metrics(self, server_round: int, sample_rate: float) -> dict[str, float]:
+        epsilon = central_epsilon(self.noise_multiplier, sample_rate, server_round, self.delta)
+        return {**self.inner.round_metrics(server_round, sample_rate), keys.CENTRAL_EPSILON: epsilon}

@@ -12,13 +12,9 @@ from opacus.accountants import RDPAccountant
 from fedvlm.config import load_config
 from fedvlm.errors import ConfigError
 from fedvlm.federation import keys
-from fedvlm.privacy import (
-    add_central_noise,
-    central_epsilon,
-    check_central_strategy,
-    clip_update,
-    uniform_mean,
-)
+from fedvlm.federation.aggregation import ClientUpdate, RoundReplies
+from fedvlm.federation.central_dp import CentralDP, add_central_noise, central_epsilon, clip_update, uniform_mean
+from fedvlm.federation.strategies import FedAvgM, FedProx, Median
 
 
 def test_clip_update_scales_a_3_4_0_delta_of_norm_5_to_the_clipping_norm() -> None:
@@ -144,12 +140,37 @@ def test_central_epsilon_grows_with_rounds_and_is_infinite_without_noise() -> No
         central_epsilon(1.0, 0.0, 10, 1e-5)
 
 
-def test_check_central_strategy_names_both_keys() -> None:
-    check_central_strategy("fedavg")
-    check_central_strategy("fedprox")
-    expected = r"privacy\.central.*federation\.strategy in \(fedavg, fedprox, fedavgm\), not 'median'"
-    with pytest.raises(ConfigError, match=expected):
-        check_central_strategy("median")
+def test_central_dp_wraps_only_linear_aggregators() -> None:
+    settings = load_config(None, ["privacy.central.clipping=server"]).privacy.central
+    CentralDP(FedProx(mu=0.1), settings)
+    with pytest.raises(
+        ConfigError, match=r"privacy\.central\.clipping needs a linear federation\.strategy .*not Median"
+    ):
+        CentralDP(Median(), settings)
+
+
+def test_central_dp_wrapper_clips_averages_uniformly_and_keeps_the_inner_server_update() -> None:
+    settings = load_config(
+        None,
+        ["privacy.central.clipping=server", "privacy.central.clipping_norm=1", "privacy.central.noise_multiplier=0"],
+    ).privacy.central
+    wrapped = CentralDP(FedAvgM(server_learning_rate=1.0, server_momentum=0.0), settings)
+    assert wrapped.linear and wrapped.configure_round(1) == {keys.UNIFORM_WEIGHTS: True}
+    global_state = {"w": torch.zeros(2)}
+    # Δ = (3, 4) has norm 5 → clipped to (0.6, 0.8); Δ = (0, 0.5) stays; sizes 1 and 99 do not weigh
+    replies = RoundReplies(
+        [ClientUpdate(0, 1, {"w": torch.tensor([3.0, 4.0])}), ClientUpdate(1, 99, {"w": torch.tensor([0.0, 0.5])})], {}
+    )
+    aggregated = wrapped.aggregate(replies, global_state)
+    torch.testing.assert_close(aggregated["w"], torch.tensor([0.3, 0.65]))
+    torch.testing.assert_close(wrapped.server_update(global_state, aggregated)["w"], torch.tensor([0.3, 0.65]))
+    assert wrapped.round_metrics(3, 0.5)[keys.CENTRAL_EPSILON] == math.inf  # σ = 0: nothing is private
+    client = load_config(None, ["privacy.central.clipping=client", "privacy.central.clipping_norm=2"]).privacy.central
+    assert CentralDP(FedProx(mu=0.1), client).configure_round(1) == {
+        keys.PROXIMAL_MU: 0.1,
+        keys.UNIFORM_WEIGHTS: True,
+        keys.CENTRAL_CLIPPING_NORM: 2.0,
+    }
 
 
 def test_central_dp_config_defaults_and_coexists_with_dp_sgd() -> None:
@@ -172,8 +193,8 @@ def test_central_dp_config_defaults_and_coexists_with_dp_sgd() -> None:
         (["privacy.central.delta=0"], r"privacy.central.delta=0.0 must be in \(0, 1\)"),
         (["privacy.central.clipin=server"], "Key 'clipin' not in 'CentralDPConfig'"),
         (
-            ["privacy.central.clipping=server", "federation.strategy=krum", "federation.byzantine_f=1"],
-            r"privacy.central.clipping needs federation.strategy in \(fedavg, fedprox, fedavgm\), not 'krum'",
+            ["privacy.central.clipping=server", "federation.strategy={name: krum, byzantine_f: 1}"],
+            r"privacy.central.clipping needs a linear federation.strategy \(fedavg, fedavgm, fedprox\), not 'krum'",
         ),
     ],
 )

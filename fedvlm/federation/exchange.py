@@ -1,0 +1,90 @@
+"""The plain message exchanges of a round: send, wait, sort replies into answers and failures.
+
+:class:`RoundExchange` is what the round loop hands its aggregator
+(:class:`~fedvlm.federation.aggregation.Exchange`): the training exchange decodes every reply
+with the round's update codec and leaves out clients that raised, timed out or sent non-finite
+weights; :func:`exchange` is the send-and-sort step every exchange (train, evaluate, query) uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedvlm.federation import keys
+from fedvlm.federation.aggregation import ClientUpdate, RoundReplies
+from fedvlm.federation.callback import non_finite_keys
+from fedvlm.federation.codecs import UpdateCodec
+from fedvlm.federation.messages import content_bytes, error_reason
+
+
+def exchange(
+    grid: Grid, messages: list[Message], nodes: Mapping[int, int], timeout: float
+) -> tuple[dict[int, Message], dict[int, str]]:
+    """Send, then sort replies into answers and failures, both keyed by partition id."""
+    partition_of = {node: pid for pid, node in nodes.items()}
+    expected = {partition_of[m.metadata.dst_node_id] for m in messages}
+    answered: dict[int, Message] = {}
+    failed: dict[int, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        pid = partition_of.get(reply.metadata.src_node_id)
+        if pid is None:
+            continue
+        if reply.has_error():
+            failed[pid] = error_reason(reply)
+        else:
+            answered[pid] = reply
+    for pid in expected - set(answered) - set(failed):
+        failed[pid] = f"no reply within federation.round_timeout={timeout:g}s"
+    return answered, failed
+
+
+@dataclass
+class RoundExchange:
+    """One round's reach to its clients.
+
+    Attributes:
+        grid: Where the clients are.
+        nodes: Partition id → node id of every client in the run.
+        reference: The global state the clients start the round from.
+        client_sizes: Partition id → training examples, as each client reported at the start.
+        timeout: Seconds to wait for replies (``federation.round_timeout``).
+        codec: How the clients packed their updates.
+    """
+
+    grid: Grid
+    nodes: Mapping[int, int]
+    reference: Mapping[str, torch.Tensor]
+    client_sizes: Mapping[int, int]
+    timeout: float
+    codec: UpdateCodec
+
+    def train(self, contents: Mapping[int, Any]) -> RoundReplies:
+        """Every sampled client's decoded update, the failures, and the bytes both ways."""
+        messages = [
+            Message(content, dst_node_id=self.nodes[pid], message_type=keys.TRAIN) for pid, content in contents.items()
+        ]
+        bytes_sent = sum(content_bytes(content) for content in contents.values())
+        replies, failed = exchange(self.grid, messages, self.nodes, self.timeout)
+        updates = []
+        bytes_received = 0
+        for pid, reply in sorted(replies.items()):
+            content: RecordDict = reply.content
+            record = content.array_records[keys.ARRAYS]
+            bytes_received += content_bytes(content)
+            metrics = {k: float(v) for k, v in content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
+            state = self.codec.decode(record, {k: self.reference[k] for k in record})
+            non_finite = non_finite_keys(state)
+            if non_finite:  # a faulty or malicious client: left out like one that raised
+                failed[pid] = f"sent non-finite weights (NaN/Inf) in {non_finite[:3]}"
+                continue
+            updates.append(ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), state, metrics))
+        return RoundReplies(updates, failed, bytes_sent, bytes_received)
+
+
+__all__ = ["RoundExchange", "exchange"]
