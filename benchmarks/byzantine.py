@@ -27,8 +27,9 @@ from pathlib import Path
 
 from runner import fit_variant  # benchmarks/runner.py (scripts run from benchmarks/)
 
-from fedvlm.config import CONFIG_FILE_NAME, load_config
+from fedvlm.config import load_config
 from fedvlm.federation.byzantine import byzantine_clients
+from fedvlm.runs import RunLayout
 
 ROBUST = ("fedavg", "trimmed_mean", "median", "krum")
 VARIANTS = ("clean_fedavg", *(f"signflip_{strategy}" for strategy in ROBUST))
@@ -55,7 +56,7 @@ def run_variant(variant: str, runs_dir: Path, common: list[str], fraction: float
     out = runs_dir / variant
     result = fit_variant("leukemia_demo", out, [*common, *variant_overrides(variant, fraction, scale)], METRICS)
     if result["exit_code"] == 0:
-        cfg = load_config(out / CONFIG_FILE_NAME)
+        cfg = load_config(RunLayout(out).config)
         result["byzantine_clients"] = byzantine_clients(cfg.federation, int(cfg.seed))
     return result
 

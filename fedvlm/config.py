@@ -22,7 +22,6 @@ from fedvlm.errors import ConfigError
 from fedvlm.registry import load_plugins, registry_of
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-CONFIG_FILE_NAME = "config.yaml"
 
 
 @dataclass

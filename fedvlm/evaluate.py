@@ -26,18 +26,17 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
+from fedvlm.config import load_config, save_config
 from fedvlm.data.prepared import Samples, bundle_size, make_loader
 from fedvlm.data.streaming import SiteSplit, concat_splits
 from fedvlm.errors import ConfigError
 from fedvlm.evaluation.cxr import linear_probe_auroc
 from fedvlm.evaluation.metrics import AUROC_BINS, export_state, merge_states
-from fedvlm.runs import jsonable, load_checkpoint
+from fedvlm.runs import RunLayout, jsonable, load_checkpoint
 from fedvlm.tasks import get_task
-from fedvlm.tasks.base import DATA_DIR, TOKENIZER_DIR, read_meta
-from fedvlm.tasks.site import SITE_DATA_DIR, SiteData, load_site_data, site_data_dir, site_data_folders
+from fedvlm.tasks.base import read_meta
+from fedvlm.tasks.site import SiteData, load_site_data, site_data_folders
 
-EVAL_DIR = "eval"
 CHECKPOINTS = ("last", "best")
 
 
@@ -49,7 +48,7 @@ def load_trained_module(run_dir: Path, cfg: DictConfig, checkpoint: str = "last"
     """
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"--checkpoint {checkpoint!r} is not one of: {', '.join(CHECKPOINTS)}")
-    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    path = RunLayout(run_dir).checkpoint(checkpoint)
     if not path.is_file():
         raise ConfigError(f"{path} is missing: the run has not completed a round")
     task = get_task(cfg.task)
@@ -64,7 +63,8 @@ def load_trained_module(run_dir: Path, cfg: DictConfig, checkpoint: str = "last"
 def _set_prompts(module: L.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
     """Re-tokenize the prompts with the run's tokenizer, so ``evaluation.prompts`` given at
     evaluation time take effect."""
-    from fedvlm.tasks.cxr import load_run_tokenizer, prompt_sets, tokenize_prompts
+    from fedvlm.tasks.base import load_run_tokenizer
+    from fedvlm.tasks.cxr import prompt_sets, tokenize_prompts
 
     if cfg.task != "cxr" or getattr(module, "modality", "") != "fused":
         return
@@ -164,7 +164,7 @@ def few_shot_per_site(
 
 def client_site(run_dir: Path, partition_id: int) -> SiteData:
     """Client ``partition_id``'s prepared splits (its folder in the run directory)."""
-    return load_site_data(site_data_dir(run_dir, partition_id))
+    return load_site_data(RunLayout(run_dir).client_data(partition_id))
 
 
 def client_bundle(run_dir: Path, partition_id: int) -> SiteSplit:
@@ -242,21 +242,22 @@ def leave_one_hospital_out(
     full_model = load_trained_module(run_dir, cfg, checkpoint)
     result: dict[str, Any] = {}
     for hospital in chosen:
-        loho_dir = run_dir / EVAL_DIR / "loho" / f"hospital_{hospital:03d}"
+        loho_dir = RunLayout(run_dir).held_out_run(hospital)
         if loho_dir.exists():
             shutil.rmtree(loho_dir)
         loho_dir.mkdir(parents=True)
-        for shared in (DATA_DIR, TOKENIZER_DIR):  # the run's meta and tokenizer, not copies
-            if (run_dir / shared).exists():
-                os.symlink((run_dir / shared).resolve(), loho_dir / shared)
+        run, loho = RunLayout(run_dir), RunLayout(loho_dir)
+        for shared, link in ((run.data, loho.data), (run.tokenizer, loho.tokenizer)):  # not copies
+            if shared.exists():
+                os.symlink(shared.resolve(), link)
         for pid, folder in site_data_folders(run_dir):  # each site's prepared data, where it is
-            site_dir = site_data_dir(loho_dir, pid)
-            site_dir.parent.mkdir(parents=True)
-            os.symlink(folder.resolve(), site_dir.parent / SITE_DATA_DIR)
+            link = loho.client_data(pid)
+            link.parent.mkdir(parents=True)
+            os.symlink(folder.resolve(), link)
         loho_overrides = [*overrides, f"federation.exclude_clients=[{hospital}]"]
         loho_overrides += [f"federation.rounds={rounds}"] if rounds else []
-        loho_cfg = load_config(run_dir / CONFIG_FILE_NAME, loho_overrides)
-        save_config(loho_cfg, loho_dir / CONFIG_FILE_NAME)
+        loho_cfg = load_config(RunLayout(run_dir).config, loho_overrides)
+        save_config(loho_cfg, RunLayout(loho_dir).config)
         console.print(f"leave-one-hospital-out: hospital {hospital} held out ({loho_cfg.federation.rounds} rounds)")
         simulate(loho_cfg, loho_dir)
         held_out = client_bundle(run_dir, hospital)
@@ -307,16 +308,16 @@ def evaluate_run(
             override outside ``evaluation.*``.
     """
     console = console or Console()
-    if not (run_dir / CONFIG_FILE_NAME).is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE_NAME})")
+    if not RunLayout(run_dir).config.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     outside = [o for o in overrides if not o.startswith("evaluation.")]
     if outside:
         raise ConfigError(f"fedvlm evaluate only takes evaluation.* overrides, got: {', '.join(outside)}")
-    cfg = load_config(run_dir / CONFIG_FILE_NAME, list(overrides))
+    cfg = load_config(RunLayout(run_dir).config, list(overrides))
     if cfg.task != "cxr":
         raise ConfigError(f"fedvlm evaluate supports task=cxr runs; {run_dir} is task={cfg.task}")
     module = load_trained_module(run_dir, cfg, checkpoint)
-    out_dir = run_dir / EVAL_DIR
+    out_dir = RunLayout(run_dir).evaluation
     out_dir.mkdir(exist_ok=True)
     written: dict[str, Any] = {}
     if retrieval and cfg.model.modality != "fused":

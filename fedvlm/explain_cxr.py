@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedvlm.config import CONFIG_FILE_NAME, load_config
+from fedvlm.config import load_config
 from fedvlm.data.cxr_records import CxrRecord
 from fedvlm.data.prepared import make_loader, prepare_cxr_bundle, subset
 from fedvlm.errors import ConfigError, DataError
@@ -32,8 +32,9 @@ from fedvlm.explain.cxr_scores import (
 )
 from fedvlm.explain.render import _page, save_heatmap_png
 from fedvlm.models.contrastive import ContrastiveVLM
-from fedvlm.runs import jsonable
-from fedvlm.tasks.cxr import CxrTask, load_run_tokenizer
+from fedvlm.runs import RunLayout, jsonable
+from fedvlm.tasks.base import load_run_tokenizer
+from fedvlm.tasks.cxr import CxrTask
 
 EXPLAIN_BATCH_SIZE = 16
 SCORES_FILE = "scores.json"
@@ -98,7 +99,7 @@ def explain_cxr_run(
     if num_images < 1:
         raise ConfigError(f"num_images must be >= 1, got {num_images}")
     threshold = threshold or HeatmapThreshold()
-    cfg = load_config(run_dir / CONFIG_FILE_NAME)
+    cfg = load_config(RunLayout(run_dir).config)
     if cfg.task != "cxr":
         raise ConfigError(f"CXR explanations need a task=cxr run; {run_dir} is task={cfg.task}")
     module = load_trained_module(run_dir, cfg, checkpoint)
@@ -137,7 +138,7 @@ def explain_cxr_run(
     bundle = subset(test, rows)
     if not torch.equal(prepare_cxr_bundle(chosen, None, size, 1, equalize=cfg.data.equalize)["image"], bundle["image"]):
         raise DataError(
-            f"the records regenerated from {run_dir / CONFIG_FILE_NAME} do not match the prepared test images "
+            f"the records regenerated from {RunLayout(run_dir).config} do not match the prepared test images "
             "(was the data source changed after the run was prepared?)"
         )
 

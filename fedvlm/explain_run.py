@@ -14,13 +14,11 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fedvlm.config import CONFIG_FILE_NAME, load_config
+from fedvlm.config import load_config
 from fedvlm.data.prepared import bundle_size, subset
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.evaluate import load_trained_module
-from fedvlm.runs import read_metrics
-
-EXPLAIN_DIR = "explanations"
+from fedvlm.runs import RunLayout, read_metrics
 
 
 def explain_run(
@@ -54,13 +52,13 @@ def explain_run(
         DataError: If a requested patient is not in the test split.
     """
     console = console or Console()
-    if not (run_dir / CONFIG_FILE_NAME).is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE_NAME})")
+    if not RunLayout(run_dir).config.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     outside = [o for o in overrides if not o.startswith("explain.")]
     if outside:
         raise ConfigError(f"fedvlm explain only takes explain.* overrides, got: {', '.join(outside)}")
-    cfg = load_config(run_dir / CONFIG_FILE_NAME, list(overrides))
-    out_dir = out or run_dir / EXPLAIN_DIR
+    cfg = load_config(RunLayout(run_dir).config, list(overrides))
+    out_dir = out or RunLayout(run_dir).explanations
     if cfg.task == "cxr":
         from fedvlm.explain_cxr import explain_cxr_run
 

@@ -12,14 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
+from fedvlm.config import load_config, save_config
 from fedvlm.data.sites import site_names
 from fedvlm.errors import ConfigError
-from fedvlm.federation.server import PARTITION_FILE
-from fedvlm.runs import CURVES_FILE, new_run_dir, plot_curves, read_metrics
+from fedvlm.runs import RunLayout, new_run_dir, plot_curves, read_metrics
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import curve_keys, selection_key
-from fedvlm.tasks.site import CLIENTS_DIR
 
 
 def fit(
@@ -43,16 +41,17 @@ def fit(
     console = console or Console()
     if resume is not None:
         run_dir = resume
-        if not (run_dir / CONFIG_FILE_NAME).is_file():
-            raise ConfigError(f"cannot resume {run_dir}: it has no {CONFIG_FILE_NAME}")
-        cfg = load_config(run_dir / CONFIG_FILE_NAME, overrides)
-        _check_resume_overrides(load_config(run_dir / CONFIG_FILE_NAME), cfg)
-        save_config(cfg, run_dir / CONFIG_FILE_NAME)
+        config_file = RunLayout(run_dir).config
+        if not config_file.is_file():
+            raise ConfigError(f"cannot resume {run_dir}: it has no {config_file.name}")
+        cfg = load_config(config_file, overrides)
+        _check_resume_overrides(load_config(config_file), cfg)
+        save_config(cfg, config_file)
         console.print(f"[bold]Resuming[/] {run_dir}")
     else:
         cfg = load_config(recipe, overrides)
         run_dir = _create_run_dir(out, cfg.recipe)
-        save_config(cfg, run_dir / CONFIG_FILE_NAME)
+        save_config(cfg, RunLayout(run_dir).config)
         console.print(f"[bold]fedvlm fit[/] recipe={cfg.recipe} → {run_dir}")
         try:  # the coordinator's part: tokenizer, prompts, meta; each client prepares its own data
             get_task(cfg.task).prepare(cfg, run_dir)
@@ -60,7 +59,7 @@ def fit(
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written stays behind
             raise
         sites = site_names(cfg) if cfg.federation.mode != "centralized" else ["pooled"]
-        console.print(f"sites: {', '.join(sites)} (each prepares its own data in {CLIENTS_DIR}/client_NNN/data)")
+        console.print(f"sites: {', '.join(sites)} (each prepares its own data in clients/client_NNN/data)")
 
     reporter = RoundDisplay(console, cfg, curve_keys(get_task(cfg.task), cfg))
     try:
@@ -75,7 +74,7 @@ def fit(
         task = get_task(cfg.task)
         plot_curves(run_dir, rows, curve_keys(task, cfg))
         console.print(summary_table(rows, cfg, selection_key(task, cfg)))
-    partition_file = run_dir / PARTITION_FILE
+    partition_file = RunLayout(run_dir).partition
     if partition_file.is_file():
         clients = json.loads(partition_file.read_text())["clients"]
         console.print(
@@ -86,7 +85,7 @@ def fit(
         for client in clients:  # documented, counted skips: never a silent drop
             for reason, count in (client.get("skipped") or {}).items():
                 console.print(f"[yellow]{client['site']}: skipped {count}[/] {reason}")
-    console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, {CURVES_FILE})")
+    console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, curves.png)")
     return run_dir
 
 

@@ -1,15 +1,21 @@
-"""The run directory: resolved config, per-round metrics, checkpoints and curves.
+"""The run directory: every path in it, and the files the coordinator writes there.
 
-Layout (``runs/<recipe>-<timestamp>/`` by default)::
+:class:`RunLayout` is the one owner of the layout (``runs/<recipe>-<timestamp>/`` by default)::
 
     config.yaml          fully resolved config (``fedvlm fit --recipe RUN/config.yaml`` repeats it)
     metrics.jsonl        one JSON object per completed round
     partition.json       per-client sample counts (train/val/test, by label), as the sites report them
     checkpoints/last.ckpt, checkpoints/best.ckpt
     curves.png           accuracy, AUROC and stage macro-F1 over rounds
-    data/, tokenizer/    meta.json (vocabulary size, labels), CXR prompts; the tokenizer
+    data/                meta.json (vocabulary size, labels), prompts.pt (CXR), server_test/
+    tokenizer/           the tokenizer every process loads
     clients/client_NNN/  each client's own folder: data/ (its prepared splits and counts,
-                         written by the client), explanations/, privacy/
+                         written by the client), explanations/, privacy/accountant.pt
+    eval/                ``fedvlm evaluate`` (leave-one-hospital-out runs under eval/loho/)
+    explanations/        ``fedvlm explain``
+    site.json            a site's copy made by ``fedvlm deploy export-site`` (its partition id)
+
+Everything else takes a run directory and asks its layout for a path, so a name is written once.
 """
 
 from __future__ import annotations
@@ -19,17 +25,128 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
-BEST_CHECKPOINT = "best.ckpt"
-CURVES_FILE = "curves.png"
+CLIENT_PREFIX = "client_"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory (nothing is created or read).
+
+    Example:
+        >>> run = RunLayout(Path("runs/demo"))
+        >>> run.client_data(3).as_posix(), run.checkpoint("best").as_posix()
+        ('runs/demo/clients/client_003/data', 'runs/demo/checkpoints/best.ckpt')
+        >>> run.ledger(3).relative_to(run.root).as_posix()
+        'clients/client_003/privacy/accountant.pt'
+    """
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        """The fully resolved config of the run."""
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON row per completed round."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def partition(self) -> Path:
+        """The clients' sample counts, as they reported them."""
+        return self.root / "partition.json"
+
+    @property
+    def curves(self) -> Path:
+        """The metric curves over rounds."""
+        return self.root / "curves.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        """The folder of ``last.ckpt`` and ``best.ckpt``."""
+        return self.root / "checkpoints"
+
+    def checkpoint(self, name: str) -> Path:
+        """``checkpoints/<name>.ckpt`` (``last`` or ``best``)."""
+        return self.checkpoints / f"{name}.ckpt"
+
+    @property
+    def data(self) -> Path:
+        """What the coordinator keeps of the data: counts and metadata, never a sample."""
+        return self.root / "data"
+
+    @property
+    def meta(self) -> Path:
+        """Vocabulary size, label names and the other facts every process needs."""
+        return self.data / "meta.json"
+
+    @property
+    def prompts(self) -> Path:
+        """The tokenized zero-shot prompts (task ``cxr``)."""
+        return self.data / "prompts.pt"
+
+    @property
+    def server_test(self) -> Path:
+        """The prepared test set the coordinator may hold (``data.server_test``)."""
+        return self.data / "server_test"
+
+    @property
+    def tokenizer(self) -> Path:
+        """The tokenizer every process loads."""
+        return self.root / "tokenizer"
+
+    @property
+    def clients(self) -> Path:
+        """The folder of the clients' own folders."""
+        return self.root / "clients"
+
+    def client(self, partition_id: int) -> Path:
+        """A client's own folder (its prepared data, explanations, privacy ledger)."""
+        return self.clients / f"{CLIENT_PREFIX}{partition_id:03d}"
+
+    def client_data(self, partition_id: int) -> Path:
+        """The client's prepared splits and counts, written by the client."""
+        return self.client(partition_id) / "data"
+
+    def client_explanations(self, partition_id: int) -> Path:
+        """The client's per-patient explanations, one folder per round."""
+        return self.client(partition_id) / "explanations"
+
+    def ledger(self, partition_id: int) -> Path:
+        """The client's DP-SGD privacy ledger."""
+        return self.client(partition_id) / "privacy" / "accountant.pt"
+
+    def client_data_folders(self) -> list[tuple[int, Path]]:
+        """``(partition id, data folder)`` of every client that has one, in partition order."""
+        folders = self.clients.glob(f"{CLIENT_PREFIX}*/data")
+        return sorted((int(f.parent.name.removeprefix(CLIENT_PREFIX)), f) for f in folders if f.is_dir())
+
+    @property
+    def evaluation(self) -> Path:
+        """``fedvlm evaluate``'s reports."""
+        return self.root / "eval"
+
+    def held_out_run(self, hospital: int) -> Path:
+        """The leave-one-hospital-out run that leaves ``hospital`` out."""
+        return self.evaluation / "loho" / f"hospital_{hospital:03d}"
+
+    @property
+    def explanations(self) -> Path:
+        """``fedvlm explain``'s default output."""
+        return self.root / "explanations"
+
+    @property
+    def site_file(self) -> Path:
+        """In a site's exported copy: which partition it is."""
+        return self.root / "site.json"
 
 
 def new_run_dir(recipe: str, root: Path = Path("runs")) -> Path:
@@ -46,7 +163,7 @@ def new_run_dir(recipe: str, root: Path = Path("runs")) -> Path:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The rounds recorded in ``metrics.jsonl`` (empty if none yet)."""
-    path = run_dir / METRICS_FILE
+    path = RunLayout(run_dir).metrics
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -54,7 +171,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` atomically with ``rows`` (used after every round and on resume)."""
-    path = run_dir / METRICS_FILE
+    path = RunLayout(run_dir).metrics
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(jsonable(row)) + "\n" for row in rows))
     os.replace(tmp, path)
@@ -106,7 +223,7 @@ def plot_curves(run_dir: Path, rows: Sequence[Mapping[str, Any]], keys: tuple[st
     ax.legend(loc="lower right")
     ax.set_title(run_dir.name)
     fig.tight_layout()
-    path = run_dir / CURVES_FILE
+    path = RunLayout(run_dir).curves
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -17,7 +17,7 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score
 
-from fedvlm.evaluation.metrics import AUROC_BINS
+from fedvlm.evaluation.metrics import AUROC_BINS, merged_metrics_compute
 
 IGNORE = -1
 """Target value torchmetrics skips: unknown labels (``nan``) are mapped to it."""
@@ -116,8 +116,9 @@ class CxrMetrics(torch.nn.Module):
         macro average (and reported as NaN per label).
         """
         defined = self._labels_with_both_classes()
-        values = {name: metric.compute() for name, metric in self.zero_shot.items() if name != "auroc"}
-        values["auroc"] = self._auroc(defined)
+        with merged_metrics_compute():
+            values = {name: metric.compute() for name, metric in self.zero_shot.items() if name != "auroc"}
+            values["auroc"] = self._auroc(defined)
         scalars: dict[str, float] = {}
         auroc = values["auroc"].float()
         scalars["macro_auroc"] = float(auroc[defined].mean()) if defined.any() else float("nan")

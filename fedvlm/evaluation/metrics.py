@@ -9,7 +9,9 @@ the states and computes the pooled value exactly as if it had seen all the data
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torchmetrics import Metric, MetricCollection
@@ -98,9 +100,11 @@ class LeukemiaMetrics(torch.nn.Module):
 
     def compute(self) -> dict[str, torch.Tensor]:
         """All metric values, confusion matrices included (NaN-free: empty staging gives 0)."""
-        values = dict(self.detection.compute())
+        with merged_metrics_compute():
+            values = dict(self.detection.compute())
         if self._has_stage_updates():
-            values.update(self.staging.compute())
+            with merged_metrics_compute():
+                values.update(self.staging.compute())
         else:
             values.update({str(name): torch.tensor(0.0) for name in self.staging if name not in MATRIX_METRICS})
             values["stage_confusion_matrix"] = torch.zeros(self.num_stages, self.num_stages, dtype=torch.long)
@@ -115,7 +119,9 @@ class LeukemiaMetrics(torch.nn.Module):
         self.staging.reset()
 
     def _has_stage_updates(self) -> bool:
-        return bool(self.staging["stage_accuracy"].update_count)  # type: ignore[index]
+        """Whether any staged sample was counted, here or in a merged state."""
+        confmat = self.staging["stage_confusion_matrix"].metric_state["confmat"]  # type: ignore[index]
+        return bool(torch.as_tensor(confmat).sum())
 
 
 def export_state(metrics: torch.nn.Module) -> dict[str, list[float]]:
@@ -129,15 +135,13 @@ def export_state(metrics: torch.nn.Module) -> dict[str, list[float]]:
     """
     exported: dict[str, list[float]] = {}
     for name, metric in _metrics(metrics):
-        for state_name, reduce in metric._reductions.items():
-            value = getattr(metric, state_name)
-            if getattr(reduce, "__name__", "") != "dim_zero_sum" or isinstance(value, list):
+        for state_name, value in metric.metric_state.items():
+            if not isinstance(value, torch.Tensor):  # a list state: one entry per sample
                 raise ValueError(
                     f"metric {name!r} state {state_name!r} is not sum-reduced counts and cannot "
                     "leave a client (use binned thresholds)"
                 )
             exported[f"{name}.{state_name}"] = value.detach().flatten().double().tolist()
-        exported[f"{name}.update_count"] = [float(metric._update_count)]
     counts = getattr(metrics, "export_counts", None)  # counts a metric computes locally (retrieval hits)
     if counts is not None:
         exported.update({f"{COUNTS_PREFIX}{key}": [float(value)] for key, value in counts().items()})
@@ -145,26 +149,34 @@ def export_state(metrics: torch.nn.Module) -> dict[str, list[float]]:
 
 
 def merge_states(metrics: torch.nn.Module, states: Sequence[Mapping[str, Sequence[float]]]) -> None:
-    """Add the exported states of several clients into ``metrics`` (which may hold data already).
+    """Add the exported states of several clients into ``metrics`` (not yet computed; it may hold
+    data already), through torchmetrics' ``Metric.merge_state`` (each state reduced its own way).
 
     Raises:
         KeyError: If a state is missing from one of ``states``.
     """
     for name, metric in _metrics(metrics):
         for state in states:
-            count = int(state[f"{name}.update_count"][0])
-            if count == 0:
-                continue
-            for state_name in metric._reductions:
-                current = getattr(metric, state_name)
-                incoming = torch.tensor(state[f"{name}.{state_name}"], dtype=torch.float64)
-                setattr(metric, state_name, current + incoming.reshape(current.shape).to(current.dtype))
-            metric._update_count += count
-            metric._computed = None
+            incoming = {}
+            for state_name, current in metric.metric_state.items():
+                assert isinstance(current, torch.Tensor)  # list states never leave a client (export_state)
+                values = torch.tensor(state[f"{name}.{state_name}"], dtype=torch.float64)
+                incoming[state_name] = values.reshape(current.shape).to(current.dtype)
+            metric.merge_state(incoming)
     merge = getattr(metrics, "merge_counts", None)
     if merge is not None:
         for state in states:
             merge({k.removeprefix(COUNTS_PREFIX): v[0] for k, v in state.items() if k.startswith(COUNTS_PREFIX)})
+
+
+@contextmanager
+def merged_metrics_compute() -> Iterator[None]:
+    """Compute metrics that may hold merged states only: ``merge_state`` does not count updates,
+    so torchmetrics would warn that ``compute`` ran before ``update``. Metrics here handle an empty
+    state themselves (NaN or 0, documented per metric)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric .* before the ``update``")
+        yield
 
 
 def _metrics(module: torch.nn.Module) -> list[tuple[str, Metric]]:

@@ -39,20 +39,16 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
+from fedvlm.config import load_config, save_config
 from fedvlm.errors import ConfigError
 from fedvlm.federation.client import RUN_DIR_KEY, make_client_app
 from fedvlm.federation.server import FederatedServer, wait_for_nodes
-from fedvlm.runs import METRICS_FILE
+from fedvlm.runs import RunLayout
 from fedvlm.tasks import get_task
-from fedvlm.tasks.base import DATA_DIR, META_FILE, TOKENIZER_DIR, read_meta
+from fedvlm.tasks.base import read_meta
 
 RESUME_KEY = "resume"
 """Run-config key: continue the run directory from its last completed round."""
-SITE_FILES = (META_FILE, "prompts.pt")
-"""The coordinator's ``data/`` files a SuperNode needs (vocabulary size and labels, CXR prompts)."""
-SITE_FILE = "site.json"
-"""Written by :func:`export_site`: which partition a site directory holds and where it came from."""
 
 
 def run_dir_from_config(run_config: Mapping[str, Any]) -> Path:
@@ -63,7 +59,7 @@ def run_dir_from_config(run_config: Mapping[str, Any]) -> Path:
     """
     named = str(run_config.get(RUN_DIR_KEY, "")).strip()
     run_dir = Path(named).expanduser()
-    if not named or not (run_dir / CONFIG_FILE_NAME).is_file():
+    if not named or not RunLayout(run_dir).config.is_file():
         raise ConfigError(
             f"run config {RUN_DIR_KEY}={named!r} is not a prepared run directory on the SuperLink host: "
             f"give --run-config \"{RUN_DIR_KEY}='/abs/path/to/run'\" (see fedvlm.federation.app.prepare_run)"
@@ -79,13 +75,13 @@ def _serve(grid: Grid, context: Context) -> None:
     """Run the rounds of the run directory named in the run config (``run-dir``)."""
     run_dir = run_dir_from_config(context.run_config)
     resume = bool(context.run_config.get(RESUME_KEY, False))
-    cfg = load_config(run_dir / CONFIG_FILE_NAME)
+    cfg = load_config(RunLayout(run_dir).config)
     expected = 1 if cfg.federation.mode == "centralized" else int(cfg.federation.num_clients)
     wait_for_nodes(grid, expected, float(cfg.federation.round_timeout))
     log(INFO, "fedvlm: %s, %d rounds, run directory %s", cfg.recipe, cfg.federation.rounds, run_dir)
     server = FederatedServer(cfg, run_dir, get_task(cfg.task), resume=resume, report=_log_round)
     progress = server.run(grid)
-    log(INFO, "fedvlm: %d rounds completed; metrics in %s", progress.completed_round, run_dir / METRICS_FILE)
+    log(INFO, "fedvlm: %d rounds completed; metrics in %s", progress.completed_round, RunLayout(run_dir).metrics)
 
 
 def _log_round(row: dict[str, Any]) -> None:
@@ -122,7 +118,7 @@ def prepare_run(recipe: str | None, overrides: list[str], out: Path) -> dict[str
         raise ConfigError(f"{out} exists and is not empty")
     cfg = load_config(recipe, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / CONFIG_FILE_NAME)
+    save_config(cfg, RunLayout(out).config)
     try:
         return get_task(cfg.task).prepare(cfg, out)
     except BaseException:
@@ -142,20 +138,21 @@ def export_site(run_dir: Path, partition_id: int, out: Path) -> Path:
             or ``out`` exists and is not empty.
     """
     read_meta(run_dir)  # fails when run_dir was never prepared
-    cfg = load_config(run_dir / CONFIG_FILE_NAME)
+    run, site = RunLayout(run_dir), RunLayout(out)
+    cfg = load_config(run.config)
     num_clients = int(cfg.federation.num_clients)
     if not 0 <= partition_id < num_clients:
         raise ConfigError(f"partition id {partition_id} is not a client of {run_dir} (0..{num_clients - 1})")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty")
-    (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(run_dir / CONFIG_FILE_NAME, out / CONFIG_FILE_NAME)
-    if (run_dir / TOKENIZER_DIR).is_dir():
-        shutil.copytree(run_dir / TOKENIZER_DIR, out / TOKENIZER_DIR)
-    for name in SITE_FILES:
-        if (run_dir / DATA_DIR / name).is_file():
-            shutil.copy2(run_dir / DATA_DIR / name, out / DATA_DIR / name)
-    (out / SITE_FILE).write_text(json.dumps({"partition_id": partition_id, "exported_from": str(run_dir)}, indent=2))
+    site.data.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run.config, site.config)
+    if run.tokenizer.is_dir():
+        shutil.copytree(run.tokenizer, site.tokenizer)
+    for source, copy in ((run.meta, site.meta), (run.prompts, site.prompts)):  # what a SuperNode needs
+        if source.is_file():
+            shutil.copy2(source, copy)
+    site.site_file.write_text(json.dumps({"partition_id": partition_id, "exported_from": str(run_dir)}, indent=2))
     return out
 
 

@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from fedvlm.config import CONFIG_FILE_NAME, load_config
+from fedvlm.config import load_config
 from fedvlm.errors import FederationError
 from fedvlm.evaluation.metrics import export_state
 from fedvlm.federation import keys
@@ -38,6 +38,7 @@ from fedvlm.federation.callback import (
 )
 from fedvlm.federation.codecs import update_codecs
 from fedvlm.federation.secure import secure_aggregation_mod
+from fedvlm.runs import RunLayout
 from fedvlm.tasks import Task, get_task
 from fedvlm.tasks.site import SiteData
 
@@ -50,7 +51,7 @@ for _name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
 
 @cache
 def _run_config(run_dir: str) -> DictConfig:
-    return load_config(Path(run_dir) / CONFIG_FILE_NAME)
+    return load_config(RunLayout(Path(run_dir)).config)
 
 
 def site_data(run_dir: str, partition_id: int, node_config: Mapping[str, Any] | None = None) -> SiteData:
@@ -143,9 +144,9 @@ def _private_training(cfg: DictConfig, run_dir: Path, partition_id: int, server_
     """The round's DP-SGD callback over the client's privacy ledger, or None without ``privacy.dp``."""
     if not cfg.privacy.dp:
         return None
-    from fedvlm.privacy import PrivacyLedger, PrivateTraining, ledger_path  # imports Opacus: only under DP
+    from fedvlm.privacy import PrivacyLedger, PrivateTraining  # imports Opacus: only under DP
 
-    ledger = PrivacyLedger(ledger_path(run_dir, partition_id))
+    ledger = PrivacyLedger(RunLayout(run_dir).ledger(partition_id))
     return PrivateTraining(cfg.privacy, ledger, server_round, f"client {partition_id}")
 
 

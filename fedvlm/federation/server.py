@@ -45,9 +45,7 @@ from fedvlm.federation.messages import content_bytes, error_reason
 from fedvlm.federation.pipeline import build_aggregator
 from fedvlm.federation.secure import CLIPPED_FRACTION
 from fedvlm.runs import (
-    BEST_CHECKPOINT,
-    CHECKPOINT_DIR,
-    LAST_CHECKPOINT,
+    RunLayout,
     load_checkpoint,
     save_checkpoint,
     write_metrics,
@@ -149,9 +147,6 @@ def update_norm(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
     return math.sqrt(total)
 
 
-PARTITION_FILE = "partition.json"
-
-
 def write_partition_summary(run_dir: Path, counts: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """``RUN_DIR/partition.json`` from the counts the sites reported: per client its site, its
     train / val / test sizes, ``num_samples`` (their sum) and counts per label; and the test total.
@@ -181,7 +176,7 @@ def write_partition_summary(run_dir: Path, counts: Mapping[int, Mapping[str, Any
         "clients": clients,
         "test": {"num_samples": sum(int(c["test"]) for c in counts.values()), "by_label": test_labels},
     }
-    (run_dir / PARTITION_FILE).write_text(json.dumps(summary, indent=2))
+    RunLayout(run_dir).partition.write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -441,7 +436,7 @@ class FederatedServer:
         tolerance = float(self.cfg.federation.convergence_tol)
         progress.converged = tolerance > 0 and norm < tolerance
         row["converged"] = progress.converged
-        checkpoints = self.run_dir / CHECKPOINT_DIR
+        run = RunLayout(self.run_dir)
         value = row.get(self.selection_key)
         value = -math.inf if value is None or math.isnan(float(value)) else float(value)
         improved = value > progress.best_value
@@ -449,14 +444,14 @@ class FederatedServer:
             progress.best_value, progress.best_round = value, server_round
         hparams = dict(self.module.hparams)
         resumable = {**progress.as_dict(), STRATEGY_STATE: self.aggregator.state_dict()}
-        save_checkpoint(checkpoints / LAST_CHECKPOINT, self.global_state, hparams, resumable)
+        save_checkpoint(run.checkpoint("last"), self.global_state, hparams, resumable)
         if improved:
-            save_checkpoint(checkpoints / BEST_CHECKPOINT, self.global_state, hparams, resumable)
+            save_checkpoint(run.checkpoint("best"), self.global_state, hparams, resumable)
         write_metrics(self.run_dir, progress.history)
         self.report(row)
 
     def _restore(self) -> None:
-        path = self.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+        path = RunLayout(self.run_dir).checkpoint("last")
         if not path.is_file():
             return  # no round was completed: start from round 1 on the prepared data
         checkpoint = load_checkpoint(path)

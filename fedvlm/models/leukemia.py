@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedvlm.data.prepared import BundleDataset
-from fedvlm.evaluation.metrics import LeukemiaMetrics
 from fedvlm.models.adapters import adapt_encoders
 from fedvlm.models.encoders import build_image_encoder, build_text_encoder
 from fedvlm.models.fusion import ConcatFusion, fusions
@@ -92,8 +91,6 @@ class LeukemiaModule(L.LightningModule):
         self.register_buffer("binary_log_odds", torch.zeros(()), persistent=False)
         if self.late_fusion_weight > 0 and self.modality == "fused" and len(self.unimodal_heads) == 0:
             raise ValueError("late_fusion_weight > 0 needs the auxiliary heads: set unimodal_loss_weight > 0")
-        self.val_metrics = LeukemiaMetrics(self.num_stages)
-        self.test_metrics = LeukemiaMetrics(self.num_stages, auroc_bins=None)
 
     def encoders(self) -> list[nn.Module]:
         """The pretrained-style backbones (frozen during the first federated rounds)."""
@@ -244,41 +241,12 @@ class LeukemiaModule(L.LightningModule):
         self.log("train/stage_loss", losses["stage_loss"], on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
-
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         leukemia_prob, stage_prob = self.predict_probabilities(batch)
         return {"leukemia_prob": leukemia_prob, "stage_prob": stage_prob}
 
-    def on_validation_epoch_start(self) -> None:
-        self.val_metrics.reset()
-
-    def on_test_epoch_start(self) -> None:
-        self.test_metrics.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.parameters(), self.hparams["optim"], self.learning_rate)
-
-    def _evaluate(self, batch: Batch, metrics: LeukemiaMetrics, prefix: str) -> None:
-        binary_logit, stage_logits = self(batch)
-        losses = self.compute_loss(binary_logit, stage_logits, batch)
-        self.log(f"{prefix}/loss", losses["loss"], batch_size=batch["leukemia"].shape[0])
-        metrics.update(torch.sigmoid(binary_logit), batch["leukemia"], torch.softmax(stage_logits, -1), batch["stage"])
-
-    def _log_metrics(self, metrics: LeukemiaMetrics, prefix: str) -> None:
-        # State is kept until the next epoch starts, so it can be exported after ``validate``.
-        for name, value in metrics.compute_scalars().items():
-            self.log(f"{prefix}/{name}", value)
 
 
 def count_labels(batches: Iterable[Batch], num_stages: int) -> tuple[int, int, list[int]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fedvlm.errors import PrivacyBudgetExhausted
 from fedvlm.privacy.accountant import PrivacyLedger, compute_epsilon
-from fedvlm.privacy.dp import PrivateTraining, check_private_trainable, ledger_path
+from fedvlm.privacy.dp import PrivateTraining, check_private_trainable
 
 __all__ = [
     "PrivacyBudgetExhausted",
@@ -19,5 +19,4 @@ __all__ = [
     "PrivateTraining",
     "check_private_trainable",
     "compute_epsilon",
-    "ledger_path",
 ]

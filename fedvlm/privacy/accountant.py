@@ -73,7 +73,7 @@ class PrivacyLedger:
     """The ordered DP-SGD history of one client, persisted to ``path``.
 
     Args:
-        path: The ledger file (``client_dir(run_dir, pid)/privacy/accountant.pt``); need not exist.
+        path: The ledger file (``RunLayout(run_dir).ledger(partition_id)``); need not exist.
     """
 
     def __init__(self, path: Path) -> None:

@@ -24,7 +24,6 @@ import inspect
 import logging
 import secrets
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -39,16 +38,8 @@ from typing_extensions import override
 
 from fedvlm.errors import ConfigError, PrivacyBudgetExhausted
 from fedvlm.privacy.accountant import HistoryEntry, PrivacyLedger
-from fedvlm.tasks.site import client_dir
 
 log = logging.getLogger(__name__)
-
-LEDGER_FILE = Path("privacy") / "accountant.pt"
-
-
-def ledger_path(run_dir: Path, partition_id: int) -> Path:
-    """The client's privacy ledger: ``RUN_DIR/clients/client_NNN/privacy/accountant.pt``."""
-    return client_dir(run_dir, partition_id) / LEDGER_FILE
 
 
 def check_private_trainable(module: nn.Module) -> None:

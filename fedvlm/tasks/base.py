@@ -13,16 +13,13 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from fedvlm.data.sites import SERVER_TEST, server_test_entry
+from fedvlm.data.sites import server_test_entry
 from fedvlm.errors import ConfigError
 from fedvlm.models.encoders import tokenizer_source
 from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
 from fedvlm.registry import Registry
+from fedvlm.runs import RunLayout
 from fedvlm.tasks.site import SiteData, SiteRecords, ensure_held_out, ensure_site_data
-
-DATA_DIR = "data"
-META_FILE = "meta.json"
-TOKENIZER_DIR = "tokenizer"
 
 
 class Task(Protocol):
@@ -145,7 +142,7 @@ class PreparedSites:
         entry = server_test_entry(cfg)
         if entry is None:
             return None
-        directory = run_dir / DATA_DIR / SERVER_TEST
+        directory = RunLayout(run_dir).server_test
         return ensure_held_out(self.read_site, cfg, entry, lambda: run_tokenizer(cfg, run_dir), directory)
 
     def datamodule(self, cfg: DictConfig, site: SiteData, seed: int) -> L.LightningDataModule:
@@ -185,14 +182,14 @@ tasks: Registry[Task] = Registry("task")
 
 def read_meta(run_dir: Path) -> dict[str, Any]:
     """The prepared-data facts saved by :meth:`Task.prepare`."""
-    path = run_dir / DATA_DIR / META_FILE
+    path = RunLayout(run_dir).meta
     if not path.is_file():
         raise ConfigError(f"{path} is missing: the run directory was not prepared")
     return json.loads(path.read_text())
 
 
 def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
-    path = run_dir / DATA_DIR / META_FILE
+    path = RunLayout(run_dir).meta
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(meta, indent=2))
 
@@ -245,13 +242,18 @@ def make_tokenizer(cfg: DictConfig, run_dir: Path, public_texts: Sequence[str] =
         tokenizer = BertTokenizer(vocab=str(vocabulary), do_lower_case=True)
     else:
         tokenizer = build_word_tokenizer(iter(public_texts))
-    tokenizer.save_pretrained(str(run_dir / TOKENIZER_DIR))
+    tokenizer.save_pretrained(str(RunLayout(run_dir).tokenizer))
     return tokenizer
 
 
 def run_tokenizer(cfg: DictConfig, run_dir: Path) -> PreTrainedTokenizerBase | None:
     """The tokenizer the coordinator saved for the run (None for an image-only model)."""
-    return None if cfg.model.modality == "image" else load_tokenizer(str(run_dir / TOKENIZER_DIR))
+    return None if cfg.model.modality == "image" else load_run_tokenizer(run_dir)
+
+
+def load_run_tokenizer(run_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a run was prepared with."""
+    return load_tokenizer(str(RunLayout(run_dir).tokenizer))
 
 
 def is_synthetic(data: DictConfig) -> bool:

@@ -32,10 +32,8 @@ from fedvlm.errors import ConfigError, DataError
 from fedvlm.evaluation.cxr import CxrMetrics
 from fedvlm.evaluation.metrics import AUROC_BINS
 from fedvlm.models.contrastive import ContrastiveVLM
-from fedvlm.models.tokenizer import load_tokenizer
+from fedvlm.runs import RunLayout
 from fedvlm.tasks.base import (
-    DATA_DIR,
-    TOKENIZER_DIR,
     PreparedSites,
     import_class,
     is_synthetic,
@@ -50,7 +48,6 @@ from fedvlm.tasks.site import SiteData, SourceIndex
 if TYPE_CHECKING:
     from fedvlm.data.synthetic_cxr import PromptSet
 
-PROMPTS_FILE = "prompts.pt"
 CXR_FORMATS = ("synthetic", "manifest", "auto", "mimic_cxr", "chestxray14", "openi")
 
 
@@ -366,7 +363,7 @@ class CxrTask(PreparedSites):
         tokenizer = make_tokenizer(cfg, run_dir, public)
         if tokenizer is not None:
             tokens = tokenize_prompts(tokenizer, prompts, names, cfg.data.max_text_length)
-            save_bundle(tokens, run_dir / DATA_DIR / PROMPTS_FILE)
+            save_bundle(tokens, RunLayout(run_dir).prompts)
         meta = {"vocab_size": len(tokenizer) if tokenizer is not None else None, "label_names": list(names)}
         write_meta(run_dir, meta)
         return meta
@@ -387,7 +384,7 @@ class CxrTask(PreparedSites):
             image_size=cfg.data.image_size,
             vocab_size=meta["vocab_size"],
         )
-        prompts_path = run_dir / DATA_DIR / PROMPTS_FILE
+        prompts_path = RunLayout(run_dir).prompts
         if module.modality == "fused":
             prompts = load_bundle(prompts_path)
             module.set_prompts(prompts["input_ids"].long(), prompts["attention_mask"].long())
@@ -436,11 +433,6 @@ class CxrTask(PreparedSites):
         self, cfg: DictConfig, run_dir: Path, partition_id: int, server_round: int, site: SiteData
     ) -> list[L.Callback]:
         return []  # CXR explanations (Grad-CAM, grounding) run after training: `fedvlm explain`
-
-
-def load_run_tokenizer(run_dir: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer a run was prepared with."""
-    return load_tokenizer(str(run_dir / TOKENIZER_DIR))
 
 
 tasks.register("cxr")(CxrTask)

@@ -27,24 +27,23 @@ from fedvlm.errors import DataError
 from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
 from fedvlm.explain.callback import SHARED_PATIENTS, ShapCallback
 from fedvlm.models.leukemia import LeukemiaModule
-from fedvlm.models.tokenizer import load_tokenizer
+from fedvlm.runs import RunLayout
 from fedvlm.tasks.base import (
-    TOKENIZER_DIR,
     PreparedSites,
     import_class,
     is_synthetic,
     make_tokenizer,
     mean_of,
     read_meta,
+    run_tokenizer,
     synthetic_everywhere,
     tasks,
     write_meta,
 )
-from fedvlm.tasks.site import SiteData, SourceIndex, client_dir
+from fedvlm.tasks.site import SiteData, SourceIndex
 
 TRUTH_FILE = "truth.json"
 """Per-sample ground truth of the generator, in the site's own data folder (never the coordinator's)."""
-EXPLANATIONS_DIR = "explanations"
 
 
 def synthetic_config(cfg: DictConfig) -> Any:
@@ -246,7 +245,7 @@ class LeukemiaTask(PreparedSites):
                 run_dir,
                 site.val if bundle_size(site.val) else site.train,
                 explain.patients,
-                client_dir(run_dir, partition_id) / EXPLANATIONS_DIR,
+                RunLayout(run_dir).client_explanations(partition_id),
                 server_round,
                 site.directory,
             )
@@ -267,7 +266,7 @@ def make_shap_callback(
     configured by ``cfg.explain``."""
     explain = cfg.explain
     patients = subset(bundle, range(min(num_patients, bundle_size(bundle))))
-    tokenizer = load_tokenizer(str(run_dir / TOKENIZER_DIR)) if cfg.model.modality != "image" else None
+    tokenizer = run_tokenizer(cfg, run_dir)
     blast_points, signal_words = read_truth(site_dir / TRUTH_FILE, patients["index"].tolist(), cfg.data.image_size)
     callback = ShapCallback(
         output_dir,

@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedvlm.data.sites import SITE_KEYS, client_source
 from fedvlm.errors import ConfigError
+from fedvlm.runs import RunLayout
 from fedvlm.tasks.base import import_class, mean_of, tasks, write_meta
-from fedvlm.tasks.site import SPLITS, SiteData, site_data_dir
+from fedvlm.tasks.site import SPLITS, SiteData
 
 VALIDATION_PREFIXES = ("val/", "val_", "validation/", "validation_")
 """Prefixes a module's ``validation_step`` puts on what it logs; dropped, so that ``val/`` and
@@ -165,7 +166,7 @@ class LightningTask:
         counts.update(num_samples=sum(counts[s] for s in SPLITS), by_label={}, source_sites=[])
         if not counts["train"]:
             raise ConfigError(f"site {entry['name']}: {cfg.data.datamodule_class} has no training samples")
-        return SiteData(entry["name"], {}, counts, site_data_dir(run_dir, partition_id), datamodule=datamodule)
+        return SiteData(entry["name"], {}, counts, RunLayout(run_dir).client_data(partition_id), datamodule=datamodule)
 
     def datamodule(self, cfg: DictConfig, site: SiteData, seed: int) -> L.LightningDataModule:
         assert site.datamodule is not None

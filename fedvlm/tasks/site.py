@@ -38,23 +38,12 @@ from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, save_bundle
 from fedvlm.data.sites import ClientSource, client_source, read_site_entries, site_config
 from fedvlm.data.streaming import ImageCacheWriter, ImageSpec, SiteSplit, SplitImages, concat_tensors
 from fedvlm.errors import ConfigError, DataError
+from fedvlm.runs import RunLayout
 
 SPLITS = ("train", "val", "test")
-SITE_DATA_DIR = "data"
 COUNTS_FILE = "counts.json"
 IMAGES_FILE = "images.json"
 IMAGE_CACHE_SUFFIX = ".images"
-CLIENTS_DIR = "clients"
-
-
-def client_dir(run_dir: Path, partition_id: int) -> Path:
-    """A client's own folder in the run directory (its prepared data, explanations, privacy ledger)."""
-    return run_dir / CLIENTS_DIR / f"client_{partition_id:03d}"
-
-
-def site_data_dir(run_dir: Path, partition_id: int) -> Path:
-    """``RUN_DIR/clients/client_NNN/data``: the client's prepared splits and counts."""
-    return client_dir(run_dir, partition_id) / SITE_DATA_DIR
 
 
 @dataclass(frozen=True)
@@ -453,7 +442,7 @@ def ensure_site_data(
 ) -> SiteData:
     """Client ``partition_id``'s prepared splits: read from its folder when they match the run's
     config, else prepared now from its own source."""
-    directory = site_data_dir(run_dir, partition_id)
+    directory = RunLayout(run_dir).client_data(partition_id)
     pooled = cfg.federation.mode == "centralized" and cfg.data.sites is not None
     source = ClientSource("pooled", cfg) if pooled else client_source(cfg, partition_id, node_config)
     reusable = _reusable(directory, data_fingerprint(cfg, source))
@@ -492,11 +481,8 @@ def ensure_held_out(
 
 def site_data_folders(run_dir: Path) -> list[tuple[int, Path]]:
     """``(partition id, folder)`` of every client that prepared data under ``run_dir`` (simulation)."""
-    found = []
-    for folder in sorted((run_dir / CLIENTS_DIR).glob(f"client_*/{SITE_DATA_DIR}")):
-        if (folder / COUNTS_FILE).is_file():
-            found.append((int(folder.parent.name.removeprefix("client_")), folder))
-    return found
+    folders = RunLayout(run_dir).client_data_folders()
+    return [(pid, folder) for pid, folder in folders if (folder / COUNTS_FILE).is_file()]
 
 
 __all__ = [
@@ -504,12 +490,10 @@ __all__ = [
     "SiteData",
     "SiteRecords",
     "SourceIndex",
-    "client_dir",
     "client_rows",
     "ensure_held_out",
     "ensure_site_data",
     "load_site_data",
     "local_splits",
-    "site_data_dir",
     "site_data_folders",
 ]

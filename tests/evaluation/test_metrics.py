@@ -73,3 +73,19 @@ def test_empty_staging_reports_zero_instead_of_nan() -> None:
     metrics = LeukemiaMetrics(4)
     metrics.update(torch.tensor([0.1, 0.2]), torch.tensor([0, 0]), torch.full((2, 4), 0.25), torch.tensor([-1, -1]))
     assert metrics.compute_scalars()["stage_macro_f1"] == 0.0
+
+
+def test_merged_metrics_compute_quietly_and_see_merged_stages(recwarn: pytest.WarningsRecorder) -> None:
+    """The server's metrics hold only merged states (torchmetrics' merge_state counts no update):
+    staging still sees the merged staged samples, and compute does not warn about update."""
+    only_negatives = client_data(3, 0.0)
+    sites = [only_negatives, SITES[1]]
+    merged, direct = LeukemiaMetrics(4), LeukemiaMetrics(4)
+    for site in sites:
+        local = LeukemiaMetrics(4)
+        local.update(*site)
+        merge_states(merged, [export_state(local)])
+        direct.update(*site)
+    scalars = merged.compute_scalars()
+    assert scalars["stage_macro_f1"] > 0 and scalars == pytest.approx(direct.compute_scalars())
+    assert not [w for w in recwarn if "before the ``update``" in str(w.message)]

@@ -24,9 +24,10 @@ from flwr.serverapp import Grid
 import fedvlm
 from fedvlm.data.prepared import save_bundle
 from fedvlm.errors import ConfigError, FederationError
-from fedvlm.federation.app import SITE_FILE, export_site, prepare_run, run_dir_from_config, wait_for_nodes
+from fedvlm.federation.app import export_site, prepare_run, run_dir_from_config, wait_for_nodes
 from fedvlm.federation.certs import make_certificates
 from fedvlm.federation.secure import CLIPPED_FRACTION
+from fedvlm.runs import RunLayout
 from tests.tasks.test_sites import make_all_idb2
 
 REPO_ROOT = Path(fedvlm.__file__).resolve().parents[1]
@@ -59,9 +60,9 @@ def test_export_site_holds_the_run_config_and_no_data(tmp_path: Path) -> None:
     _fake_run(tmp_path / "run")
     site = export_site(tmp_path / "run", 1, tmp_path / "site1")
     files = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
-    assert files == ["config.yaml", "data/meta.json", "data/prompts.pt", SITE_FILE, "tokenizer/tokenizer.json"]
+    assert files == ["config.yaml", "data/meta.json", "data/prompts.pt", "site.json", "tokenizer/tokenizer.json"]
     assert json.loads((site / "data" / "meta.json").read_text()) == {"vocab_size": 9}
-    assert json.loads((site / SITE_FILE).read_text())["partition_id"] == 1
+    assert json.loads((RunLayout(site).site_file).read_text())["partition_id"] == 1
     with pytest.raises(ConfigError, match="partition id 3 is not a client"):
         export_site(tmp_path / "run", 3, tmp_path / "site3")
     with pytest.raises(ConfigError, match="not empty"):

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedvlm.config import CONFIG_FILE_NAME, load_config, save_config
+from fedvlm.config import load_config, save_config
 from fedvlm.data.prepared import bundle_size
 from fedvlm.errors import FederationError
 from fedvlm.evaluate import client_site
@@ -27,6 +27,7 @@ from fedvlm.federation.callback import travelling_keys
 from fedvlm.federation.central_dp import central_epsilon, clip_update, uniform_mean
 from fedvlm.federation.client import make_client_app
 from fedvlm.federation.server import FederatedServer, update_norm
+from fedvlm.runs import RunLayout
 from fedvlm.tasks import get_task
 from tests.conftest import CXR_TINY, TINY_OVERRIDES
 from tests.federation.conftest import InProcessGrid
@@ -38,7 +39,7 @@ def _federation(tmp_path: Path, recipe: str, *overrides: str) -> tuple[Federated
     cfg = load_config(recipe, [*RECIPES[recipe], "federation.rounds=1", *overrides])
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)
-    save_config(cfg, run_dir / CONFIG_FILE_NAME)
+    save_config(cfg, RunLayout(run_dir).config)
     task = get_task(cfg.task)
     task.prepare(cfg, run_dir)
     grid = InProcessGrid(
@@ -251,8 +252,8 @@ def test_server_momentum_survives_a_resume(tmp_path: Path) -> None:
     )
     with pytest.raises(FederationError, match="round 3"):
         broken.run(cast(Grid, grid))
-    cfg = load_config(broken.run_dir / CONFIG_FILE_NAME, ["federation.faults=[]"])
-    save_config(cfg, broken.run_dir / CONFIG_FILE_NAME)  # the ClientApps read the run's config ...
+    cfg = load_config(RunLayout(broken.run_dir).config, ["federation.faults=[]"])
+    save_config(cfg, RunLayout(broken.run_dir).config)  # the ClientApps read the run's config ...
     client_module._run_config.cache_clear()  # ... afresh, as new ClientApp processes would
     resumed = FederatedServer(cfg, broken.run_dir, get_task(cfg.task), resume=True)
     resumed.run(cast(Grid, grid))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedvlm.privacy import PrivacyBudgetExhausted, PrivacyLedger, PrivateTraining, compute_epsilon, ledger_path
+from fedvlm.privacy import PrivacyBudgetExhausted, PrivacyLedger, PrivateTraining, compute_epsilon
+from fedvlm.runs import RunLayout
 
 ROUNDS = [[(1.1, 0.25, 8)], [(1.1, 0.25, 8)], [(0.9, 0.2, 10)]]
 PRIVACY = {
@@ -42,7 +43,7 @@ def test_ledger_epsilon_equals_opacus_accountant(tmp_path: Path, mechanism: str,
 
 
 def test_ledger_survives_a_fresh_process(tmp_path: Path) -> None:
-    path = ledger_path(tmp_path, 2)
+    path = RunLayout(tmp_path).ledger(2)
     assert path == tmp_path / "clients" / "client_002" / "privacy" / "accountant.pt"
     ledger = PrivacyLedger(path)
     for r, history in enumerate(ROUNDS[:2], start=1):

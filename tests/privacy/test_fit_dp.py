@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fedvlm.cli import main
-from fedvlm.privacy import PrivacyLedger, compute_epsilon, ledger_path
-from fedvlm.runs import read_metrics
+from fedvlm.privacy import PrivacyLedger, compute_epsilon
+from fedvlm.runs import RunLayout, read_metrics
 
 DP = ["privacy.dp=true", "trainer.local_epochs=1", "federation.evaluate_clients=false"]
 
@@ -27,7 +27,7 @@ def test_epsilon_accumulates_over_rounds_and_the_budget_stops_the_run(
         # q = 1/⌈N/batch⌉ and one epoch of 1/q Poisson batches per round.
         batches = -(-client["num_examples"] // 16)
         assert epsilon_2 == pytest.approx(compute_epsilon("rdp", [(1.0, 1 / batches, 2 * batches)], 1e-5))
-        ledger = PrivacyLedger(ledger_path(straight, int(pid)))
+        ledger = PrivacyLedger(RunLayout(straight).ledger(int(pid)))
         assert [e.server_round for e in ledger.entries] == [1, 2] and ledger.entries[-1].epsilon == epsilon_2
     assert first["privacy/epsilon_max"] == max(c["privacy/epsilon"] for c in first["clients"].values())
 
@@ -56,7 +56,7 @@ def test_epsilon_accumulates_over_rounds_and_the_budget_stops_the_run(
     resumed = read_metrics(stopped)
     assert [row["round"] for row in resumed] == [1, 2]
     for pid, client in resumed[1]["clients"].items():
-        rounds = [e.server_round for e in PrivacyLedger(ledger_path(stopped, int(pid))).entries]
+        rounds = [e.server_round for e in PrivacyLedger(RunLayout(stopped).ledger(int(pid))).entries]
         if rounds == [1, 2]:  # refused in the stopped run: nothing of round 2 was spent then
             assert client["privacy/epsilon"] == pytest.approx(second["clients"][pid]["privacy/epsilon"])
         else:  # trained and answered round 2 before the stop: that release counts too
