@@ -25,8 +25,8 @@ from omegaconf import OmegaConf
 
 from fedvlm.config import load_config
 from fedvlm.federation.callback import set_frozen, travelling_keys
-from fedvlm.models.contrastive import ContrastiveVLM
 from fedvlm.runs import read_metrics
+from fedvlm.tasks.cxr.module import ContrastiveVLM
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "adapter_traffic.json"
 BERT_BASE = "{hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, intermediate_size: 3072}"

@@ -33,8 +33,8 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedvlm.config import load_config
-from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.privacy.dp import batch_shaped_ids
+from fedvlm.tasks.leukemia.module import LeukemiaModule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_cost.json"
 

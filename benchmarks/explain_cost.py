@@ -25,11 +25,12 @@ import torch
 from omegaconf import OmegaConf
 
 from fedvlm.config import load_config
-from fedvlm.data.prepared import prepare_bundle
-from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
-from fedvlm.explain import ExplainSettings, TokenVocabulary, explain_patients
-from fedvlm.models.leukemia import LeukemiaModule
+from fedvlm.explain.shapley import ExplainSettings, TokenVocabulary
 from fedvlm.models.tokenizer import build_word_tokenizer
+from fedvlm.tasks.leukemia.explain import explain_patients
+from fedvlm.tasks.leukemia.module import LeukemiaModule
+from fedvlm.tasks.leukemia.records import prepare_bundle
+from fedvlm.tasks.leukemia.synthetic import SynthLeukemiaConfig, generate_leukemia
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "explain_cost.json"
 BERT_BASE = "{hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, intermediate_size: 3072}"

@@ -24,8 +24,8 @@ from sklearn.metrics import confusion_matrix
 
 from fedvlm.config import load_config
 from fedvlm.data.prepared import make_loader
-from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia_with_truth
-from fedvlm.models.leukemia import LeukemiaModule
+from fedvlm.tasks.leukemia.module import LeukemiaModule
+from fedvlm.tasks.leukemia.synthetic import SynthLeukemiaConfig, generate_leukemia_with_truth
 from fedvlm.tasks.site import load_site_data, site_data_folders
 
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from PIL import Image
 
-from fedvlm.data.manifest import write_manifest
-from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
-from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
+from fedvlm.tasks.leukemia.manifest import write_manifest
+from fedvlm.tasks.leukemia.records import STAGE_NAMES, LeukemiaRecord
+from fedvlm.tasks.leukemia.synthetic import SynthLeukemiaConfig, generate_leukemia
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "multi_site.json"
 LAYOUTS = ("all_idb2", "all_idb1", "manifest")

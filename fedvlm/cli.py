@@ -120,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         if args.command == "fit":
-            from fedvlm.fit import fit
+            from fedvlm.commands.fit import fit
 
             if args.recipe is None and args.resume is None:
                 console.print("[red]error:[/] give --recipe NAME or --resume RUN_DIR")
                 return 2
             fit(args.recipe, list(args.overrides), out=args.out, resume=args.resume, console=console)
         elif args.command == "evaluate":
-            from fedvlm.evaluate import evaluate_run
+            from fedvlm.commands.evaluate import evaluate_run
 
             chosen = args.zero_shot or args.retrieval or args.few_shot is not None or args.leave_one_hospital_out
             evaluate_run(
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 console=console,
             )
         elif args.command == "explain":
-            from fedvlm.explain_run import explain_run
+            from fedvlm.commands.explain import explain_run
 
             explain_run(
                 args.run_dir,
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 client=args.client,
             )
         elif args.command == "deploy":
-            from fedvlm.federation.app import export_site, prepare_run
+            from fedvlm.commands.deploy import export_site, prepare_run
 
             if args.deploy_command == "prepare":
                 prepare_run(args.recipe, list(args.overrides), args.out)
@@ -173,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             for name, description in list_recipes().items():
                 console.print(f"[bold]{name:<20}[/] {description}", soft_wrap=True)
         elif args.command == "certs":
-            _certs(args, console)
+            from fedvlm.commands.deploy import certificates
+
+            certificates(args.out, args.hosts, args.supernodes, args.days, args.supernode_key, console)
         elif args.command == "data" and args.data_command == "synth":
-            _synth(args, console)
+            from fedvlm.commands.data import synth
+
+            synth(args.task, args.n, args.size, args.sites, args.seed, args.out, console)
     except FedVLMError as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True)  # one line, however long
         return 2
@@ -191,44 +195,6 @@ def _int_list(text: str) -> list[int]:
 
 def _name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _certs(args: argparse.Namespace, console: Console) -> None:
-    from fedvlm.federation.certs import DEFAULT_HOSTS, make_certificates, make_supernode_key
-
-    if args.supernode_key:
-        key = make_supernode_key(args.out, args.supernode_key)
-        console.print(
-            f"wrote {key.private_key} (keep it here) and {key.public_key} (send it to the coordinator)", soft_wrap=True
-        )
-        return
-    written = make_certificates(args.out, args.hosts or DEFAULT_HOSTS, args.supernodes, args.days)
-    console.print(
-        f"wrote {written.ca_cert} (give to every site), {written.server_cert} + {written.server_key} (SuperLink), "
-        f"{written.ca_key} (keep offline)",
-        soft_wrap=True,
-    )
-    for key in written.supernode_keys:
-        console.print(f"wrote {key.private_key} + {key.public_key} (SuperNode authentication)", soft_wrap=True)
-
-
-def _synth(args: argparse.Namespace, console: Console) -> None:
-    if args.task == "cxr":
-        from fedvlm.data.synthetic_cxr import SynthCxrConfig, generate_cxr, write_cxr_manifest
-
-        dataset = generate_cxr(SynthCxrConfig(n=args.n, image_size=args.size, num_sites=args.sites, seed=args.seed))
-        path = write_cxr_manifest(dataset, args.out)
-        console.print(f"wrote {len(dataset.records)} radiographs with reports to {path}")
-        return
-    from fedvlm.data.manifest import write_manifest
-    from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia
-
-    records = generate_leukemia(
-        SynthLeukemiaConfig(n=args.n, image_size=args.size, num_sites=args.sites, seed=args.seed)
-    )
-    path = write_manifest(records, args.out)
-    positives = sum(r.leukemia for r in records)
-    console.print(f"wrote {len(records)} cases ({positives} leukemia) to {path}")
 
 
 if __name__ == "__main__":

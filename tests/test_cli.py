@@ -11,12 +11,12 @@ import torch
 
 from fedvlm.cli import main
 from fedvlm.config import load_config
-from fedvlm.data.manifest import read_manifest
 from fedvlm.data.prepared import make_loader
-from fedvlm.evaluate import client_site
-from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.runs import load_checkpoint, read_metrics
 from fedvlm.tasks import get_task
+from fedvlm.tasks.leukemia.manifest import read_manifest
+from fedvlm.tasks.leukemia.module import LeukemiaModule
+from fedvlm.tasks.site import client_site
 
 REQUIRED_KEYS = {
     "round",

@@ -10,10 +10,10 @@ import torch
 
 from fedvlm.cli import main
 from fedvlm.config import load_config
-from fedvlm.evaluate import client_site
 from fedvlm.federation.callback import travelling_keys
 from fedvlm.runs import load_checkpoint, read_metrics
 from fedvlm.tasks import get_task
+from fedvlm.tasks.site import client_site
 from tests.conftest import CXR_TINY
 
 
@@ -138,8 +138,8 @@ def test_cxr_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_data_synth_writes_a_cxr_manifest_that_the_cxr_task_reads(tmp_path: Path) -> None:
-    from fedvlm.data.synthetic_cxr import SYNTH_CXR_LABELS
-    from fedvlm.tasks.cxr import load_dataset
+    from fedvlm.tasks.cxr.synthetic import SYNTH_CXR_LABELS
+    from fedvlm.tasks.cxr.task import load_dataset
 
     argv = [
         "data",

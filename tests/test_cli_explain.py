@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedvlm.cli import main
-from fedvlm.evaluate import client_site
 from fedvlm.runs import read_metrics
+from fedvlm.tasks.site import client_site
 
 EXPLAIN = ["explain.enabled=true", "explain.patients=2", "explain.max_evals=40"]
 

@@ -2,7 +2,7 @@
 
 Every loader hands image *paths* to the rest of the pipeline; this module is the one place that
 decodes them, so JPEG (ALL-IDB1), TIFF (ALL-IDB2), BMP (C-NMC 2019) and PNG (generated data,
-:func:`fedvlm.data.manifest.write_manifest`) all end up in the same form.
+:func:`fedvlm.tasks.leukemia.manifest.write_manifest`) all end up in the same form.
 """
 
 from __future__ import annotations

@@ -1,28 +1,20 @@
-"""Split one data pool into a global test set and then into client shards.
+"""Spread a data pool over clients with a named partitioner (:func:`partition`).
 
-A federated experiment first holds out a global test set (:func:`split_train_test`), then
-spreads the remaining samples over clients with a named partitioner (:func:`partition`).
-Everything works on plain arrays (labels, patient groups, sites), not on records, so the
-leukemia and chest X-ray tasks share it.
-
-Both steps are group-aware: all samples of one group (a patient) land on the same side of the
-split and on the same client. Stratification and label skew therefore work at group level, a
-group's label being the most frequent label of its samples (ties go to the smallest label).
+Everything works on plain arrays (labels, patient groups, sites), not on records, so every task
+shares it; the held-out test set is :func:`fedvlm.data.split.split_train_test`'s. All samples of
+one group (a patient) land on the same client, and label skew works at group level.
 
 Every partitioner has the same interface, so a recipe can name any of them::
 
-    partitioner(labels, num_clients, rng, *, groups=None, sites=None,
-                alpha=0.5, min_size=0, max_size=0) -> list[np.ndarray]
+    partitioner(labels, num_clients, rng, *, groups=None, sites=None, **options) -> list[np.ndarray]
 
-It returns, per client, a sorted array of sample indices; together the arrays cover every
-index exactly once. A partitioner ignores the keyword arguments it does not use.
+where ``options`` are the fields of the options dataclass it registered (``data.partition:
+{name: dirichlet, alpha: 0.3}``). It returns, per client, a sorted array of sample indices;
+together the arrays cover every index exactly once.
 
 Example:
     >>> labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     >>> patients = np.array(["p0", "p0", "p1", "p2", "p3", "p3", "p4", "p5"])
-    >>> train, test = split_train_test(labels, patients, test_fraction=0.25, seed=0)
-    >>> len(test), set(patients[train]) & set(patients[test])
-    (2, set())
     >>> shards = partition("iid", labels, num_clients=2, seed=0, groups=patients)
     >>> sorted(len(shard) for shard in shards)
     [4, 4]
@@ -31,13 +23,13 @@ Example:
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fedvlm.data.split import Groups, as_labels, as_names, group_samples
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.registry import Registry
 
@@ -47,81 +39,7 @@ MAX_DIRICHLET_DRAWS = 1000
 partitioners: Registry[list[np.ndarray]] = Registry("partitioner")
 
 
-@dataclass(frozen=True)
-class _Groups:
-    """Samples gathered into groups (patients).
-
-    Attributes:
-        sample_group: ``(n,)`` index into the group arrays of each sample's group.
-        label: ``(G,)`` each group's most frequent sample label.
-        size: ``(G,)`` number of samples in each group.
-        name: ``(G,)`` group names, sorted.
-    """
-
-    sample_group: np.ndarray
-    label: np.ndarray
-    size: np.ndarray
-    name: np.ndarray
-
-
-def _as_labels(labels: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Labels as a non-empty 1-D integer array.
-
-    Raises:
-        DataError: If the labels are empty, not 1-D or not integers.
-    """
-    label_array = np.asarray(labels)
-    if label_array.ndim != 1:
-        raise DataError(f"labels must be a 1-D array, got shape {label_array.shape}")
-    if label_array.size == 0:
-        raise DataError("labels are empty: there are no samples to split")
-    if label_array.dtype.kind not in "iu":
-        raise DataError(f"labels must be integers, got dtype {label_array.dtype}")
-    return label_array
-
-
-def _is_missing(value: object) -> bool:
-    # NaN is how pandas spells an empty CSV cell.
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _as_names(values: Sequence[Any] | np.ndarray, what: str, num_samples: int) -> np.ndarray:
-    """Per-sample names (patients, sites) as a 1-D ``str`` array.
-
-    Raises:
-        DataError: If there is not one value per sample or a value is missing.
-    """
-    value_array = np.asarray(values, dtype=object)
-    if value_array.ndim != 1 or len(value_array) != num_samples:
-        raise DataError(
-            f"{what} must hold one value per sample: got shape {value_array.shape} for {num_samples} labels"
-        )
-    missing = [index for index, value in enumerate(value_array) if _is_missing(value)]
-    if missing:
-        raise DataError(f"{what} is missing (None/NaN) for {len(missing)} sample(s), first at index {missing[0]}")
-    return value_array.astype(str)
-
-
-def _group_samples(labels: np.ndarray, groups: Sequence[Any] | np.ndarray | None) -> _Groups:
-    """Gather samples into groups; ``groups=None`` makes every sample its own group."""
-    num_samples = len(labels)
-    if groups is None:
-        group_names = np.arange(num_samples).astype(str)
-        sample_group = np.arange(num_samples)
-    else:
-        group_names, sample_group = np.unique(_as_names(groups, "groups", num_samples), return_inverse=True)
-    label_values, sample_label = np.unique(labels, return_inverse=True)
-    label_counts = np.zeros((len(group_names), len(label_values)), dtype=np.int64)
-    np.add.at(label_counts, (sample_group, sample_label), 1)
-    return _Groups(
-        sample_group=sample_group,
-        label=label_values[label_counts.argmax(axis=1)],
-        size=label_counts.sum(axis=1),
-        name=group_names,
-    )
-
-
-def _shards(groups: _Groups, client_of_group: np.ndarray, num_clients: int) -> list[np.ndarray]:
+def _shards(groups: Groups, client_of_group: np.ndarray, num_clients: int) -> list[np.ndarray]:
     """Per client, the sorted indices of the samples whose group it was given."""
     client_of_sample = client_of_group[groups.sample_group]
     return [np.flatnonzero(client_of_sample == client) for client in range(num_clients)]
@@ -139,89 +57,6 @@ def _fill_in_order(group_order: np.ndarray, group_size: np.ndarray, client_targe
     midpoints = np.cumsum(ordered_size) - ordered_size / 2
     cuts = np.cumsum(client_target)[:-1]
     return np.searchsorted(cuts, midpoints, side="right")
-
-
-def _choose_test_groups(stratum_size: np.ndarray, test_fraction: float) -> np.ndarray:
-    """Which groups of one (shuffled) stratum go to the test set.
-
-    Walks the groups in order and takes one whenever that brings the test count closer to
-    ``test_fraction`` of the stratum, which ends within half the largest group of the target.
-    A stratum of two or more groups always keeps at least one group on each side.
-    """
-    target = test_fraction * stratum_size.sum()
-    chosen = np.zeros(len(stratum_size), dtype=bool)
-    taken = 0
-    for position, size in enumerate(stratum_size.tolist()):
-        if taken >= target:
-            break
-        if abs(taken + size - target) < abs(taken - target):
-            chosen[position] = True
-            taken += size
-    if len(stratum_size) >= 2:
-        smallest = int(np.argmin(stratum_size))
-        if not chosen.any():
-            chosen[smallest] = True
-        elif chosen.all():
-            chosen[smallest] = False
-    return chosen
-
-
-def split_train_test(
-    labels: Sequence[int] | np.ndarray,
-    groups: Sequence[str] | np.ndarray,
-    test_fraction: float,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out a stratified, group-aware global test set.
-
-    Groups (patients) are stratified by their label (the most frequent label of their
-    samples). Within each stratum the groups are shuffled and taken into the test set while
-    that brings the stratum's test count closer to ``test_fraction`` of its samples, so each
-    stratum's test count ends within half its largest group of the target. A stratum with at
-    least two groups always has a group on each side; a stratum with a single group goes
-    wherever the rule above puts it (to train when ``test_fraction < 0.5``).
-
-    Args:
-        labels: Integer label of each sample.
-        groups: Group (patient) of each sample; a group never lands on both sides.
-        test_fraction: Share of samples to hold out, in ``(0, 1)``.
-        seed: Seed of the shuffle; the same seed gives the same split.
-
-    Returns:
-        Sorted sample indices ``(train, test)``.
-
-    Raises:
-        ConfigError: If ``test_fraction`` is not in ``(0, 1)``.
-        DataError: If labels are empty or not integers, ``groups`` does not hold one
-            non-missing value per sample, or one side would be empty (every label has a
-            single group).
-
-    Example:
-        >>> labels = [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
-        >>> patients = [f"p{index}" for index in range(10)]
-        >>> train, test = split_train_test(labels, patients, test_fraction=0.5, seed=0)
-        >>> len(train), len(test), int(np.sum(np.asarray(labels)[test]))
-        (5, 5, 2)
-    """
-    if not 0 < test_fraction < 1:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    label_array = _as_labels(labels)
-    table = _group_samples(label_array, groups)
-    rng = np.random.default_rng(seed)
-    group_in_test = np.zeros(len(table.size), dtype=bool)
-    for label in np.unique(table.label):
-        stratum = rng.permutation(np.flatnonzero(table.label == label))
-        group_in_test[stratum] = _choose_test_groups(table.size[stratum], test_fraction)
-    sample_in_test = group_in_test[table.sample_group]
-    train, test = np.flatnonzero(~sample_in_test), np.flatnonzero(sample_in_test)
-    if train.size == 0 or test.size == 0:
-        empty_side = "test" if test.size == 0 else "train"
-        raise DataError(
-            f"split_train_test: the {empty_side} set would be empty with "
-            f"test_fraction={test_fraction}: every label has a single group (patient) among "
-            f"{len(table.size)} group(s)"
-        )
-    return train, test
 
 
 @partitioners.register("iid")
@@ -242,7 +77,7 @@ def partition_iid(
     Raises:
         DataError: If there are fewer groups than clients.
     """
-    table = _group_samples(_as_labels(labels), groups)
+    table = group_samples(as_labels(labels), groups)
     num_groups = len(table.size)
     if num_groups < num_clients:
         raise DataError(f"iid partition: {num_groups} group(s) (patients) cannot fill {num_clients} clients")
@@ -289,7 +124,7 @@ def partition_dirichlet(
             ``min_size`` samples exceed the data.
         DataError: If no draw gives every client ``min_size`` samples.
     """
-    label_array = _as_labels(labels)
+    label_array = as_labels(labels)
     if not alpha > 0:
         raise ConfigError(f"dirichlet partition: alpha must be > 0, got {alpha}")
     if min_size < 0:
@@ -300,7 +135,7 @@ def partition_dirichlet(
             f"dirichlet partition: {num_clients} clients of at least {required_size} samples "
             f"need {num_clients * required_size} samples, but there are {len(label_array)}"
         )
-    table = _group_samples(label_array, groups)
+    table = group_samples(label_array, groups)
     concentration = np.full(num_clients, alpha)
     best_smallest_client = 0
     for _ in range(MAX_DIRICHLET_DRAWS):
@@ -369,7 +204,7 @@ def partition_quantity(
             ``num_clients * min_size <= n <= num_clients * max_size``.
         DataError: If groups are so large that a client receives none.
     """
-    label_array = _as_labels(labels)
+    label_array = as_labels(labels)
     num_samples = len(label_array)
     if not 1 <= min_size <= max_size:
         raise ConfigError(
@@ -382,7 +217,7 @@ def partition_quantity(
             f"{num_samples}"
         )
     client_size = _draw_client_sizes(num_samples, num_clients, min_size, max_size, rng)
-    table = _group_samples(label_array, groups)
+    table = group_samples(label_array, groups)
     group_order = rng.permutation(len(table.size))
     client_of_group = np.empty(len(table.size), dtype=np.int64)
     client_of_group[group_order] = _fill_in_order(group_order, table.size, client_size)
@@ -422,17 +257,17 @@ def partition_site(
             distinct sites.
         DataError: If a site is missing (None/NaN) or a group (patient) spans several sites.
     """
-    label_array = _as_labels(labels)
+    label_array = as_labels(labels)
     if sites is None:
         raise ConfigError("site partition needs `sites`, one site name per sample")
-    site_names, client_of_sample = np.unique(_as_names(sites, "sites", len(label_array)), return_inverse=True)
+    site_names, client_of_sample = np.unique(as_names(sites, "sites", len(label_array)), return_inverse=True)
     if len(site_names) != num_clients:
         raise ConfigError(
             f"site partition: num_clients={num_clients}, but the data has {len(site_names)} "
             f"site(s): {', '.join(site_names)}"
         )
     if groups is not None:
-        table = _group_samples(label_array, groups)
+        table = group_samples(label_array, groups)
         group_site_pairs = np.unique(np.stack([table.sample_group, client_of_sample]), axis=1)
         sites_per_group = np.bincount(group_site_pairs[0], minlength=len(table.size))
         if sites_per_group.max() > 1:
@@ -460,7 +295,7 @@ def partition_single(
     Raises:
         ConfigError: If ``num_clients`` is not 1.
     """
-    label_array = _as_labels(labels)
+    label_array = as_labels(labels)
     if num_clients != 1:
         raise ConfigError(f"single partition (centralized baseline) needs num_clients=1, got {num_clients}")
     return [np.arange(len(label_array))]
@@ -528,7 +363,7 @@ def partition(
         raise ConfigError(f"num_clients must be an integer, got {num_clients!r}")
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
-    label_array = _as_labels(labels)
+    label_array = as_labels(labels)
     given = {k: v for k, v in spec.items() if k != "name"}
     shards = partitioner(
         label_array, int(num_clients), np.random.default_rng(seed), groups=groups, sites=sites, **given
@@ -558,7 +393,7 @@ def summarize_partition(
         >>> summarize_partition([np.array([0, 1])], np.array([1, 1]), {0: "healthy", 1: "ALL"})
         [{'client': 0, 'num_samples': 2, 'by_label': {'healthy': 0, 'ALL': 2}}]
     """
-    label_array = _as_labels(labels)
+    label_array = as_labels(labels)
     unnamed = sorted(set(np.unique(label_array).tolist()) - set(label_names))
     if unnamed:
         raise DataError(f"labels {unnamed} have no name in label_names (named: {sorted(label_names)})")
@@ -586,7 +421,7 @@ def label_skew(partitions: list[np.ndarray], labels: np.ndarray) -> float:
         >>> label_skew([np.array([0, 1]), np.array([2, 3])], labels)
         0.5
     """
-    label_array = _as_labels(labels)
+    label_array = as_labels(labels)
     if not partitions:
         raise DataError("label_skew needs at least one client")
     _, label_code = np.unique(label_array, return_inverse=True)

@@ -15,8 +15,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from fedvlm.data.cxr_records import CxrRecord
-from fedvlm.data.records import LeukemiaRecord
 from fedvlm.data.streaming import ImageRows, ImageSpec, SiteSplit
 from fedvlm.errors import DataError
 
@@ -33,19 +31,6 @@ square) per training image, valid where orientation carries no meaning (blood sm
 X-rays)."""
 
 
-def leukemia_image_spec(image_size: int) -> ImageSpec:
-    """Blood smears: RGB at ``image_size``."""
-    return ImageSpec(3, image_size)
-
-
-def cxr_image_spec(image_size: int, equalize: bool = True) -> ImageSpec:
-    """Radiographs: grayscale at ``image_size``; with ``equalize`` histogram-equalised first:
-    exposure, window and gamma differ between scanners and hospitals, and BatchNorm statistics
-    averaged across sites by FedAvg fit none of them unless intensities are brought to one
-    distribution."""
-    return ImageSpec(1, image_size, equalize)
-
-
 def decode_images(spec: ImageSpec, images: Sequence[np.ndarray | Path | str]) -> torch.Tensor:
     """Every image of ``images`` decoded and shaped by ``spec``: ``uint8`` ``[N, C, S, S]``.
 
@@ -56,80 +41,6 @@ def decode_images(spec: ImageSpec, images: Sequence[np.ndarray | Path | str]) ->
     for row, image in enumerate(images):
         stacked[row] = spec.decode(image)
     return torch.from_numpy(stacked)
-
-
-def leukemia_tensors(
-    records: Sequence[LeukemiaRecord],
-    tokenizer: PreTrainedTokenizerBase | None,
-    max_text_length: int,
-    indices: Sequence[int] | None = None,
-) -> Bundle:
-    """The per-sample tensors of leukemia records, images aside: ``leukemia``, ``stage`` (−1
-    unknown), ``index`` and, with a tokenizer, ``input_ids``/``attention_mask``."""
-    bundle: Bundle = {
-        "leukemia": torch.tensor([r.leukemia for r in records], dtype=torch.long),
-        "stage": torch.tensor([-1 if r.stage is None else r.stage for r in records], dtype=torch.long),
-        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
-    }
-    if tokenizer is not None:
-        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
-    return bundle
-
-
-def cxr_tensors(
-    records: Sequence[CxrRecord],
-    tokenizer: PreTrainedTokenizerBase | None,
-    max_text_length: int,
-    indices: Sequence[int] | None = None,
-) -> Bundle:
-    """The per-sample tensors of chest X-ray records, images aside: ``labels`` ``[N,C]``
-    (``nan`` unknown), ``report_group`` (rows with identical report text share an id, for
-    retrieval), ``index`` and token tensors."""
-    groups: dict[str, int] = {}
-    bundle: Bundle = {
-        "labels": torch.tensor(np.array([r.labels for r in records], dtype=np.float32).reshape(len(records), -1)),
-        "report_group": torch.tensor([groups.setdefault(r.report, len(groups)) for r in records], dtype=torch.long),
-        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
-    }
-    if tokenizer is not None:
-        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
-    return bundle
-
-
-def prepare_bundle(
-    records: Sequence[LeukemiaRecord],
-    tokenizer: PreTrainedTokenizerBase | None,
-    image_size: int,
-    max_text_length: int,
-    indices: Sequence[int] | None = None,
-) -> Bundle:
-    """Leukemia records as an in-memory bundle: ``uint8`` images ``[N,3,S,S]`` and the tensors
-    of :func:`leukemia_tensors`. (A site's prepared splits stream their images instead:
-    :mod:`fedvlm.data.streaming`.)
-
-    Raises:
-        DataError: From image reading, naming the file at fault.
-    """
-    images = decode_images(leukemia_image_spec(image_size), [r.image for r in records])
-    return {"image": images, **leukemia_tensors(records, tokenizer, max_text_length, indices)}
-
-
-def prepare_cxr_bundle(
-    records: Sequence[CxrRecord],
-    tokenizer: PreTrainedTokenizerBase | None,
-    image_size: int,
-    max_text_length: int,
-    indices: Sequence[int] | None = None,
-    equalize: bool = True,
-) -> Bundle:
-    """Chest X-ray records as an in-memory bundle: one-channel ``uint8`` images ``[N,1,S,S]``
-    (:func:`cxr_image_spec`) and the tensors of :func:`cxr_tensors`.
-
-    Raises:
-        DataError: From image reading, naming the file at fault.
-    """
-    images = decode_images(cxr_image_spec(image_size, equalize), [r.image for r in records])
-    return {"image": images, **cxr_tensors(records, tokenizer, max_text_length, indices)}
 
 
 TOKENIZE_CHUNK = 1024

@@ -15,7 +15,7 @@ Rows are read with ``os.pread`` rather than a memory map: the pages a memory map
 the process's resident memory, which would then grow with the split's size after one epoch.
 
 :class:`ImageSpec` is the one place where a decoded image becomes a model-ready ``uint8`` array,
-for in-memory bundles (:func:`fedvlm.data.prepared.prepare_bundle`) and streamed splits alike.
+for in-memory bundles (:func:`fedvlm.tasks.leukemia.records.prepare_bundle`) and streamed splits alike.
 """
 
 from __future__ import annotations

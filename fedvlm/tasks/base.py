@@ -18,7 +18,7 @@ from fedvlm.errors import ConfigError
 from fedvlm.models.encoders import tokenizer_source
 from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
 from fedvlm.registry import Registry
-from fedvlm.runs import RunLayout
+from fedvlm.runs import RunLayout, load_checkpoint
 from fedvlm.tasks.site import SiteData, SiteRecords, ensure_held_out, ensure_site_data
 
 
@@ -269,3 +269,27 @@ def synthetic_everywhere(cfg: DictConfig) -> bool:
     if entries is None:
         return is_synthetic(cfg.data)
     return all(is_synthetic(site_config(cfg, entry).data) for entry in entries)
+
+
+CHECKPOINTS = ("last", "best")
+
+
+def load_trained_module(run_dir: Path, cfg: DictConfig, checkpoint: str = "last") -> L.LightningModule:
+    """The run's module with the weights of ``checkpoints/<checkpoint>.ckpt``.
+
+    Raises:
+        ConfigError: If the checkpoint is missing (the run never completed a round).
+    """
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"--checkpoint {checkpoint!r} is not one of: {', '.join(CHECKPOINTS)}")
+    path = RunLayout(run_dir).checkpoint(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the run has not completed a round")
+    from fedvlm.tasks import get_task
+
+    task = get_task(cfg.task)
+    L.seed_everything(int(cfg.seed), verbose=False)
+    module = task.build_module(cfg, run_dir)
+    module.load_state_dict(load_checkpoint(path)["state_dict"])
+    module.eval()
+    return module

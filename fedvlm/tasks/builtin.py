@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import fedvlm.tasks.cxr
-import fedvlm.tasks.leukemia
+import fedvlm.tasks.cxr.task
+import fedvlm.tasks.leukemia.task
 import fedvlm.tasks.lightning  # noqa: F401 - registers "leukemia", "cxr", "lightning"
 from fedvlm.tasks.base import tasks
 

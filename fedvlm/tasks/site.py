@@ -33,10 +33,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from fedvlm.data.partition import partition, split_train_test
+from fedvlm.data.partition import partition
 from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, save_bundle
 from fedvlm.data.sites import ClientSource, client_source, read_site_entries, site_config
-from fedvlm.data.streaming import ImageCacheWriter, ImageSpec, SiteSplit, SplitImages, concat_tensors
+from fedvlm.data.split import split_train_test
+from fedvlm.data.streaming import ImageCacheWriter, ImageSpec, SiteSplit, SplitImages, concat_splits, concat_tensors
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.runs import RunLayout
 
@@ -483,6 +484,29 @@ def site_data_folders(run_dir: Path) -> list[tuple[int, Path]]:
     """``(partition id, folder)`` of every client that prepared data under ``run_dir`` (simulation)."""
     folders = RunLayout(run_dir).client_data_folders()
     return [(pid, folder) for pid, folder in folders if (folder / COUNTS_FILE).is_file()]
+
+
+def client_site(run_dir: Path, partition_id: int) -> SiteData:
+    """Client ``partition_id``'s prepared splits (its folder in the run directory)."""
+    return load_site_data(RunLayout(run_dir).client_data(partition_id))
+
+
+def client_bundle(run_dir: Path, partition_id: int) -> SiteSplit:
+    """All of one client's data (local train + validation + test), images streamed."""
+    splits = client_site(run_dir, partition_id).splits
+    return concat_splits([splits[split] for split in ("train", "val", "test")])
+
+
+def run_sites(run_dir: Path) -> list[tuple[int, SiteData]]:
+    """``(partition id, prepared splits)`` of every client of the run, loaded one at a time.
+
+    Raises:
+        ConfigError: If no client has prepared data (the run never started).
+    """
+    folders = site_data_folders(run_dir)
+    if not folders:
+        raise ConfigError(f"{run_dir} has no prepared site data (clients/client_NNN/data): was the run started?")
+    return [(pid, load_site_data(folder)) for pid, folder in folders]
 
 
 __all__ = [

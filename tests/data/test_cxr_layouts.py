@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedvlm.data.cxr_layouts import (
+from fedvlm.errors import DataError
+from fedvlm.tasks.cxr.layouts import (
     SKIP_MIMIC_NO_REPORT,
     SKIP_MIMIC_NO_SECTIONS,
     SKIP_OPENI_NO_IMAGES,
@@ -23,15 +24,14 @@ from fedvlm.data.cxr_layouts import (
     detect_cxr_format,
     load_cxr,
 )
-from fedvlm.data.cxr_records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset, CxrRecord, LesionBox
-from fedvlm.data.cxr_reports import OPENI_LABELS
-from fedvlm.data.cxr_tables import (
+from fedvlm.tasks.cxr.records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset, CxrRecord, LesionBox
+from fedvlm.tasks.cxr.reports import OPENI_LABELS
+from fedvlm.tasks.cxr.tables import (
     parse_chexpert_value,
     read_chestxray14_boxes,
     read_chestxray14_entries,
     read_mimic_chexpert,
 )
-from fedvlm.errors import DataError
 
 NAN = math.nan
 

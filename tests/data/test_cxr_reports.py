@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedvlm.data.cxr_records import CHEXPERT_LABELS
-from fedvlm.data.cxr_reports import (
+from fedvlm.errors import DataError
+from fedvlm.tasks.cxr.records import CHEXPERT_LABELS
+from fedvlm.tasks.cxr.reports import (
     OPENI_LABELS,
     OPENI_MESH_RULES,
     compose_report,
@@ -23,7 +24,6 @@ from fedvlm.data.cxr_reports import (
     parse_openi_report,
     parse_report_sections,
 )
-from fedvlm.errors import DataError
 
 MIMIC_REPORT = "\n".join(  # real reports keep blank lines of one space and trailing spaces
     [

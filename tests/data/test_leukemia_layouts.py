@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedvlm.data.leukemia_layouts import (
+from fedvlm.errors import DataError
+from fedvlm.tasks.leukemia.layouts import (
     detect_format,
     leukemia_formats,
     load_leukemia,
     parse_all_idb_name,
     parse_cnmc_name,
 )
-from fedvlm.data.records import LeukemiaRecord
-from fedvlm.errors import DataError
+from fedvlm.tasks.leukemia.records import LeukemiaRecord
 
 VALID_FORMATS = "all_idb1, all_idb2, cnmc, manifest"
 

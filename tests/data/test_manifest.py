@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from fedvlm.data.images import read_image
-from fedvlm.data.manifest import read_manifest, write_manifest
-from fedvlm.data.records import LeukemiaRecord
 from fedvlm.errors import DataError
+from fedvlm.tasks.leukemia.manifest import read_manifest, write_manifest
+from fedvlm.tasks.leukemia.records import LeukemiaRecord
 
 COLUMNS = "image,report,leukemia,stage\n"
 HEADER = "image,report,leukemia,stage,site,patient\n"
@@ -241,7 +241,7 @@ def test_failed_manifest_write_keeps_the_previous_manifest(tmp_path: Path, monke
             if self.rows == 2:
                 raise OSError("disk full")
 
-    monkeypatch.setattr("fedvlm.data.manifest.csv.writer", FailingWriter)
+    monkeypatch.setattr("fedvlm.tasks.leukemia.manifest.csv.writer", FailingWriter)
     with pytest.raises(OSError, match="disk full"):
         write_manifest([LeukemiaRecord(_pixels(1), "second", 0, None, "P1")], tmp_path)
 

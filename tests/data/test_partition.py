@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 
 import fedvlm.data.partition as partition_module
-from fedvlm.data.partition import (
-    MAX_DIRICHLET_DRAWS,
-    label_skew,
-    partition,
-    partitioners,
-    split_train_test,
-    summarize_partition,
-)
+from fedvlm.data.partition import MAX_DIRICHLET_DRAWS, label_skew, partition, partitioners, summarize_partition
+from fedvlm.data.split import split_train_test
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.registry import Registry
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedvlm.data.prepared import BundleDataset, load_bundle, prepare_bundle, save_bundle, subset
-from fedvlm.data.records import LeukemiaRecord
+from fedvlm.data.prepared import BundleDataset, load_bundle, save_bundle, subset
 from fedvlm.errors import DataError
 from fedvlm.models.tokenizer import build_word_tokenizer
+from fedvlm.tasks.leukemia.records import LeukemiaRecord, prepare_bundle
 
 
 def records() -> list[LeukemiaRecord]:

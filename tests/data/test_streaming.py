@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 
 from fedvlm.config import load_config
-from fedvlm.data.prepared import make_loader, prepare_bundle, prepare_cxr_bundle
+from fedvlm.data.prepared import make_loader
 from fedvlm.data.streaming import ImageSpec, SiteSplit, SplitImages, concat_splits
 from fedvlm.errors import DataError
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import run_tokenizer
+from fedvlm.tasks.cxr.records import prepare_cxr_bundle
+from fedvlm.tasks.leukemia.records import prepare_bundle
 from fedvlm.tasks.site import SPLITS, SiteData, ensure_site_data
 
 LEUKEMIA = [
@@ -80,7 +82,8 @@ def test_streamed_leukemia_splits_yield_the_tensors_of_in_memory_bundles(tmp_pat
 
 
 def test_streamed_cxr_splits_yield_the_tensors_of_in_memory_bundles(tmp_path: Path) -> None:
-    from fedvlm.data.synthetic_cxr import SynthCxrConfig, generate_cxr, write_cxr_manifest
+    from fedvlm.tasks.cxr.manifest import write_cxr_manifest
+    from fedvlm.tasks.cxr.synthetic import SynthCxrConfig, generate_cxr
 
     manifest = write_cxr_manifest(
         generate_cxr(SynthCxrConfig(n=24, image_size=40, num_sites=1, seed=3)), tmp_path / "cxr"

@@ -13,26 +13,23 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from fedvlm.data import synthetic_cxr
-from fedvlm.data.cxr_records import CHEXPERT_LABELS, CxrDataset, CxrRecord
-from fedvlm.data.cxr_render import CxrStyle, FindingSpec, render_cxr, sample_anatomy
-from fedvlm.data.synthetic_cxr import (
-    NO_FINDING_PROMPTS,
+from fedvlm.data.generators import report_tokens
+from fedvlm.errors import ConfigError, DataError
+from fedvlm.models.tokenizer import build_word_tokenizer
+from fedvlm.tasks.cxr import synthetic as synthetic_cxr
+from fedvlm.tasks.cxr.manifest import read_cxr_manifest, write_cxr_manifest
+from fedvlm.tasks.cxr.records import CHEXPERT_LABELS, CxrDataset, CxrRecord
+from fedvlm.tasks.cxr.render import CxrStyle, FindingSpec, render_cxr, sample_anatomy
+from fedvlm.tasks.cxr.synthetic import (
     SYNTH_CXR_LABELS,
     CxrStudyTruth,
     SynthCxrConfig,
     cxr_label_index,
-    default_prompts,
     generate_cxr,
     generate_cxr_with_truth,
-    read_cxr_manifest,
-    report_vocabulary,
     site_prevalences,
-    write_cxr_manifest,
 )
-from fedvlm.data.synthetic_leukemia import report_tokens
-from fedvlm.errors import ConfigError, DataError
-from fedvlm.models.tokenizer import build_word_tokenizer
+from fedvlm.tasks.cxr.synthetic_reports import NO_FINDING_PROMPTS, default_prompts, report_vocabulary
 
 FINDINGS = ("Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax")
 PREVALENCE = {"Cardiomegaly": 0.2, "Consolidation": 0.15, "Edema": 0.12, "Pleural Effusion": 0.2, "Pneumothorax": 0.1}

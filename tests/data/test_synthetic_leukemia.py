@@ -8,18 +8,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedvlm.data import synthetic_leukemia
-from fedvlm.data.records import LeukemiaRecord
-from fedvlm.data.synthetic_leukemia import (
+from fedvlm.data.generators import report_tokens
+from fedvlm.errors import ConfigError
+from fedvlm.models.tokenizer import build_word_tokenizer
+from fedvlm.tasks.leukemia import synthetic as synthetic_leukemia
+from fedvlm.tasks.leukemia.records import LeukemiaRecord
+from fedvlm.tasks.leukemia.synthetic import (
     SynthLeukemiaConfig,
     generate_leukemia,
     generate_leukemia_with_truth,
     leukemia_label_index,
-    report_tokens,
     report_vocabulary,
 )
-from fedvlm.errors import ConfigError
-from fedvlm.models.tokenizer import build_word_tokenizer
 
 # The calibration as specified, written out here rather than imported from the module under test.
 BLAST_PERCENT_RANGE = {None: (0, 3), 0: (5, 19), 1: (20, 39), 2: (40, 59), 3: (60, 90)}

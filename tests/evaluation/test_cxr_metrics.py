@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from fedvlm.evaluation.cxr import CxrMetrics, linear_probe_auroc, retrieval_recall
 from fedvlm.evaluation.metrics import export_state, merge_states
+from fedvlm.tasks.cxr.metrics import CxrMetrics, linear_probe_auroc, retrieval_recall
 
 LABELS = ("a", "b", "c")
 

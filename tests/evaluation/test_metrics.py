@@ -2,7 +2,8 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from fedvlm.evaluation.metrics import LeukemiaMetrics, export_state, merge_states
+from fedvlm.evaluation.metrics import export_state, merge_states
+from fedvlm.tasks.leukemia.metrics import LeukemiaMetrics
 
 
 def client_data(seed: int, positive_rate: float, n: int = 80) -> tuple[torch.Tensor, ...]:

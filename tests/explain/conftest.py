@@ -12,12 +12,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fedvlm.config import load_config
-from fedvlm.data.prepared import Bundle, prepare_bundle
-from fedvlm.data.records import LeukemiaRecord
-from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig, generate_leukemia_with_truth, report_vocabulary
-from fedvlm.explain import TokenVocabulary
-from fedvlm.models.leukemia import LeukemiaModule
+from fedvlm.data.prepared import Bundle
+from fedvlm.explain.shapley import TokenVocabulary
 from fedvlm.models.tokenizer import build_word_tokenizer
+from fedvlm.tasks.leukemia.module import LeukemiaModule
+from fedvlm.tasks.leukemia.records import LeukemiaRecord, prepare_bundle
+from fedvlm.tasks.leukemia.synthetic import SynthLeukemiaConfig, generate_leukemia_with_truth, report_vocabulary
 
 TINY_IMAGE = 24
 """With vit_micro's 8-pixel patches: a 3x3 grid, 9 players (exact Shapley in 512 evaluations)."""

@@ -13,8 +13,7 @@ from PIL import Image
 
 from fedvlm.data.prepared import make_loader
 from fedvlm.errors import DataError
-from fedvlm.explain import ShapCallback, load_round, summarize
-from fedvlm.explain.callback import file_stem, previous_round
+from fedvlm.tasks.leukemia.shap import ShapCallback, file_stem, load_round, previous_round, summarize
 
 GENERATED_TO_TINY = 24 / 32
 

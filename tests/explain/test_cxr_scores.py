@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedvlm.data.cxr_records import CxrRecord, LesionBox
 from fedvlm.errors import ConfigError, DataError
-from fedvlm.explain.cxr_scores import (
+from fedvlm.tasks.cxr.explain import explain_cxr_run
+from fedvlm.tasks.cxr.records import CxrRecord, LesionBox
+from fedvlm.tasks.cxr.scores import (
     HeatmapThreshold,
     LocalizationScores,
     box_mask,
@@ -20,7 +21,6 @@ from fedvlm.explain.cxr_scores import (
     label_regions,
     pointing_score,
 )
-from fedvlm.explain_cxr import explain_cxr_run
 from tests.conftest import CXR_TINY
 
 RAMP = np.arange(16, dtype=np.float64).reshape(4, 4)

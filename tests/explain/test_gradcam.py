@@ -9,8 +9,9 @@ from torch import nn
 
 from fedvlm.config import load_config
 from fedvlm.errors import ConfigError
-from fedvlm.explain.gradcam import cxr_grad_cam, grad_cam, label_logits, target_layer
-from fedvlm.models.contrastive import ContrastiveVLM
+from fedvlm.explain.gradcam import grad_cam, target_layer
+from fedvlm.tasks.cxr.gradcam import cxr_grad_cam, label_logits
+from fedvlm.tasks.cxr.module import ContrastiveVLM
 
 IMAGE = 16
 LABELS = ("Cardiomegaly", "Pleural Effusion")

@@ -12,7 +12,8 @@ from torch import nn
 
 from fedvlm.config import load_config
 from fedvlm.errors import ConfigError
-from fedvlm.explain.grounding import (
+from fedvlm.models.tokenizer import build_word_tokenizer
+from fedvlm.tasks.cxr.grounding import (
     TextAlignmentScores,
     grounding_maps,
     phrase_embeddings,
@@ -20,8 +21,7 @@ from fedvlm.explain.grounding import (
     phrase_image_ranking,
     region_embeddings,
 )
-from fedvlm.models.contrastive import ContrastiveVLM
-from fedvlm.models.tokenizer import build_word_tokenizer
+from fedvlm.tasks.cxr.module import ContrastiveVLM
 
 GRID = (2, 3)
 IMAGE = (8, 12)

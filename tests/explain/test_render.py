@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from fedvlm.errors import DataError
-from fedvlm.explain import ModalityExplanation, PatientExplanation
-from fedvlm.explain.render import heatmap_overlay, highlight_words_html, index_html, patient_html, save_heatmap_png
+from fedvlm.explain.render import heatmap_overlay, highlight_words_html, save_heatmap_png
+from fedvlm.tasks.leukemia.explain import ModalityExplanation, PatientExplanation
+from fedvlm.tasks.leukemia.pages import index_html, patient_html
 
 
 def modality(

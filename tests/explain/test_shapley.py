@@ -10,15 +10,19 @@ import pytest
 import torch
 
 from fedvlm.errors import ConfigError, DataError
-from fedvlm.explain import ExplainSettings, TokenVocabulary, exact_shapley, explain_patients, fused_profile
 from fedvlm.explain.shapley import (
     EXACT_MAX_FEATURES,
+    ExplainSettings,
+    TokenVocabulary,
+    exact_shapley,
+    fused_profile,
     image_baseline,
     kernel_shapley,
     patch_grid,
     permutation_shapley,
     word_players,
 )
+from fedvlm.tasks.leukemia.explain import explain_patients
 
 
 def random_game(num_features: int, seed: int = 0):  # type: ignore[no-untyped-def]

@@ -22,9 +22,10 @@ import torch
 from flwr.serverapp import Grid
 
 import fedvlm
+from fedvlm.commands.deploy import export_site, prepare_run
 from fedvlm.data.prepared import save_bundle
 from fedvlm.errors import ConfigError, FederationError
-from fedvlm.federation.app import export_site, prepare_run, run_dir_from_config, wait_for_nodes
+from fedvlm.federation.app import run_dir_from_config, wait_for_nodes
 from fedvlm.federation.certs import make_certificates
 from fedvlm.federation.secure import CLIPPED_FRACTION
 from fedvlm.runs import RunLayout

@@ -30,8 +30,8 @@ from fedvlm.federation.byzantine import (
 from fedvlm.federation.robust import multikrum_select, pairwise_sq_distances
 from fedvlm.federation.strategies import FedAvg, MultiKrum, RobustStrategy, strategies
 from fedvlm.tasks import get_task
-from fedvlm.tasks.cxr import CxrTask
-from fedvlm.tasks.leukemia import LeukemiaTask
+from fedvlm.tasks.cxr.task import CxrTask
+from fedvlm.tasks.leukemia.task import LeukemiaTask
 
 ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
 NO_STATE = {"w": torch.zeros(2), "n": torch.tensor(0)}  # robust rules ignore the global state

@@ -20,7 +20,6 @@ from flwr.serverapp import Grid
 from fedvlm.config import load_config, save_config
 from fedvlm.data.prepared import bundle_size
 from fedvlm.errors import FederationError
-from fedvlm.evaluate import client_site
 from fedvlm.federation import client as client_module
 from fedvlm.federation import keys
 from fedvlm.federation.callback import travelling_keys
@@ -29,6 +28,7 @@ from fedvlm.federation.client import make_client_app
 from fedvlm.federation.server import FederatedServer, update_norm
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import get_task
+from fedvlm.tasks.site import client_site
 from tests.conftest import CXR_TINY, TINY_OVERRIDES
 from tests.federation.conftest import InProcessGrid
 

@@ -11,8 +11,8 @@ from fedvlm.config import load_config
 from fedvlm.errors import ConfigError
 from fedvlm.federation.callback import set_frozen, static_fingerprint, travelling_keys
 from fedvlm.models.adapters import LoRALinear, apply_lora, count_parameters
-from fedvlm.models.contrastive import ContrastiveVLM
-from fedvlm.models.leukemia import LeukemiaModule
+from fedvlm.tasks.cxr.module import ContrastiveVLM
+from fedvlm.tasks.leukemia.module import LeukemiaModule
 
 ENCODERS = ("image_encoder", "text_encoder")  # model.freeze_modules
 

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fedvlm.config import load_config
-from fedvlm.models.contrastive import MAX_LOGIT_SCALE, ContrastiveVLM, info_nce, masked_bce
+from fedvlm.tasks.cxr.module import MAX_LOGIT_SCALE, ContrastiveVLM, info_nce, masked_bce
 
 LABELS = ("Cardiomegaly", "Pleural Effusion")
 

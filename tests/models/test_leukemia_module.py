@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from fedvlm.config import load_config
 from fedvlm.errors import ConfigError
 from fedvlm.federation.callback import set_frozen
-from fedvlm.models.leukemia import LeukemiaModule
 from fedvlm.runs import load_checkpoint, save_checkpoint
+from fedvlm.tasks.leukemia.module import LeukemiaModule
 
 ENCODERS = ("image_encoder", "text_encoder")  # model.freeze_modules
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-import fedvlm.tasks.cxr as cxr_task
+import fedvlm.tasks.cxr.task as cxr_task
 from fedvlm.config import load_config
-from fedvlm.data.cxr_records import CxrDataset
 from fedvlm.data.sites import client_source
-from fedvlm.data.synthetic_cxr import SynthCxrConfig, generate_cxr
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.tasks import get_task
+from fedvlm.tasks.cxr.records import CxrDataset
+from fedvlm.tasks.cxr.synthetic import SynthCxrConfig, generate_cxr
 from fedvlm.tasks.site import client_rows, partition_spec
 
 

@@ -15,7 +15,7 @@ from fedvlm.data.images import write_image
 from fedvlm.errors import DataError
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import read_meta, run_tokenizer
-from fedvlm.tasks.leukemia import load_records
+from fedvlm.tasks.leukemia.task import load_records
 from fedvlm.tasks.site import SiteData, ensure_site_data
 
 
@@ -50,9 +50,9 @@ def test_clients_prepare_disjoint_splits_covering_the_data(tmp_path: Path, tiny_
 
 
 def test_a_client_renders_exactly_the_generator_rows_it_holds(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    from fedvlm.data.prepared import prepare_bundle
-    from fedvlm.data.synthetic_leukemia import generate_leukemia
-    from fedvlm.tasks.leukemia import synthetic_config
+    from fedvlm.tasks.leukemia.records import prepare_bundle
+    from fedvlm.tasks.leukemia.synthetic import generate_leukemia
+    from fedvlm.tasks.leukemia.task import synthetic_config
 
     _run_dir, sites = prepare(tmp_path, tiny_overrides)
     cfg = load_config("leukemia_demo", tiny_overrides)

@@ -169,7 +169,7 @@ def test_the_tokenizer_is_fixed_and_never_built_from_the_reports(three_sites: Pa
     assert meta["vocab_size"] == 30522  # the shipped BERT-base uncased WordPiece vocabulary
     synthetic = tmp_path / "synthetic"
     synthetic.mkdir()
-    from fedvlm.data.synthetic_leukemia import report_vocabulary
+    from fedvlm.tasks.leukemia.synthetic import report_vocabulary
 
     demo = load_config("leukemia_demo", SITE_OVERRIDES)
     assert get_task("leukemia").prepare(demo, synthetic)["vocab_size"] == len(report_vocabulary()) + 5
@@ -225,9 +225,9 @@ def test_a_three_site_federation_trains_and_scores_on_the_union_of_the_sites_tes
     three_sites: Path, tmp_path: Path
 ) -> None:
     from fedvlm.cli import main
-    from fedvlm.evaluate import client_site
-    from fedvlm.models.leukemia import LeukemiaModule
     from fedvlm.runs import read_metrics
+    from fedvlm.tasks.leukemia.module import LeukemiaModule
+    from fedvlm.tasks.site import client_site
 
     run_dir = tmp_path / "run"
     overrides = [*SITE_OVERRIDES, f"data.sites={three_sites}", "federation.rounds=1"]
@@ -256,9 +256,9 @@ def test_a_three_site_federation_trains_and_scores_on_the_union_of_the_sites_tes
 
 def test_a_public_test_set_the_coordinator_holds_is_scored_exactly_each_round(tmp_path: Path) -> None:
     from fedvlm.cli import main
-    from fedvlm.data.prepared import prepare_bundle
-    from fedvlm.models.leukemia import LeukemiaModule
     from fedvlm.runs import read_metrics
+    from fedvlm.tasks.leukemia.module import LeukemiaModule
+    from fedvlm.tasks.leukemia.records import prepare_bundle
 
     public = make_manifest(tmp_path / "public", 12)  # e.g. a published set; no site's data
     run_dir = tmp_path / "run"

@@ -7,11 +7,16 @@ see records, so a new source is added by writing one loader.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
 
+from fedvlm.data.prepared import Bundle, decode_images, tokenize
+from fedvlm.data.streaming import ImageSpec
 from fedvlm.errors import DataError
 
 NUM_STAGES_DEFAULT = 4
@@ -92,3 +97,44 @@ def parse_stage(value: object, num_stages: int, where: str) -> int | None:
     if not 0 <= index < num_stages:
         raise DataError(f"{where}: stage {text!r} is out of range 1..{num_stages}")
     return index
+
+
+def leukemia_image_spec(image_size: int) -> ImageSpec:
+    """Blood smears: RGB at ``image_size``."""
+    return ImageSpec(3, image_size)
+
+
+def leukemia_tensors(
+    records: Sequence[LeukemiaRecord],
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_text_length: int,
+    indices: Sequence[int] | None = None,
+) -> Bundle:
+    """The per-sample tensors of leukemia records, images aside: ``leukemia``, ``stage`` (−1
+    unknown), ``index`` and, with a tokenizer, ``input_ids``/``attention_mask``."""
+    bundle: Bundle = {
+        "leukemia": torch.tensor([r.leukemia for r in records], dtype=torch.long),
+        "stage": torch.tensor([-1 if r.stage is None else r.stage for r in records], dtype=torch.long),
+        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
+    }
+    if tokenizer is not None:
+        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
+    return bundle
+
+
+def prepare_bundle(
+    records: Sequence[LeukemiaRecord],
+    tokenizer: PreTrainedTokenizerBase | None,
+    image_size: int,
+    max_text_length: int,
+    indices: Sequence[int] | None = None,
+) -> Bundle:
+    """Leukemia records as an in-memory bundle: ``uint8`` images ``[N,3,S,S]`` and the tensors
+    of :func:`leukemia_tensors`. (A site's prepared splits stream their images instead:
+    :mod:`fedvlm.data.streaming`.)
+
+    Raises:
+        DataError: From image reading, naming the file at fault.
+    """
+    images = decode_images(leukemia_image_spec(image_size), [r.image for r in records])
+    return {"image": images, **leukemia_tensors(records, tokenizer, max_text_length, indices)}

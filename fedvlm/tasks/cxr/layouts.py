@@ -13,7 +13,7 @@
 =============== ==========================================================================
 
 Records come back one per image, sorted by image path. What a loader leaves out is counted in
-:attr:`~fedvlm.data.cxr_records.CxrDataset.skipped` under a reason naming what was dropped;
+:attr:`~fedvlm.tasks.cxr.records.CxrDataset.skipped` under a reason naming what was dropped;
 anything else that does not fit raises :class:`~fedvlm.errors.DataError`:
 
 * **MIMIC-CXR** needs reports: ``reports`` is the ``mimic-cxr-reports`` folder; without it the
@@ -28,7 +28,7 @@ anything else that does not fit raises :class:`~fedvlm.errors.DataError`:
   the first missing file and the count); an unknown finding name is an error naming the row.
 * **OpenI**: a report listing no image, or with neither FINDINGS nor IMPRESSION, is a counted
   skip of the report; an image id whose file is missing is an error, and finding no image at
-  all is an error pointing to :func:`~fedvlm.data.cxr_reports.load_openi_reports`.
+  all is an error pointing to :func:`~fedvlm.tasks.cxr.reports.load_openi_reports`.
 """
 
 from __future__ import annotations
@@ -39,23 +39,23 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from fedvlm.data.cxr_records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset, CxrRecord, LesionBox
-from fedvlm.data.cxr_reports import (
+from fedvlm.errors import DataError
+from fedvlm.registry import Registry
+from fedvlm.tasks.cxr.records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset, CxrRecord, LesionBox
+from fedvlm.tasks.cxr.reports import (
     OPENI_LABELS,
     compose_report,
     findings_and_impression,
     load_openi_reports,
     openi_labels,
 )
-from fedvlm.data.cxr_tables import (
+from fedvlm.tasks.cxr.tables import (
     UNCERTAIN_POLICIES,
     read_chestxray14_boxes,
     read_chestxray14_entries,
     read_mimic_chexpert,
     rows_by_key,
 )
-from fedvlm.errors import DataError
-from fedvlm.registry import Registry
 
 #: Layout name → loader ``(root, reports, uncertain) -> CxrDataset``.
 cxr_formats: Registry[CxrDataset] = Registry("data.format")
@@ -238,7 +238,7 @@ def load_openi(root: Path, reports: Path | None, uncertain: str) -> CxrDataset:
 
     Returns:
         Records whose labels follow ``OPENI_LABELS`` (see
-        :func:`~fedvlm.data.cxr_reports.openi_labels`); ``patient`` and ``study`` are the
+        :func:`~fedvlm.tasks.cxr.reports.openi_labels`); ``patient`` and ``study`` are the
         report's ``uId`` (``CXR1``), ``source`` the report file name.
 
     Raises:
@@ -250,7 +250,7 @@ def load_openi(root: Path, reports: Path | None, uncertain: str) -> CxrDataset:
     if not image_paths:
         raise DataError(
             f"no OpenI images (CXR<n>_..._IM-....png) under {root}; to read the reports alone use "
-            "fedvlm.data.cxr_reports.load_openi_reports"
+            "fedvlm.tasks.cxr.reports.load_openi_reports"
         )
     wanted = [(report, image_id) for report in open_reports for image_id in report.image_ids]
     missing = [(report, image_id) for report, image_id in wanted if image_id not in image_paths]

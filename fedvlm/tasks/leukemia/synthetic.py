@@ -30,7 +30,7 @@ alone (0.75 decided + 0.25 at the prior 0.55), about 0.88 from the report alone 
 (positives): ≈0.76 image-only (II/III tie at 5 blasts), ≈0.77 report-only, ≈0.92 fused.
 
 Sites differ by feature shift: stain colours, magnification, blur and noise of the images
-(:mod:`fedvlm.data.smear_render`), and the wording and order of the report template.
+(:mod:`fedvlm.tasks.leukemia.smear_render`), and the wording and order of the report template.
 
 Patient ``i`` has its own random stream, so a federated client can learn every record's label,
 patient and site without rendering (:func:`leukemia_label_index`), partition them, and then
@@ -44,16 +44,16 @@ Example:
 
 from __future__ import annotations
 
-import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedvlm.data.records import LeukemiaRecord
-from fedvlm.data.smear_render import SmearContents, render_smear, site_styles
+from fedvlm.data.generators import checked_indices, report_tokens
 from fedvlm.errors import ConfigError
+from fedvlm.tasks.leukemia.records import LeukemiaRecord
+from fedvlm.tasks.leukemia.smear_render import SmearContents, render_smear, site_styles
 
 NEGATIVE_BLAST_PERCENT = (0, 3)
 BLAST_PERCENT_BY_STAGE = ((5, 19), (20, 39), (40, 59), (60, 90))
@@ -206,18 +206,6 @@ P_IMPRESSION = 0.8
 IMPRESSION_POSITIVE = "Impression: acute leukemia, stage {stage}."
 IMPRESSION_NEGATIVE = "Impression: no evidence of leukemia."
 STAGE_WORDS = ("I", "II", "III", "IV")
-_TOKEN_PATTERN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
-
-
-def report_tokens(text: str) -> list[str]:
-    """Lower-case ``text`` and split it on whitespace and punctuation (each punctuation mark
-    is a token), as a BERT pre-tokenizer does on ASCII text.
-
-    Example:
-        >>> report_tokens("Blasts 45%; WBC 12.3 x10^9/L.")
-        ['blasts', '45', '%', ';', 'wbc', '12', '.', '3', 'x10', '^', '9', '/', 'l', '.']
-    """
-    return _TOKEN_PATTERN.findall(text.lower())
 
 
 def report_vocabulary() -> list[str]:
@@ -365,21 +353,6 @@ def _write_report(rng: np.random.Generator, patient: _Patient, site_index: int) 
             signal_words = (*signal_words, "stage", stage_word.lower())
     report = " ".join(sections[name] for name in template.sections if name in sections)
     return f"{report} {impression}".strip(), signal_words
-
-
-def checked_indices(indices: Sequence[int] | None, n: int, what: str) -> list[int]:
-    """``indices`` as plain ints (``0..n-1`` when ``None``), each checked against ``n``.
-
-    Raises:
-        IndexError: Naming the first out-of-range ``what`` indices.
-    """
-    if indices is None:
-        return list(range(n))
-    chosen = [int(index) for index in indices]
-    out_of_range = [index for index in chosen if not 0 <= index < n]
-    if out_of_range:
-        raise IndexError(f"{what} indices {out_of_range[:5]} out of range for n={n}")
-    return chosen
 
 
 def generate_leukemia_with_truth(

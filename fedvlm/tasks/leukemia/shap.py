@@ -1,7 +1,7 @@
 """``ShapCallback``: explain a fixed set of patients after every local round, on the site.
 
 At the end of local training the callback explains its patients with the module's current
-weights (:func:`~fedvlm.explain.shapley.explain_patients`), writes ``output_dir/round_NNN/``
+weights (:func:`~fedvlm.tasks.leukemia.explain.explain_patients`), writes ``output_dir/round_NNN/``
 (per-patient JSON, heatmap PNGs and HTML pages, ``index.html``, ``summary.json``) and keeps a
 dict of aggregate quality metrics. Only aggregates may leave the site: per-patient
 attributions describe one patient's image and report, so they stay in ``output_dir``.
@@ -25,14 +25,10 @@ from typing_extensions import override
 from fedvlm.data.prepared import Bundle, bundle_size
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.explain import quality
-from fedvlm.explain.render import index_html, patient_html, save_heatmap_png
-from fedvlm.explain.shapley import (
-    HEADS,
-    ExplainSettings,
-    PatientExplanation,
-    TokenVocabulary,
-    explain_patients,
-)
+from fedvlm.explain.render import save_heatmap_png
+from fedvlm.explain.shapley import ExplainSettings, TokenVocabulary
+from fedvlm.tasks.leukemia.explain import HEADS, PatientExplanation, explain_patients
+from fedvlm.tasks.leukemia.pages import index_html, patient_html
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedvlm.data.cxr_records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, LesionBox
 from fedvlm.errors import DataError
+from fedvlm.tasks.cxr.records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, LesionBox
 
 #: Uncertain-label (``-1.0``) policies: ``ignore`` → ``nan``, ``zeros`` → 0, ``ones`` → 1.
 UNCERTAIN_POLICIES = {"ignore": math.nan, "zeros": 0.0, "ones": 1.0}
@@ -51,7 +51,7 @@ class ChestXray14Entry:
 
     Attributes:
         image_name: ``Image Index`` (``"00000001_000.png"``).
-        labels: One 0/1 float per :data:`~fedvlm.data.cxr_records.CHESTXRAY14_LABELS` entry.
+        labels: One 0/1 float per :data:`~fedvlm.tasks.cxr.records.CHESTXRAY14_LABELS` entry.
         patient: ``Patient ID``.
         view: ``View Position`` (``PA``/``AP``), ``None`` when blank.
         source: ``"Data_Entry_2017.csv:<line>"``.
@@ -144,7 +144,7 @@ def parse_chestxray14_findings(text: str, where: str) -> tuple[float, ...]:
     """Parse a ``Finding Labels`` cell (``"Cardiomegaly|Effusion"``, ``"No Finding"``).
 
     Returns:
-        One 0/1 float per :data:`~fedvlm.data.cxr_records.CHESTXRAY14_LABELS` entry.
+        One 0/1 float per :data:`~fedvlm.tasks.cxr.records.CHESTXRAY14_LABELS` entry.
 
     Raises:
         DataError: Naming ``where`` and the unknown name, listing the valid names.
@@ -241,7 +241,7 @@ def read_mimic_chexpert(path: Path, uncertain: str) -> dict[str, tuple[float, ..
         uncertain: A policy in :data:`UNCERTAIN_POLICIES` for ``-1.0``.
 
     Returns:
-        One float per :data:`~fedvlm.data.cxr_records.CHEXPERT_LABELS` entry for each study.
+        One float per :data:`~fedvlm.tasks.cxr.records.CHEXPERT_LABELS` entry for each study.
 
     Raises:
         DataError: For an unknown policy, naming ``file:line`` and the column for a bad value,

@@ -1,7 +1,7 @@
 """``fedvlm explain RUN_DIR``: explanations of a trained run, the same outputs as during training.
 
 Leukemia runs get per-patient SHAP (both heads, image patches and report words) written like
-the per-round :class:`~fedvlm.explain.callback.ShapCallback` output; chest X-ray runs get
+the per-round :class:`~fedvlm.tasks.leukemia.shap.ShapCallback` output; chest X-ray runs get
 Grad-CAM heatmaps, token↔region grounding and their interpretability scores.
 """
 
@@ -17,8 +17,8 @@ from rich.console import Console
 from fedvlm.config import load_config
 from fedvlm.data.prepared import bundle_size, subset
 from fedvlm.errors import ConfigError, DataError
-from fedvlm.evaluate import load_trained_module
 from fedvlm.runs import RunLayout, read_metrics
+from fedvlm.tasks.base import load_trained_module
 
 
 def explain_run(
@@ -60,7 +60,7 @@ def explain_run(
     cfg = load_config(RunLayout(run_dir).config, list(overrides))
     out_dir = out or RunLayout(run_dir).explanations
     if cfg.task == "cxr":
-        from fedvlm.explain_cxr import explain_cxr_run
+        from fedvlm.tasks.cxr.explain import explain_cxr_run
 
         if patients:
             raise ConfigError("--patients selects leukemia patients; for a CXR run use --num-patients")
@@ -68,8 +68,8 @@ def explain_run(
         console.print(scores)
         return scores
 
-    from fedvlm.evaluate import client_site
-    from fedvlm.tasks.leukemia import make_shap_callback
+    from fedvlm.tasks.leukemia.task import make_shap_callback
+    from fedvlm.tasks.site import client_site
 
     module = load_trained_module(run_dir, cfg, checkpoint)
     site = client_site(run_dir, client)

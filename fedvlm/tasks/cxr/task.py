@@ -18,20 +18,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from fedvlm.data.cxr_records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset
-from fedvlm.data.prepared import (
-    Bundle,
-    cxr_image_spec,
-    cxr_tensors,
-    load_bundle,
-    save_bundle,
-    tokenize,
-)
+from fedvlm.data.prepared import Bundle, load_bundle, save_bundle, tokenize
 from fedvlm.data.sites import read_site_entries, site_config
 from fedvlm.errors import ConfigError, DataError
-from fedvlm.evaluation.cxr import CxrMetrics
 from fedvlm.evaluation.metrics import AUROC_BINS
-from fedvlm.models.contrastive import ContrastiveVLM
 from fedvlm.runs import RunLayout
 from fedvlm.tasks.base import (
     PreparedSites,
@@ -43,10 +33,13 @@ from fedvlm.tasks.base import (
     tasks,
     write_meta,
 )
+from fedvlm.tasks.cxr.metrics import CxrMetrics
+from fedvlm.tasks.cxr.module import ContrastiveVLM
+from fedvlm.tasks.cxr.records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset, cxr_image_spec, cxr_tensors
 from fedvlm.tasks.site import SiteData, SourceIndex
 
 if TYPE_CHECKING:
-    from fedvlm.data.synthetic_cxr import PromptSet
+    from fedvlm.tasks.cxr.synthetic_reports import PromptSet
 
 CXR_FORMATS = ("synthetic", "manifest", "auto", "mimic_cxr", "chestxray14", "openi")
 
@@ -76,11 +69,11 @@ def source_label_names(cfg: DictConfig) -> tuple[str, ...]:
     if fmt not in CXR_FORMATS:
         raise ConfigError(f"data.format={fmt!r} is not a chest X-ray source; one of: {', '.join(CXR_FORMATS)}")
     if is_synthetic(cfg.data):
-        from fedvlm.data.synthetic_cxr import SYNTH_CXR_LABELS
+        from fedvlm.tasks.cxr.synthetic import SYNTH_CXR_LABELS
 
         return tuple(SYNTH_CXR_LABELS)
     if fmt == "auto" and cfg.data.root is not None and not str(cfg.data.root).endswith(".csv"):
-        from fedvlm.data.cxr_layouts import detect_cxr_format
+        from fedvlm.tasks.cxr.layouts import detect_cxr_format
 
         fmt = detect_cxr_format(Path(cfg.data.root).expanduser())
     if fmt == "mimic_cxr":
@@ -88,7 +81,7 @@ def source_label_names(cfg: DictConfig) -> tuple[str, ...]:
     if fmt == "chestxray14":
         return CHESTXRAY14_LABELS
     if fmt == "openi":
-        from fedvlm.data.cxr_layouts import OPENI_LABELS
+        from fedvlm.tasks.cxr.layouts import OPENI_LABELS
 
         return tuple(OPENI_LABELS)
     return manifest_label_names(cfg)
@@ -102,7 +95,7 @@ def manifest_label_names(cfg: DictConfig) -> tuple[str, ...]:
     """
     import csv
 
-    from fedvlm.data.synthetic_cxr import CXR_MANIFEST_COLUMNS
+    from fedvlm.tasks.cxr.manifest import CXR_MANIFEST_COLUMNS
 
     if cfg.data.root is None:
         raise DataError(f"data.format={cfg.data.format} needs data.root=<folder or manifest>")
@@ -134,7 +127,7 @@ def label_names(cfg: DictConfig) -> tuple[str, ...]:
 
 def synthetic_cxr_config(cfg: DictConfig) -> Any:
     """The generator's config for ``cfg.data`` (``format=synthetic`` without a root)."""
-    from fedvlm.data.synthetic_cxr import SynthCxrConfig
+    from fedvlm.tasks.cxr.synthetic import SynthCxrConfig
 
     data = cfg.data
     shift = data.synthetic_cxr
@@ -156,19 +149,19 @@ def load_dataset_unselected(cfg: DictConfig) -> CxrDataset:
     if data.format not in CXR_FORMATS:
         raise ConfigError(f"data.format={data.format!r} is not a chest X-ray source; one of: {', '.join(CXR_FORMATS)}")
     if is_synthetic(data):
-        from fedvlm.data.synthetic_cxr import generate_cxr
+        from fedvlm.tasks.cxr.synthetic import generate_cxr
 
         return generate_cxr(synthetic_cxr_config(cfg))
     if data.root is None:
         raise DataError(f"data.format={data.format} needs data.root=<folder or manifest>")
     root = Path(data.root).expanduser()
     if data.format == "manifest" or (data.format in ("synthetic", "auto") and root.suffix == ".csv"):
-        from fedvlm.data.synthetic_cxr import read_cxr_manifest
+        from fedvlm.tasks.cxr.manifest import read_cxr_manifest
 
         if data.reports:
             raise ConfigError("data.reports is not used with a CXR manifest (its `report` column holds the text)")
         return read_cxr_manifest(root)
-    from fedvlm.data.cxr_layouts import load_cxr
+    from fedvlm.tasks.cxr.layouts import load_cxr
 
     fmt = "auto" if data.format == "synthetic" else data.format
     return load_cxr(fmt, root, Path(data.reports).expanduser() if data.reports else None, uncertain=data.uncertain)
@@ -214,7 +207,7 @@ def _with_labels(record: Any, labels: tuple[float, ...]) -> Any:
 def default_prompts(names: Sequence[str]) -> dict[str, PromptSet]:
     """Prompts per label: the generator's wording where it has one, else ``"There is <label>."`` /
     ``"No <label>."``."""
-    from fedvlm.data.synthetic_cxr import default_prompts as synthetic_prompts
+    from fedvlm.tasks.cxr.synthetic_reports import default_prompts as synthetic_prompts
 
     known = synthetic_prompts() | {"No Finding": (("No acute abnormality.",), ("There is an abnormality.",))}
     prompts = {}
@@ -299,7 +292,7 @@ class CxrSiteRecords:
         self._records: dict[int, Any] = {}
         self.skipped: dict[str, int] = {}
         if is_synthetic(cfg.data):
-            from fedvlm.data.synthetic_cxr import SYNTH_CXR_LABELS, cxr_label_index
+            from fedvlm.tasks.cxr.synthetic import SYNTH_CXR_LABELS, cxr_label_index
 
             self.synth = synthetic_cxr_config(cfg)
             index = cxr_label_index(self.synth)
@@ -325,7 +318,7 @@ class CxrSiteRecords:
     def records(self, rows: np.ndarray) -> list[Any]:
         missing = [int(i) for i in rows if int(i) not in self._records]
         if missing:  # the generator renders only the rows this site keeps
-            from fedvlm.data.synthetic_cxr import generate_cxr
+            from fedvlm.tasks.cxr.synthetic import generate_cxr
 
             generated = select_labels(generate_cxr(self.synth, indices=missing), self.names)
             self._records.update(zip(missing, generated.records, strict=True))
@@ -357,7 +350,7 @@ class CxrTask(PreparedSites):
         prompts = prompt_sets(cfg, names)
         public: list[str] = []
         if synthetic_everywhere(cfg):
-            from fedvlm.data.synthetic_cxr import report_vocabulary
+            from fedvlm.tasks.cxr.synthetic_reports import report_vocabulary
 
             public = [*report_vocabulary(), *prompt_texts(prompts)]
         tokenizer = make_tokenizer(cfg, run_dir, public)

@@ -28,43 +28,20 @@ from rich.console import Console
 
 from fedvlm.config import load_config, save_config
 from fedvlm.data.prepared import Samples, bundle_size, make_loader
-from fedvlm.data.streaming import SiteSplit, concat_splits
 from fedvlm.errors import ConfigError
-from fedvlm.evaluation.cxr import linear_probe_auroc
 from fedvlm.evaluation.metrics import AUROC_BINS, export_state, merge_states
-from fedvlm.runs import RunLayout, jsonable, load_checkpoint
+from fedvlm.runs import RunLayout, jsonable
 from fedvlm.tasks import get_task
-from fedvlm.tasks.base import read_meta
-from fedvlm.tasks.site import SiteData, load_site_data, site_data_folders
-
-CHECKPOINTS = ("last", "best")
-
-
-def load_trained_module(run_dir: Path, cfg: DictConfig, checkpoint: str = "last") -> L.LightningModule:
-    """The run's module with the weights of ``checkpoints/<checkpoint>.ckpt``.
-
-    Raises:
-        ConfigError: If the checkpoint is missing (the run never completed a round).
-    """
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"--checkpoint {checkpoint!r} is not one of: {', '.join(CHECKPOINTS)}")
-    path = RunLayout(run_dir).checkpoint(checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing: the run has not completed a round")
-    task = get_task(cfg.task)
-    L.seed_everything(int(cfg.seed), verbose=False)
-    module = task.build_module(cfg, run_dir)
-    module.load_state_dict(load_checkpoint(path)["state_dict"])
-    module.eval()
-    _set_prompts(module, cfg, run_dir)
-    return module
+from fedvlm.tasks.base import load_trained_module, read_meta
+from fedvlm.tasks.cxr.metrics import linear_probe_auroc
+from fedvlm.tasks.site import client_bundle, client_site, load_site_data, site_data_folders
 
 
 def _set_prompts(module: L.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
     """Re-tokenize the prompts with the run's tokenizer, so ``evaluation.prompts`` given at
     evaluation time take effect."""
     from fedvlm.tasks.base import load_run_tokenizer
-    from fedvlm.tasks.cxr import prompt_sets, tokenize_prompts
+    from fedvlm.tasks.cxr.task import prompt_sets, tokenize_prompts
 
     if cfg.task != "cxr" or getattr(module, "modality", "") != "fused":
         return
@@ -162,29 +139,6 @@ def few_shot_per_site(
     return result
 
 
-def client_site(run_dir: Path, partition_id: int) -> SiteData:
-    """Client ``partition_id``'s prepared splits (its folder in the run directory)."""
-    return load_site_data(RunLayout(run_dir).client_data(partition_id))
-
-
-def client_bundle(run_dir: Path, partition_id: int) -> SiteSplit:
-    """All of one client's data (local train + validation + test), images streamed."""
-    splits = client_site(run_dir, partition_id).splits
-    return concat_splits([splits[split] for split in ("train", "val", "test")])
-
-
-def run_sites(run_dir: Path) -> list[tuple[int, SiteData]]:
-    """``(partition id, prepared splits)`` of every client of the run, loaded one at a time.
-
-    Raises:
-        ConfigError: If no client has prepared data (the run never started).
-    """
-    folders = site_data_folders(run_dir)
-    if not folders:
-        raise ConfigError(f"{run_dir} has no prepared site data (clients/client_NNN/data): was the run started?")
-    return [(pid, load_site_data(folder)) for pid, folder in folders]
-
-
 def per_site_test_metrics(module: L.LightningModule, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Test metrics merged over the sites (from counts) and per site (exact AUROC).
 
@@ -240,6 +194,7 @@ def leave_one_hospital_out(
     if bad:
         raise ConfigError(f"--hospitals {bad}: this run has clients 0..{num_clients - 1}")
     full_model = load_trained_module(run_dir, cfg, checkpoint)
+    _set_prompts(full_model, cfg, run_dir)
     result: dict[str, Any] = {}
     for hospital in chosen:
         loho_dir = RunLayout(run_dir).held_out_run(hospital)
@@ -262,6 +217,7 @@ def leave_one_hospital_out(
         simulate(loho_cfg, loho_dir)
         held_out = client_bundle(run_dir, hospital)
         model = load_trained_module(loho_dir, loho_cfg)
+        _set_prompts(model, loho_cfg, loho_dir)
         site = client_site(run_dir, hospital)
         result[str(hospital)] = {
             "site": site.site,
@@ -317,6 +273,7 @@ def evaluate_run(
     if cfg.task != "cxr":
         raise ConfigError(f"fedvlm evaluate supports task=cxr runs; {run_dir} is task={cfg.task}")
     module = load_trained_module(run_dir, cfg, checkpoint)
+    _set_prompts(module, cfg, run_dir)
     out_dir = RunLayout(run_dir).evaluation
     out_dir.mkdir(exist_ok=True)
     written: dict[str, Any] = {}

@@ -11,11 +11,16 @@ uncertain CheXpert label under the ``ignore`` policy). Losses and metrics skip `
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
 
+from fedvlm.data.prepared import Bundle, decode_images, tokenize
+from fedvlm.data.streaming import ImageSpec
 from fedvlm.errors import DataError
 
 #: The 14 CheXpert observations, in the column order of ``mimic-cxr-2.0.0-chexpert.csv``.
@@ -142,3 +147,49 @@ class CxrDataset:
         if not self.records:
             return np.zeros((0, len(self.label_names)), dtype=np.float32)
         return np.array([r.labels for r in self.records], dtype=np.float32)
+
+
+def cxr_image_spec(image_size: int, equalize: bool = True) -> ImageSpec:
+    """Radiographs: grayscale at ``image_size``; with ``equalize`` histogram-equalised first:
+    exposure, window and gamma differ between scanners and hospitals, and BatchNorm statistics
+    averaged across sites by FedAvg fit none of them unless intensities are brought to one
+    distribution."""
+    return ImageSpec(1, image_size, equalize)
+
+
+def cxr_tensors(
+    records: Sequence[CxrRecord],
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_text_length: int,
+    indices: Sequence[int] | None = None,
+) -> Bundle:
+    """The per-sample tensors of chest X-ray records, images aside: ``labels`` ``[N,C]``
+    (``nan`` unknown), ``report_group`` (rows with identical report text share an id, for
+    retrieval), ``index`` and token tensors."""
+    groups: dict[str, int] = {}
+    bundle: Bundle = {
+        "labels": torch.tensor(np.array([r.labels for r in records], dtype=np.float32).reshape(len(records), -1)),
+        "report_group": torch.tensor([groups.setdefault(r.report, len(groups)) for r in records], dtype=torch.long),
+        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
+    }
+    if tokenizer is not None:
+        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
+    return bundle
+
+
+def prepare_cxr_bundle(
+    records: Sequence[CxrRecord],
+    tokenizer: PreTrainedTokenizerBase | None,
+    image_size: int,
+    max_text_length: int,
+    indices: Sequence[int] | None = None,
+    equalize: bool = True,
+) -> Bundle:
+    """Chest X-ray records as an in-memory bundle: one-channel ``uint8`` images ``[N,1,S,S]``
+    (:func:`cxr_image_spec`) and the tensors of :func:`cxr_tensors`.
+
+    Raises:
+        DataError: From image reading, naming the file at fault.
+    """
+    images = decode_images(cxr_image_spec(image_size, equalize), [r.image for r in records])
+    return {"image": images, **cxr_tensors(records, tokenizer, max_text_length, indices)}

@@ -1,7 +1,7 @@
 """Loaders for the public leukemia data sets, each in its published folder layout.
 
 ============ ==============================================================================
-``manifest`` a :mod:`~fedvlm.data.manifest` file, or a folder holding ``manifest.csv|jsonl``
+``manifest`` a :mod:`~fedvlm.tasks.leukemia.manifest` file, or a folder holding ``manifest.csv|jsonl``
 ``all_idb1`` ALL-IDB1: ``im/ImNNN_Y.jpg`` (``Y`` = 1 blasts present, 0 healthy) and blast
              centres in ``xyc/ImNNN_Y.xyc``; both folders may also be flattened into the root
 ``all_idb2`` ALL-IDB2: ``img/ImNNN_Y.tif`` (``Y`` = 1 blast cell, 0 healthy), or flattened
@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedvlm.data.manifest import MANIFEST_NAMES, read_manifest, read_table
-from fedvlm.data.records import NUM_STAGES_DEFAULT, LeukemiaRecord, parse_stage
+from fedvlm.data.tables import read_table
 from fedvlm.errors import DataError
 from fedvlm.registry import Registry
+from fedvlm.tasks.leukemia.manifest import MANIFEST_NAMES, read_manifest
+from fedvlm.tasks.leukemia.records import NUM_STAGES_DEFAULT, LeukemiaRecord, parse_stage
 
 #: Layout name → loader ``(root, reports, num_stages) -> list[LeukemiaRecord]``.
 leukemia_formats: Registry[list[LeukemiaRecord]] = Registry("data.format")

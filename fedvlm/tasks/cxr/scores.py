@@ -13,10 +13,10 @@ FedVLM scores its Grad-CAM and grounding maps by how well they localise the find
   area fractions of the mask and the region, pixels drawn independently).
 
 Regions come from pixel masks (the synthetic generator's ``lesion_mask``) or from boxes
-(ChestX-ray14's ``BBox_List_2017.csv``, read into :class:`~fedvlm.data.cxr_records.LesionBox`).
+(ChestX-ray14's ``BBox_List_2017.csv``, read into :class:`~fedvlm.tasks.cxr.records.LesionBox`).
 Scores are computed per label and macro-averaged over labels (:class:`LocalizationScores`).
 
-:func:`fedvlm.explain_cxr.explain_cxr_run` is the one entry point for a trained run: Grad-CAM and grounding
+:func:`fedvlm.tasks.cxr.explain.explain_cxr_run` is the one entry point for a trained run: Grad-CAM and grounding
 heatmaps of test images with known lesions, their scores, PNG overlays and an HTML index.
 """
 
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fedvlm.data.cxr_records import CxrRecord, LesionBox
-from fedvlm.data.synthetic_cxr import SYNTH_CXR_FINDINGS
 from fedvlm.errors import ConfigError, DataError
+from fedvlm.tasks.cxr.records import CxrRecord, LesionBox
+from fedvlm.tasks.cxr.synthetic import SYNTH_CXR_FINDINGS
 
 EXPLAIN_BATCH_SIZE = 16
 SCORES_FILE = "scores.json"

@@ -13,20 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from fedvlm.data.leukemia_layouts import load_leukemia
-from fedvlm.data.prepared import (
-    Bundle,
-    Samples,
-    bundle_size,
-    leukemia_image_spec,
-    leukemia_tensors,
-    subset,
-)
-from fedvlm.data.records import STAGE_NAMES, LeukemiaRecord
+from fedvlm.data.prepared import Bundle, Samples, bundle_size, subset
 from fedvlm.errors import DataError
-from fedvlm.evaluation.metrics import AUROC_BINS, LeukemiaMetrics
-from fedvlm.explain.callback import SHARED_PATIENTS, ShapCallback
-from fedvlm.models.leukemia import LeukemiaModule
+from fedvlm.evaluation.metrics import AUROC_BINS
 from fedvlm.runs import RunLayout
 from fedvlm.tasks.base import (
     PreparedSites,
@@ -40,6 +29,11 @@ from fedvlm.tasks.base import (
     tasks,
     write_meta,
 )
+from fedvlm.tasks.leukemia.layouts import load_leukemia
+from fedvlm.tasks.leukemia.metrics import LeukemiaMetrics
+from fedvlm.tasks.leukemia.module import LeukemiaModule
+from fedvlm.tasks.leukemia.records import STAGE_NAMES, LeukemiaRecord, leukemia_image_spec, leukemia_tensors
+from fedvlm.tasks.leukemia.shap import SHARED_PATIENTS, ShapCallback
 from fedvlm.tasks.site import SiteData, SourceIndex
 
 TRUTH_FILE = "truth.json"
@@ -48,7 +42,7 @@ TRUTH_FILE = "truth.json"
 
 def synthetic_config(cfg: DictConfig) -> Any:
     """The generator's config for ``cfg.data`` (``format=synthetic`` without a root)."""
-    from fedvlm.data.synthetic_leukemia import SynthLeukemiaConfig
+    from fedvlm.tasks.leukemia.synthetic import SynthLeukemiaConfig
 
     synth: dict[str, Any] = OmegaConf.to_container(cfg.data.synthetic)  # type: ignore[assignment]
     return SynthLeukemiaConfig(**synth, image_size=cfg.data.image_size, seed=cfg.seed)
@@ -105,7 +99,7 @@ class LeukemiaSiteRecords:
         self.image_spec = leukemia_image_spec(int(cfg.data.image_size))
         self._records: dict[int, LeukemiaRecord] = {}
         if is_synthetic(cfg.data):
-            from fedvlm.data.synthetic_leukemia import leukemia_label_index
+            from fedvlm.tasks.leukemia.synthetic import leukemia_label_index
 
             self.synth = synthetic_config(cfg)
             labels = leukemia_label_index(self.synth)
@@ -124,7 +118,7 @@ class LeukemiaSiteRecords:
     def records(self, rows: np.ndarray) -> list[LeukemiaRecord]:
         missing = [int(i) for i in rows if int(i) not in self._records]
         if missing:  # the generator renders only the rows this site keeps
-            from fedvlm.data.synthetic_leukemia import generate_leukemia_with_truth
+            from fedvlm.tasks.leukemia.synthetic import generate_leukemia_with_truth
 
             self._records.update(
                 zip(missing, generate_leukemia_with_truth(self.synth, indices=missing)[0], strict=True)
@@ -162,7 +156,7 @@ class LeukemiaTask(PreparedSites):
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         public: list[str] = []
         if synthetic_everywhere(cfg):
-            from fedvlm.data.synthetic_leukemia import report_vocabulary
+            from fedvlm.tasks.leukemia.synthetic import report_vocabulary
 
             public = report_vocabulary()
         tokenizer = make_tokenizer(cfg, run_dir, public)

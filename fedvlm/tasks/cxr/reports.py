@@ -20,8 +20,8 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedvlm.data.cxr_records import CHEXPERT_LABELS
 from fedvlm.errors import DataError
+from fedvlm.tasks.cxr.records import CHEXPERT_LABELS
 
 #: Header names (lower case, single spaces) whose text is the FINDINGS section.
 FINDINGS_HEADERS = frozenset({"findings", "finding"})

@@ -1,7 +1,7 @@
 """``explain_cxr_run``: Grad-CAM and phrase grounding of a trained chest X-ray run, scored against
 known lesions (the synthetic generator's masks, ChestX-ray14 boxes), with HTML pages.
 
-The scoring itself (pointing accuracy, mIoU, thresholds) lives in :mod:`fedvlm.explain.cxr_scores`;
+The scoring itself (pointing accuracy, mIoU, thresholds) lives in :mod:`fedvlm.tasks.cxr.scores`;
 this module loads a run (config, checkpoint, data), so it sits above ``explain`` and ``tasks``.
 """
 
@@ -20,21 +20,20 @@ import torch
 from PIL import Image
 
 from fedvlm.config import load_config
-from fedvlm.data.cxr_records import CxrRecord
-from fedvlm.data.prepared import make_loader, prepare_cxr_bundle, subset
+from fedvlm.data.prepared import make_loader, subset
 from fedvlm.errors import ConfigError, DataError
-from fedvlm.evaluate import load_trained_module
-from fedvlm.explain.cxr_scores import (
+from fedvlm.explain.render import html_page, save_heatmap_png
+from fedvlm.runs import RunLayout, jsonable
+from fedvlm.tasks.base import load_run_tokenizer, load_trained_module
+from fedvlm.tasks.cxr.module import ContrastiveVLM
+from fedvlm.tasks.cxr.records import CxrRecord, prepare_cxr_bundle
+from fedvlm.tasks.cxr.scores import (
     PEAK_TOLERANCE,
     HeatmapThreshold,
     LocalizationScores,
     label_regions,
 )
-from fedvlm.explain.render import _page, save_heatmap_png
-from fedvlm.models.contrastive import ContrastiveVLM
-from fedvlm.runs import RunLayout, jsonable
-from fedvlm.tasks.base import load_run_tokenizer
-from fedvlm.tasks.cxr import CxrTask
+from fedvlm.tasks.cxr.task import CxrTask
 
 EXPLAIN_BATCH_SIZE = 16
 SCORES_FILE = "scores.json"
@@ -54,7 +53,7 @@ def explain_cxr_run(
     the heatmaps.
 
     Prepared bundles carry no lesions, so the site's records are read again from its source
-    (:meth:`fedvlm.tasks.cxr.CxrTask.read_site`; the synthetic generator is deterministic in
+    (:meth:`fedvlm.tasks.cxr.task.CxrTask.read_site`; the synthetic generator is deterministic in
     ``seed``) and matched to the site's test split by the bundle's ``index``; their images are
     checked against the prepared ones. Only client ``client``'s data are read. The first
     ``num_images`` test images (in test order) with a mask or box of one of the run's labels are
@@ -62,7 +61,7 @@ def explain_cxr_run(
 
     * Grad-CAM of each localised label's logit (:mod:`fedvlm.explain.gradcam`);
     * for a vision-language model, the grounding heatmap of each finding's report phrase
-      (:mod:`fedvlm.explain.grounding`).
+      (:mod:`fedvlm.tasks.cxr.grounding`).
 
     Args:
         run_dir: A run directory written by ``fedvlm fit`` (task ``cxr``).
@@ -76,7 +75,7 @@ def explain_cxr_run(
     Returns:
         The aggregate scores: ``gradcam`` (:meth:`LocalizationScores.summary`: pointing accuracy,
         mIoU per label and mean, their chance levels), ``grounding`` (the same for phrase heatmaps
-        plus :class:`~fedvlm.explain.grounding.TextAlignmentScores` and ``phrase_image_ranking``;
+        plus :class:`~fedvlm.tasks.cxr.grounding.TextAlignmentScores` and ``phrase_image_ranking``;
         None for an image-only model), ``num_images``, ``threshold``, ``gradcam_layer`` and
         ``grounding_grid`` (the region grid; a 1×1 grid cannot localise and scores chance).
 
@@ -86,8 +85,9 @@ def explain_cxr_run(
         DataError: When no test image has a lesion mask or box, or the regenerated records do
             not match the prepared test images.
     """
-    from fedvlm.explain.gradcam import cxr_grad_cam, label_logits, target_layer  # import cycle: they use this module
-    from fedvlm.explain.grounding import (
+    from fedvlm.explain.gradcam import target_layer  # import cycle: they use this module
+    from fedvlm.tasks.cxr.gradcam import cxr_grad_cam, label_logits
+    from fedvlm.tasks.cxr.grounding import (
         TextAlignmentScores,
         phrase_embeddings,
         phrase_heatmaps,
@@ -110,7 +110,7 @@ def explain_cxr_run(
     names = module.label_names
     size = int(cfg.data.image_size)
     from fedvlm.data.sites import client_source
-    from fedvlm.evaluate import client_site
+    from fedvlm.tasks.site import client_site
 
     test = client_site(run_dir, client).test
     site_records = CxrTask().read_site(client_source(cfg, client).cfg)
@@ -320,4 +320,4 @@ def _index_html(run_dir: Path, scores: dict[str, Any], pages: Sequence[dict[str,
                 f"<td>{image(entry.get('grounding_png'), 'grounding')}<br>{phrase}</td></tr>"
             )
     parts.append("</table>")
-    return _page("Chest X-ray explanations", "\n".join(parts))
+    return html_page("Chest X-ray explanations", "\n".join(parts))

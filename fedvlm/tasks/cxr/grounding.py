@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedvlm.data.prepared import tokenize
 from fedvlm.errors import ConfigError
-from fedvlm.explain.cxr_scores import PEAK_TOLERANCE, pointing_score
+from fedvlm.tasks.cxr.scores import PEAK_TOLERANCE, pointing_score
 
 
 def region_embeddings(module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -39,7 +39,7 @@ def region_embeddings(module: nn.Module, images: torch.Tensor) -> tuple[torch.Te
     Args:
         module: A vision-language model: ``image_encoder.backbone`` a timm model with
             ``forward_features`` (and ``image_encoder.patch_grid`` for a ViT) and
-            ``image_projection`` (a :class:`~fedvlm.models.contrastive.ContrastiveVLM`).
+            ``image_projection`` (a :class:`~fedvlm.tasks.cxr.module.ContrastiveVLM`).
         images: ``[B, 3, H, W]`` normalised images.
 
     Returns:

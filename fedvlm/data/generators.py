@@ -1,0 +1,36 @@
+"""What the synthetic generators of both tasks share: report tokenisation as a BERT pre-tokenizer
+does it (for their vocabularies), and checked sample indices (a generator can render any subset
+of its samples, each from its own random stream)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+_TOKEN_PATTERN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+def report_tokens(text: str) -> list[str]:
+    """Lower-case ``text`` and split it on whitespace and punctuation (each punctuation mark
+    is a token), as a BERT pre-tokenizer does on ASCII text.
+
+    Example:
+        >>> report_tokens("Blasts 45%; WBC 12.3 x10^9/L.")
+        ['blasts', '45', '%', ';', 'wbc', '12', '.', '3', 'x10', '^', '9', '/', 'l', '.']
+    """
+    return _TOKEN_PATTERN.findall(text.lower())
+
+
+def checked_indices(indices: Sequence[int] | None, n: int, what: str) -> list[int]:
+    """``indices`` as plain ints (``0..n-1`` when ``None``), each checked against ``n``.
+
+    Raises:
+        IndexError: Naming the first out-of-range ``what`` indices.
+    """
+    if indices is None:
+        return list(range(n))
+    chosen = [int(index) for index in indices]
+    out_of_range = [index for index in chosen if not 0 <= index < n]
+    if out_of_range:
+        raise IndexError(f"{what} indices {out_of_range[:5]} out of range for n={n}")
+    return chosen
