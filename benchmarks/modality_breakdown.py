@@ -26,7 +26,7 @@ from fedvlm.config import load_config
 from fedvlm.data.prepared import make_loader
 from fedvlm.tasks.leukemia.module import LeukemiaModule
 from fedvlm.tasks.leukemia.synthetic import SynthLeukemiaConfig, generate_leukemia_with_truth
-from fedvlm.tasks.site import load_site_data, site_data_folders
+from fedvlm.tasks.site_store import load_site_data, site_data_folders
 
 
 def breakdown(run_dir: Path, checkpoint: str) -> dict[str, object]:

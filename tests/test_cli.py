@@ -16,7 +16,7 @@ from fedvlm.runs import load_checkpoint, read_metrics
 from fedvlm.tasks import get_task
 from fedvlm.tasks.leukemia.manifest import read_manifest
 from fedvlm.tasks.leukemia.module import LeukemiaModule
-from fedvlm.tasks.site import client_site
+from fedvlm.tasks.site_store import client_site
 
 REQUIRED_KEYS = {
     "round",

@@ -13,7 +13,7 @@ from fedvlm.config import load_config
 from fedvlm.federation.callback import travelling_keys
 from fedvlm.runs import load_checkpoint, read_metrics
 from fedvlm.tasks import get_task
-from fedvlm.tasks.site import client_site
+from fedvlm.tasks.site_store import client_site
 from tests.conftest import CXR_TINY
 
 

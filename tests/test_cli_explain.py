@@ -9,7 +9,7 @@ import pytest
 
 from fedvlm.cli import main
 from fedvlm.runs import read_metrics
-from fedvlm.tasks.site import client_site
+from fedvlm.tasks.site_store import client_site
 
 EXPLAIN = ["explain.enabled=true", "explain.patients=2", "explain.max_evals=40"]
 

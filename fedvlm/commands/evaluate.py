@@ -34,7 +34,7 @@ from fedvlm.runs import RunLayout, jsonable
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import load_trained_module, read_meta
 from fedvlm.tasks.cxr.metrics import linear_probe_auroc
-from fedvlm.tasks.site import client_bundle, client_site, load_site_data, site_data_folders
+from fedvlm.tasks.site_store import client_bundle, client_site, load_site_data, site_data_folders
 
 
 def _set_prompts(module: L.LightningModule, cfg: DictConfig, run_dir: Path) -> None:

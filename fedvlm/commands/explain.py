@@ -69,7 +69,7 @@ def explain_run(
         return scores
 
     from fedvlm.tasks.leukemia.task import make_shap_callback
-    from fedvlm.tasks.site import client_site
+    from fedvlm.tasks.site_store import client_site
 
     module = load_trained_module(run_dir, cfg, checkpoint)
     site = client_site(run_dir, client)

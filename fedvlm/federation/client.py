@@ -40,7 +40,7 @@ from fedvlm.federation.codecs import update_codecs
 from fedvlm.federation.secure import secure_aggregation_mod
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import Task, get_task
-from fedvlm.tasks.site import SiteData
+from fedvlm.tasks.site_store import SiteData
 
 if TYPE_CHECKING:
     from fedvlm.privacy import PrivateTraining

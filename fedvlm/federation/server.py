@@ -49,6 +49,7 @@ from fedvlm.runs import (
     load_checkpoint,
     save_checkpoint,
     write_metrics,
+    write_partition_summary,
 )
 from fedvlm.tasks import Task
 from fedvlm.tasks.base import selection_key
@@ -145,39 +146,6 @@ def update_norm(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
         if value.is_floating_point():
             total += float((value.double() - old[key].double()).pow(2).sum())
     return math.sqrt(total)
-
-
-def write_partition_summary(run_dir: Path, counts: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
-    """``RUN_DIR/partition.json`` from the counts the sites reported: per client its site, its
-    train / val / test sizes, ``num_samples`` (their sum) and counts per label; and the test total.
-    Only counts: nothing per sample reaches the coordinator."""
-    clients = []
-    for pid, site in sorted(counts.items()):
-        by_split = site["by_label"]
-        labels = list(next(iter(by_split.values()))) if by_split else []
-        entry = {
-            "client": pid,
-            "site": site["site"],
-            "train": int(site["train"]),
-            "val": int(site["val"]),
-            "test": int(site["test"]),
-            "num_samples": int(site["train"]) + int(site["val"]) + int(site["test"]),
-            "by_label": {name: sum(int(split[name]) for split in by_split.values()) for name in labels},
-            "by_split": by_split,
-            "sites": site.get("source_sites", []),
-        }
-        entry.update({k: v for k, v in site.items() if k in ("positives_by_label", "skipped")})
-        clients.append(entry)
-    test_labels: dict[str, int] = {}
-    for site in counts.values():
-        for name, count in site["by_label"].get("test", {}).items():
-            test_labels[name] = test_labels.get(name, 0) + int(count)
-    summary = {
-        "clients": clients,
-        "test": {"num_samples": sum(int(c["test"]) for c in counts.values()), "by_label": test_labels},
-    }
-    RunLayout(run_dir).partition.write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 class FederatedServer:

@@ -19,7 +19,8 @@ from fedvlm.models.encoders import tokenizer_source
 from fedvlm.models.tokenizer import build_word_tokenizer, load_tokenizer
 from fedvlm.registry import Registry
 from fedvlm.runs import RunLayout, load_checkpoint
-from fedvlm.tasks.site import SiteData, SiteRecords, ensure_held_out, ensure_site_data
+from fedvlm.tasks.site import SiteRecords, ensure_held_out, ensure_site_data
+from fedvlm.tasks.site_store import SiteData
 
 
 class Task(Protocol):

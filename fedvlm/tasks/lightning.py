@@ -29,7 +29,7 @@ from fedvlm.data.sites import SITE_KEYS, client_source
 from fedvlm.errors import ConfigError
 from fedvlm.runs import RunLayout
 from fedvlm.tasks.base import import_class, mean_of, tasks, write_meta
-from fedvlm.tasks.site import SPLITS, SiteData
+from fedvlm.tasks.site_store import SPLITS, SiteData
 
 VALIDATION_PREFIXES = ("val/", "val_", "validation/", "validation_")
 """Prefixes a module's ``validation_step`` puts on what it logs; dropped, so that ``val/`` and

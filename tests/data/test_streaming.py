@@ -18,7 +18,8 @@ from fedvlm.tasks import get_task
 from fedvlm.tasks.base import run_tokenizer
 from fedvlm.tasks.cxr.records import prepare_cxr_bundle
 from fedvlm.tasks.leukemia.records import prepare_bundle
-from fedvlm.tasks.site import SPLITS, SiteData, ensure_site_data
+from fedvlm.tasks.site import ensure_site_data
+from fedvlm.tasks.site_store import SPLITS, SiteData
 
 LEUKEMIA = [
     "federation.num_clients=1",

@@ -28,7 +28,7 @@ from fedvlm.federation.client import make_client_app
 from fedvlm.federation.server import FederatedServer, update_norm
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import get_task
-from fedvlm.tasks.site import client_site
+from fedvlm.tasks.site_store import client_site
 from tests.conftest import CXR_TINY, TINY_OVERRIDES
 from tests.federation.conftest import InProcessGrid
 

@@ -16,7 +16,8 @@ from fedvlm.errors import DataError
 from fedvlm.tasks import get_task
 from fedvlm.tasks.base import read_meta, run_tokenizer
 from fedvlm.tasks.leukemia.task import load_records
-from fedvlm.tasks.site import SiteData, ensure_site_data
+from fedvlm.tasks.site import ensure_site_data
+from fedvlm.tasks.site_store import SiteData
 
 
 def prepare(tmp_path: Path, overrides: list[str]) -> tuple[Path, list[SiteData]]:

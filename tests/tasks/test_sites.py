@@ -227,7 +227,7 @@ def test_a_three_site_federation_trains_and_scores_on_the_union_of_the_sites_tes
     from fedvlm.cli import main
     from fedvlm.runs import read_metrics
     from fedvlm.tasks.leukemia.module import LeukemiaModule
-    from fedvlm.tasks.site import client_site
+    from fedvlm.tasks.site_store import client_site
 
     run_dir = tmp_path / "run"
     overrides = [*SITE_OVERRIDES, f"data.sites={three_sites}", "federation.rounds=1"]

@@ -110,7 +110,7 @@ def explain_cxr_run(
     names = module.label_names
     size = int(cfg.data.image_size)
     from fedvlm.data.sites import client_source
-    from fedvlm.tasks.site import client_site
+    from fedvlm.tasks.site_store import client_site
 
     test = client_site(run_dir, client).test
     site_records = CxrTask().read_site(client_source(cfg, client).cfg)

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedvlm.tasks.cxr.raster import GAMMA_LEVELS, blur, clip01, gamma_table, ramp, smooth_noise, unit_grid
+
 FINDINGS = ("Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax")
 """Drawable findings, spelled as in CheXpert; ``lesion_mask`` value = index + 1."""
 SIDES = ("right", "left", "bilateral")
@@ -55,8 +57,6 @@ REFERENCE_SIZE = 64
 SITE_STYLE_SEED = 20250301
 """Site appearance is a property of the site, not of the generator seed."""
 
-_EDGE = 0.006
-"""Half-width of the soft edge of anatomical shapes, in unit-square coordinates."""
 _GLYPHS = {
     "L": ("10000", "10000", "10000", "10000", "10000", "10000", "11111"),
     "R": ("11110", "10001", "10001", "11110", "10100", "10010", "10001"),
@@ -243,58 +243,24 @@ class RenderedCxr:
     lung_mask: np.ndarray
 
 
-def _ramp(signed: np.ndarray, width: float = _EDGE) -> np.ndarray:
-    """Soft step: 0 below ``−width``, 1 above ``width`` (cheaper than a sigmoid)."""
-    # Two ufuncs instead of np.clip: several times less call overhead on small arrays.
-    return np.minimum(np.maximum(signed * (0.5 / width) + 0.5, 0.0), 1.0)
-
-
-def _clip01(values: np.ndarray) -> np.ndarray:
-    return np.minimum(np.maximum(values, 0.0), 1.0)
-
-
-@functools.lru_cache(maxsize=16)
-def _unit_grid(size: int) -> np.ndarray:
-    """Pixel-centre positions ``(i + 0.5) / size`` as a float32 vector."""
-    return (np.arange(size, dtype=np.float32) + 0.5) / size
-
-
-@functools.lru_cache(maxsize=64)
-def _bilinear_matrix(size: int, cells: int) -> np.ndarray:
-    """``size×cells`` matrix that linearly interpolates ``cells`` knots at ``size`` samples."""
-    position = np.linspace(0, cells - 1, size)
-    low = np.minimum(position.astype(int), cells - 2)
-    frac = position - low
-    matrix = np.zeros((size, cells), dtype=np.float32)
-    matrix[np.arange(size), low] = 1 - frac
-    matrix[np.arange(size), low + 1] = frac
-    return matrix
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Bilinearly upsampled ``cells×cells`` uniform noise on a ``size×size`` grid, in [0, 1]."""
-    matrix = _bilinear_matrix(size, cells)
-    return matrix @ rng.random((cells, cells), dtype=np.float32) @ matrix.T
-
-
 def _lung(t: np.ndarray, v: np.ndarray, anatomy: CxrAnatomy, side: int) -> np.ndarray:
     """Soft mask of one lung (``side`` 0 right, 1 left) at half-chest coordinates ``(t, v)``."""
     width, apex, dome_top = anatomy.half_width[side], anatomy.apex_v, anatomy.dome_v[side]
     t_apex, t_medial = 0.21 * width / 0.355, 0.05 + 0.02 * side  # the heart pushes the left lung out
     below_apex = np.maximum(v - apex, 0.0)
     lateral = t_apex + (width - t_apex) * np.sqrt(np.minimum(below_apex / 0.3, 1.0))
-    lateral += _WALL_FLARE * _clip01((v - 0.45) / 0.35)
+    lateral += _WALL_FLARE * clip01((v - 0.45) / 0.35)
     medial = t_apex - (t_apex - t_medial) * np.sqrt(np.minimum(below_apex / 0.16, 1.0))
     t_peak = 0.5 * width
     across = (t - t_peak) / (width - t_peak)
     dome = dome_top + anatomy.dome_depth * np.where(across > 0, across**2, 0.3 * across**2)
-    return _ramp(t - medial) * _ramp(lateral - t) * _ramp(v - apex) * _ramp(dome - v)
+    return ramp(t - medial) * ramp(lateral - t) * ramp(v - apex) * ramp(dome - v)
 
 
 def _segment_distance(u: np.ndarray, v: np.ndarray, start: tuple[float, float], end: tuple[float, float]) -> np.ndarray:
     """Distance from each ``(u, v)`` to the segment ``start``–``end``."""
     du, dv = end[0] - start[0], end[1] - start[1]
-    along = _clip01(((u - start[0]) * du + (v - start[1]) * dv) / (du * du + dv * dv))
+    along = clip01(((u - start[0]) * du + (v - start[1]) * dv) / (du * du + dv * dv))
     return np.sqrt((u - start[0] - along * du) ** 2 + (v - start[1] - along * dv) ** 2)
 
 
@@ -305,7 +271,7 @@ def _heart(u: np.ndarray, v: np.ndarray, anatomy: CxrAnatomy) -> np.ndarray:
     centre_v = anatomy.dome_v[1] - 0.07
     height = 0.12 + 0.3 * half_width
     radius = np.sqrt(((u - centre_u) / half_width) ** 2 + ((v - centre_v) / height) ** 2)
-    return _ramp((1.0 - radius) * half_width) * _ramp(anatomy.dome_v[1] + 0.05 - v)
+    return ramp((1.0 - radius) * half_width) * ramp(anatomy.dome_v[1] + 0.05 - v)
 
 
 def _ribs(t: np.ndarray, v: np.ndarray, anatomy: CxrAnatomy) -> np.ndarray:
@@ -313,12 +279,12 @@ def _ribs(t: np.ndarray, v: np.ndarray, anatomy: CxrAnatomy) -> np.ndarray:
     lateral = np.abs(t) / 0.36
     posterior = (v + 0.06 * lateral - 0.2 * lateral**2) / anatomy.rib_spacing + anatomy.rib_phase
     phase = posterior - np.floor(posterior)
-    band = _ramp(0.17 - np.abs(phase - 0.25), 0.06)
+    band = ramp(0.17 - np.abs(phase - 0.25), 0.06)
     cortex = np.maximum(1.0 - np.abs(np.abs(phase - 0.25) - 0.17) * 20.0, 0.0)
     anterior = (v + 0.1 * lateral**2 - 0.24 * lateral) / (1.4 * anatomy.rib_spacing) + 0.37
-    front = _ramp(0.13 - np.abs(anterior - np.floor(anterior) - 0.5), 0.08)
-    within = _ramp(v - anatomy.apex_v + 0.04, 0.02) * _ramp(0.8 - v, 0.06) * _ramp(0.4 - np.abs(t), 0.01)
-    fading = 1.0 - 0.5 * _clip01((v - 0.3) / 0.4)
+    front = ramp(0.13 - np.abs(anterior - np.floor(anterior) - 0.5), 0.08)
+    within = ramp(v - anatomy.apex_v + 0.04, 0.02) * ramp(0.8 - v, 0.06) * ramp(0.4 - np.abs(t), 0.01)
+    fading = 1.0 - 0.5 * clip01((v - 0.3) / 0.4)
     return within * fading * (0.06 * band + 0.05 * cortex + 0.03 * front)
 
 
@@ -329,26 +295,26 @@ def _clavicles(u: np.ndarray, v: np.ndarray, anatomy: CxrAnatomy) -> np.ndarray:
     for sign in (-1.0, 1.0):
         start, end = (centre + sign * 0.04, top + 0.07), (centre + sign * 0.34, top - 0.025)
         distance = _segment_distance(u, v, start, end)
-        along = _clip01((u - start[0]) / (end[0] - start[0]))
-        total = np.maximum(total, _ramp(0.014 + 0.006 * along - distance, 0.005))
+        along = clip01((u - start[0]) / (end[0] - start[0]))
+        total = np.maximum(total, ramp(0.014 + 0.006 * along - distance, 0.005))
     return total
 
 
 def _body(u: np.ndarray, v: np.ndarray, anatomy: CxrAnatomy) -> np.ndarray:
     """Soft-tissue thickness of trunk, neck and shoulders (0 in the air around the patient)."""
     across = np.abs(u - anatomy.centre_x)
-    trunk = max(anatomy.half_width) + 0.06 - 0.03 * _clip01((v - 0.75) / 0.25)
-    half = trunk + 0.07 * _clip01((0.32 - v) / 0.15)
-    shoulder_top = 0.02 + 0.16 * _clip01((across - 0.08) / 0.4) ** 1.5
-    inside = _ramp(half - across, 0.01) * _ramp(v - shoulder_top, 0.015)
-    arms = _ramp(np.abs(across - half - 0.13) * -1.0 + 0.1, 0.01) * _ramp(v - shoulder_top - 0.02, 0.02)
-    return inside * (0.8 + 0.2 * _clip01(1.0 - (across / half) ** 2)) + 0.75 * arms
+    trunk = max(anatomy.half_width) + 0.06 - 0.03 * clip01((v - 0.75) / 0.25)
+    half = trunk + 0.07 * clip01((0.32 - v) / 0.15)
+    shoulder_top = 0.02 + 0.16 * clip01((across - 0.08) / 0.4) ** 1.5
+    inside = ramp(half - across, 0.01) * ramp(v - shoulder_top, 0.015)
+    arms = ramp(np.abs(across - half - 0.13) * -1.0 + 0.1, 0.01) * ramp(v - shoulder_top - 0.02, 0.02)
+    return inside * (0.8 + 0.2 * clip01(1.0 - (across / half) ** 2)) + 0.75 * arms
 
 
 @functools.lru_cache(maxsize=16)
 def _hilar_polar_grid(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Angle, radius and radial fall-off about the two hila of a reference (unjittered) chest."""
-    grid = _unit_grid(size)
+    grid = unit_grid(size)
     across, down = np.abs(grid[None, :] - 0.5) - 0.1, grid[:, None] - 0.45
     radius = np.sqrt(across * across + down * down)
     return np.arctan2(down, across).astype(np.float32), radius, np.exp(-5.0 * radius)
@@ -361,8 +327,8 @@ def _markings(rng: np.random.Generator, size: int) -> np.ndarray:
     moves the real hila do not show in a texture this fine.
     """
     angle, radius, fall_off = _hilar_polar_grid(size)
-    texture = _smooth_noise(rng, size, 10)
-    wobble = _smooth_noise(rng, size, 7) * 9.0
+    texture = smooth_noise(rng, size, 10)
+    wobble = smooth_noise(rng, size, 7) * 9.0
     streaks = (np.cos(angle * 17.0 + wobble + radius * 14.0) * 0.5 + 0.5) * texture
     return 1.5 * streaks * streaks * streaks * fall_off + 0.3 * texture
 
@@ -380,11 +346,11 @@ def _finding_region(
     if label == "Pleural Effusion":
         for side in sides:
             t, width = halves[side], anatomy.half_width[side]
-            across = _clip01((t - 0.05) / (width - 0.05))
+            across = clip01((t - 0.05) / (width - 0.05))
             level = anatomy.dome_v[side] + anatomy.dome_depth - spec.extent
             meniscus = level + 0.6 * spec.extent * (1.0 - across) ** 2
-            fluid = lungs[side] * _ramp(v - meniscus, 0.008)
-            layered = 0.75 + 0.25 * _clip01((v - meniscus) / 0.05)
+            fluid = lungs[side] * ramp(v - meniscus, 0.008)
+            layered = 0.75 + 0.25 * clip01((v - meniscus) / 0.05)
             change += fluid * layered * anatomy.air * 0.9 * spec.intensity
             region = np.maximum(region, fluid)
     elif label == "Consolidation":
@@ -392,16 +358,16 @@ def _finding_region(
         side = sides[0]
         centre_t, centre_v = spec.centre
         distance = np.sqrt(((halves[side] - centre_t) / 1.15) ** 2 + (v - centre_v) ** 2)
-        edge = 1.0 - distance / spec.extent + 0.7 * (_smooth_noise(texture, size, 9) - 0.5)
-        blob = lungs[side] * _clip01(edge * 3.0)
-        mottled = 0.75 + 0.5 * _smooth_noise(texture, size, 20)
+        edge = 1.0 - distance / spec.extent + 0.7 * (smooth_noise(texture, size, 9) - 0.5)
+        blob = lungs[side] * clip01(edge * 3.0)
+        mottled = 0.75 + 0.5 * smooth_noise(texture, size, 20)
         change += blob * mottled * anatomy.air * 0.75 * spec.intensity
         region = blob
     elif label == "Edema":
         for side in sides:
             dt, dv = (halves[side] - 0.11) / spec.extent, (v - 0.46) / (0.85 * spec.extent)
             haze = np.exp(-(dt * dt + dv * dv)) * lungs[side]
-            patchy = 0.7 + 0.6 * _smooth_noise(texture, size, 12)
+            patchy = 0.7 + 0.6 * smooth_noise(texture, size, 12)
             change += haze * patchy * anatomy.air * 0.4 * spec.intensity
             region = np.maximum(region, haze * 1.4)
     elif label == "Pneumothorax":
@@ -412,7 +378,7 @@ def _finding_region(
         t_lung = anchor_t + (t - anchor_t) / shrink
         v_lung = np.where(v < anchor_v, anchor_v + (v - anchor_v) / shrink, v)
         collapsed = _lung(t_lung, v_lung, anatomy, side)
-        rim = _clip01(lungs[side] - collapsed)
+        rim = clip01(lungs[side] - collapsed)
         pleural_line = 4.0 * collapsed * (1.0 - collapsed) * lungs[side]
         change += -0.3 * anatomy.air * rim * spec.intensity + 0.25 * pleural_line + 0.05 * collapsed * spec.severity
         region = rim
@@ -421,60 +387,6 @@ def _finding_region(
     else:
         raise ValueError(f"unknown finding {label!r}; drawable findings: {', '.join(FINDINGS)}")
     return change, region
-
-
-@functools.lru_cache(maxsize=64)
-def _blur_matrix(size: int, sigma: float) -> np.ndarray:
-    """``size×size`` Gaussian blur matrix whose rows sum to 1 (renormalised at the borders)."""
-    offsets = np.arange(size)[:, None] - np.arange(size)[None, :]
-    weights = np.exp(-0.5 * (offsets / sigma) ** 2) * (np.abs(offsets) <= np.ceil(3 * sigma))
-    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur, renormalised at the borders.
-
-    Small images use two matrix products (fastest in numpy); large ones shifted adds, since a
-    multi-threaded BLAS call on a busy machine costs more than it saves there.
-    """
-    if sigma <= 0.05:
-        return image
-    matrix = _blur_matrix(image.shape[0], round(sigma, 2))
-    if image.shape[0] <= _MATMUL_BLUR_MAX_SIZE:
-        return matrix @ image @ matrix.T
-    reach = int(np.ceil(3 * sigma))
-    taps = matrix[reach, : 2 * reach + 1] / matrix[reach, : 2 * reach + 1].sum()
-    coverage = np.convolve(np.ones(image.shape[0], dtype=np.float32), taps, mode="same")
-    blurred = image
-    for axis in (0, 1):
-        padded = np.zeros_like(blurred)
-        for offset, tap in zip(range(-reach, reach + 1), taps, strict=True):
-            padded += tap * np.roll(blurred, offset, axis=axis) * _roll_valid(blurred.shape[0], offset, axis)
-        blurred = padded / (coverage[:, None] if axis == 0 else coverage[None, :])
-    return blurred
-
-
-_MATMUL_BLUR_MAX_SIZE = 128
-
-
-@functools.lru_cache(maxsize=256)
-def _roll_valid(size: int, offset: int, axis: int) -> np.ndarray:
-    """1 where ``np.roll`` by ``offset`` brought in a real neighbour, 0 where it wrapped around."""
-    valid = np.ones(size, dtype=np.float32)
-    if offset > 0:
-        valid[:offset] = 0.0
-    elif offset < 0:
-        valid[offset:] = 0.0
-    return valid[:, None] if axis == 0 else valid[None, :]
-
-
-_GAMMA_LEVELS = 4096
-
-
-@functools.lru_cache(maxsize=128)
-def _gamma_table(gamma: float) -> np.ndarray:
-    """``uint8`` display value of each of :data:`_GAMMA_LEVELS` windowed brightness levels."""
-    return (np.linspace(0.0, 1.0, _GAMMA_LEVELS) ** gamma * 255.0 + 0.5).astype(np.uint8)
 
 
 def _burn_marker(image: np.ndarray, letter: str, corner: str) -> None:
@@ -523,7 +435,7 @@ def render_cxr(
     by_label = {spec.label: spec for spec in findings}
     if "Cardiomegaly" in by_label:
         anatomy = _with_ctr(anatomy, by_label["Cardiomegaly"].extent)
-    grid = _unit_grid(image_size)
+    grid = unit_grid(image_size)
     fov = style.field_of_view * (1.0 + jitter[0])
     u_axis = 0.5 + (grid - 0.5) * fov + style.offset[0] + jitter[1]
     v_axis = 0.5 + (grid - 0.5) * fov + style.offset[1] + jitter[2]
@@ -535,13 +447,13 @@ def render_cxr(
     across = np.abs(u - anatomy.centre_x)
 
     attenuation = _body(u, v, anatomy)
-    spine = _ramp(0.03 - across, 0.008) * (0.75 + 0.25 * np.cos(v * (2 * np.pi / 0.05)) ** 8)
-    mediastinum = _ramp(0.06 + 0.04 * _clip01((v - 0.2) / 0.2) - across, 0.01) * _ramp(v - 0.05, 0.02)
-    knob = _ramp(0.035 - np.hypot(u - anatomy.centre_x - 0.055, v - anatomy.apex_v - 0.2), 0.008)
-    trachea = _ramp(0.016 - across, 0.004) * _ramp(anatomy.apex_v + 0.2 - v, 0.01)
+    spine = ramp(0.03 - across, 0.008) * (0.75 + 0.25 * np.cos(v * (2 * np.pi / 0.05)) ** 8)
+    mediastinum = ramp(0.06 + 0.04 * clip01((v - 0.2) / 0.2) - across, 0.01) * ramp(v - 0.05, 0.02)
+    knob = ramp(0.035 - np.hypot(u - anatomy.centre_x - 0.055, v - anatomy.apex_v - 0.2), 0.008)
+    trachea = ramp(0.016 - across, 0.004) * ramp(anatomy.apex_v + 0.2 - v, 0.01)
     bubble_v = anatomy.dome_v[1] + 0.06
-    bubble = _ramp(1.0 - np.hypot((u - anatomy.centre_x - 0.17) / 0.055, (v - bubble_v) / 0.03), 0.15)
-    air_space = _clip01(lungs[0] + lungs[1]) * (1.0 - heart) * (1.0 - knob)
+    bubble = ramp(1.0 - np.hypot((u - anatomy.centre_x - 0.17) / 0.055, (v - bubble_v) / 0.03), 0.15)
+    air_space = clip01(lungs[0] + lungs[1]) * (1.0 - heart) * (1.0 - knob)
     markings = _markings(rng, image_size)
     if "Pneumothorax" in by_label:  # no lung markings peripheral to the pleural line
         ptx = by_label["Pneumothorax"]
@@ -549,8 +461,8 @@ def render_cxr(
         markings = markings * (1.0 - rim)
     if "Edema" in by_label:  # engorged, indistinct vessels
         markings = markings * (1.0 + 0.4 * by_label["Edema"].intensity)
-    hila = sum(_ramp(0.04 - np.hypot(halves[side] - 0.1, (v - 0.44 - 0.02 * side) / 1.6), 0.025) for side in (0, 1))
-    basal = _clip01((v - 0.3) / 0.45)  # more overlying soft tissue towards the bases
+    hila = sum(ramp(0.04 - np.hypot(halves[side] - 0.1, (v - 0.44 - 0.02 * side) / 1.6), 0.025) for side in (0, 1))
+    basal = clip01((v - 0.3) / 0.45)  # more overlying soft tissue towards the bases
     attenuation = attenuation + 0.3 * np.maximum(np.maximum(mediastinum, heart), knob) + 0.2 * spine
     attenuation = attenuation - anatomy.air * air_space * (1.0 - 0.25 * basal) - 0.25 * trachea - 0.4 * bubble
     attenuation = attenuation + (0.25 * anatomy.markings * markings + 0.18 * hila) * air_space
@@ -558,7 +470,7 @@ def render_cxr(
     attenuation = attenuation + 0.2 * _clavicles(u, v, anatomy)
     for lead_u, lead_v in leads:
         distance = np.hypot(u - lead_u, v - lead_v)
-        attenuation = attenuation + 0.6 * _ramp(0.017 - distance, 0.004) * _ramp(distance - 0.007, 0.004)
+        attenuation = attenuation + 0.6 * ramp(0.017 - distance, 0.004) * ramp(distance - 0.007, 0.004)
 
     finding_masks: dict[str, np.ndarray] = {}
     for label in FINDINGS:
@@ -572,12 +484,12 @@ def render_cxr(
         lesion_mask[finding_masks[label]] = FINDINGS.index(label) + 1
 
     brightness = 1.0 - np.exp(-style.exposure * np.maximum(attenuation, 0.0))
-    brightness = _blur(brightness.astype(np.float32), style.blur_sigma * image_size / REFERENCE_SIZE)
+    brightness = blur(brightness.astype(np.float32), style.blur_sigma * image_size / REFERENCE_SIZE)
     # Uniform noise of the site's standard deviation: as good as Gaussian here, and cheaper.
     brightness += (rng.random(brightness.shape, dtype=np.float32) - 0.5) * np.float32(style.noise_std * np.sqrt(12.0))
     window = (brightness - style.black_level) * (1.0 / (style.white_level - style.black_level))
-    levels = (_clip01(window) * (_GAMMA_LEVELS - 1) + 0.5).astype(np.intp)
-    image = _gamma_table(round(style.gamma, 3))[levels]
+    levels = (clip01(window) * (GAMMA_LEVELS - 1) + 0.5).astype(np.intp)
+    image = gamma_table(round(style.gamma, 3))[levels]
     if style.marker is not None:
         _burn_marker(image, style.marker, style.marker_corner)
     lung_mask = (lungs[0] > 0.5) | (lungs[1] > 0.5)

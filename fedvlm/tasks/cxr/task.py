@@ -36,7 +36,8 @@ from fedvlm.tasks.base import (
 from fedvlm.tasks.cxr.metrics import CxrMetrics
 from fedvlm.tasks.cxr.module import ContrastiveVLM
 from fedvlm.tasks.cxr.records import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CxrDataset, cxr_image_spec, cxr_tensors
-from fedvlm.tasks.site import SiteData, SourceIndex
+from fedvlm.tasks.site import SourceIndex
+from fedvlm.tasks.site_store import SiteData
 
 if TYPE_CHECKING:
     from fedvlm.tasks.cxr.synthetic_reports import PromptSet

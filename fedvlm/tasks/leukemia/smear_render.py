@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedvlm.tasks.leukemia.smear_raster import ellipse_distance, gaussian_blur, patch_offsets, smooth_noise, soft_disc
+
 REFERENCE_SIZE = 64
 """Image side (pixels) at which the cell radii below are given; they scale with the image."""
 
@@ -171,46 +173,6 @@ def _tint(density: np.ndarray, od: np.ndarray) -> np.ndarray:
     return od[:, None, None] * density[None]
 
 
-def _patch_offsets(cx: float, cy: float, half: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Pixel-centre offsets from ``(cx, cy)`` over a ``(2·half+1)²`` patch, and its corner."""
-    x0, y0 = int(np.floor(cx)) - half, int(np.floor(cy)) - half
-    span = np.arange(2 * half + 1, dtype=np.float32) + 0.5
-    return (x0 + span - cx)[None, :], (y0 + span - cy)[:, None], x0, y0
-
-
-def _soft_disc(distance: np.ndarray, radius: float | np.ndarray) -> np.ndarray:
-    """Anti-aliased disc coverage (1 inside, 0 outside, a one-pixel ramp at the edge)."""
-    # Two ufuncs instead of np.clip: several times less call overhead on small patches.
-    return np.minimum(np.maximum(radius - distance + 0.5, 0.0), 1.0)
-
-
-def _ellipse_distance(
-    dx: np.ndarray, dy: np.ndarray, aspect: float | np.ndarray, angle: float | np.ndarray
-) -> np.ndarray:
-    """Distance in which an ellipse of area-equivalent radius ``r`` is the level set ``r``."""
-    cos, sin = np.cos(angle), np.sin(angle)
-    along = dx * cos + dy * sin
-    across = dy * cos - dx * sin
-    root = np.sqrt(aspect)
-    return np.sqrt((along / root) ** 2 + (across * root) ** 2)
-
-
-@functools.lru_cache(maxsize=256)
-def _bilinear_weights(size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lower grid index and fractional offset of each of ``size`` samples over ``cells`` knots."""
-    position = np.linspace(0, cells - 1, size, dtype=np.float32)
-    low = np.minimum(position.astype(int), cells - 2)
-    return low, position - low
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Bilinearly upsampled ``cells×cells`` uniform noise on a ``size×size`` grid, in [0, 1]."""
-    coarse = rng.random((cells, cells), dtype=np.float32)
-    low, frac = _bilinear_weights(size, cells)
-    rows = coarse[low] * (1 - frac[:, None]) + coarse[low + 1] * frac[:, None]
-    return rows[:, low] * (1 - frac[None, :]) + rows[:, low + 1] * frac[None, :]
-
-
 @functools.lru_cache(maxsize=64)
 def _red_cell_sprites(radius: float, variants: int = RED_CELL_SPRITE_VARIANTS) -> np.ndarray:
     """A bank of red-cell density sprites of one radius (varied shape, pallor, sub-pixel offset).
@@ -228,12 +190,12 @@ def _red_cell_sprites(radius: float, variants: int = RED_CELL_SPRITE_VARIANTS) -
     aspect = rng.uniform(1.0, 1.15, size=shape).astype(np.float32)
     angle = rng.uniform(0, np.pi, size=shape).astype(np.float32)
     pallor = rng.uniform(0.35, 0.6, size=shape).astype(np.float32)
-    distance = _ellipse_distance(dx, dy, aspect, angle)
+    distance = ellipse_distance(dx, dy, aspect, angle)
     rho = distance / radii
     central_pallor = pallor * np.exp(-((rho / 0.42) ** 2))
     darker_rim = 0.22 * np.exp(-(((rho - 0.82) / 0.14) ** 2))
     thickness = 1.0 - central_pallor + darker_rim
-    return (thickness * _soft_disc(distance, radii)).astype(np.float32)
+    return (thickness * soft_disc(distance, radii)).astype(np.float32)
 
 
 def draw_red_cells(
@@ -276,9 +238,9 @@ def draw_red_cells(
 
 def draw_neutrophil(rng: np.random.Generator, style: SmearStyle, centre: tuple[float, float], radius: float) -> _Stamp:
     """A neutrophil: pale granular cytoplasm and a dark nucleus of 2–4 connected lobes."""
-    dx, dy, x0, y0 = _patch_offsets(*centre, int(np.ceil(radius)) + 2)
+    dx, dy, x0, y0 = patch_offsets(*centre, int(np.ceil(radius)) + 2)
     distance = np.sqrt(dx**2 + dy**2)
-    cell = _soft_disc(distance, radius)
+    cell = soft_disc(distance, radius)
     lobes = int(rng.integers(2, 5))
     start = rng.uniform(0, 2 * np.pi)
     angles = start + np.arange(lobes) * rng.uniform(1.0, 1.35)
@@ -287,7 +249,7 @@ def draw_neutrophil(rng: np.random.Generator, style: SmearStyle, centre: tuple[f
     for lobe_angle in angles:
         lx = 0.42 * radius * np.cos(lobe_angle)
         ly = 0.42 * radius * np.sin(lobe_angle)
-        lobe = _soft_disc(np.sqrt((dx - lx) ** 2 + (dy - ly) ** 2), lobe_radius)
+        lobe = soft_disc(np.sqrt((dx - lx) ** 2 + (dy - ly) ** 2), lobe_radius)
         nucleus = np.maximum(nucleus, lobe)
     granules = 0.85 + 0.3 * rng.random(distance.shape, dtype=np.float32)
     od = _tint(cell * (1 - nucleus) * granules, style.stain_od["neutrophil_cytoplasm"])
@@ -298,11 +260,11 @@ def draw_neutrophil(rng: np.random.Generator, style: SmearStyle, centre: tuple[f
 def draw_lymphocyte(rng: np.random.Generator, style: SmearStyle, centre: tuple[float, float], radius: float) -> _Stamp:
     """A small lymphocyte: a round, dense, coarsely clumped dark nucleus and a thin blue rim."""
     half = int(np.ceil(radius)) + 2
-    dx, dy, x0, y0 = _patch_offsets(*centre, half)
-    cell = _soft_disc(np.sqrt(dx**2 + dy**2), radius)
+    dx, dy, x0, y0 = patch_offsets(*centre, half)
+    cell = soft_disc(np.sqrt(dx**2 + dy**2), radius)
     shift = radius * 0.08 * rng.standard_normal(2)
-    nucleus = _soft_disc(np.sqrt((dx - shift[0]) ** 2 + (dy - shift[1]) ** 2), 0.82 * radius)
-    clumps = 0.85 + 0.3 * _smooth_noise(rng, 2 * half + 1, 4)
+    nucleus = soft_disc(np.sqrt((dx - shift[0]) ** 2 + (dy - shift[1]) ** 2), 0.82 * radius)
+    clumps = 0.85 + 0.3 * smooth_noise(rng, 2 * half + 1, 4)
     od = _tint(cell * (1 - nucleus), style.stain_od["lymphoid_cytoplasm"])
     od = od + _tint(nucleus * clumps, style.stain_od["dense_nucleus"])
     return _Stamp(od, x0, y0)
@@ -317,14 +279,14 @@ def draw_atypical_lymphoid_cell(
     cytoplasm, no nucleoli. Drawn the same way for both labels on purpose.
     """
     half = int(np.ceil(radius * 1.1)) + 2
-    dx, dy, x0, y0 = _patch_offsets(*centre, half)
+    dx, dy, x0, y0 = patch_offsets(*centre, half)
     aspect, angle = rng.uniform(1.0, 1.2), rng.uniform(0, np.pi)
-    cell = _soft_disc(_ellipse_distance(dx, dy, aspect, angle), radius)
+    cell = soft_disc(ellipse_distance(dx, dy, aspect, angle), radius)
     shift = radius * 0.12 * rng.standard_normal(2)
     nucleus_aspect = rng.uniform(1.0, 1.25)
-    nucleus_distance = _ellipse_distance(dx - shift[0], dy - shift[1], nucleus_aspect, angle)
-    nucleus = _soft_disc(nucleus_distance, 0.7 * radius)
-    chromatin = 0.8 + 0.35 * _smooth_noise(rng, 2 * half + 1, 5)
+    nucleus_distance = ellipse_distance(dx - shift[0], dy - shift[1], nucleus_aspect, angle)
+    nucleus = soft_disc(nucleus_distance, 0.7 * radius)
+    chromatin = 0.8 + 0.35 * smooth_noise(rng, 2 * half + 1, 5)
     od = _tint(cell * (1 - nucleus), style.stain_od["lymphoid_cytoplasm"])
     od = od + _tint(nucleus * chromatin, style.stain_od["atypical_chromatin"])
     return _Stamp(od, x0, y0)
@@ -350,22 +312,22 @@ def draw_blast(
         The cell's OD stamp.
     """
     half = int(np.ceil(radius * 1.12)) + 2
-    dx, dy, x0, y0 = _patch_offsets(*centre, half)
+    dx, dy, x0, y0 = patch_offsets(*centre, half)
     angle = rng.uniform(0, np.pi)
-    cell = _soft_disc(_ellipse_distance(dx, dy, rng.uniform(1.0, 1.15), angle), radius)
+    cell = soft_disc(ellipse_distance(dx, dy, rng.uniform(1.0, 1.15), angle), radius)
     nucleus_radius = radius * rng.uniform(0.76, 0.84)
     offset_angle = rng.uniform(0, 2 * np.pi)
     # With a rod the nucleus sits further off-centre, leaving a crescent of cytoplasm for it.
     offset = radius * (rng.uniform(0.16, 0.22) if auer_rod else rng.uniform(0.04, 0.12))
     nx, ny = offset * np.cos(offset_angle), offset * np.sin(offset_angle)
     nucleus_aspect = rng.uniform(1.0, 1.2)
-    nucleus = _soft_disc(_ellipse_distance(dx - nx, dy - ny, nucleus_aspect, angle), nucleus_radius)
+    nucleus = soft_disc(ellipse_distance(dx - nx, dy - ny, nucleus_aspect, angle), nucleus_radius)
     chromatin = 0.8 + 0.4 * rng.random(cell.shape, dtype=np.float32)
     for _ in range(int(rng.integers(1, 4))):
         spot_angle, spot_distance = rng.uniform(0, 2 * np.pi), nucleus_radius * rng.uniform(0, 0.5)
         sx, sy = nx + spot_distance * np.cos(spot_angle), ny + spot_distance * np.sin(spot_angle)
         spot_radius = nucleus_radius * rng.uniform(0.14, 0.2)
-        nucleolus = _soft_disc(np.sqrt((dx - sx) ** 2 + (dy - sy) ** 2), spot_radius)
+        nucleolus = soft_disc(np.sqrt((dx - sx) ** 2 + (dy - sy) ** 2), spot_radius)
         chromatin = chromatin * (1 - 0.6 * nucleolus)
     od = _tint(cell * (1 - nucleus), style.stain_od["blast_cytoplasm"])
     od = od + _tint(nucleus * chromatin, style.stain_od["blast_chromatin"])
@@ -377,7 +339,7 @@ def draw_blast(
         tx, ty = np.cos(tilt), np.sin(tilt)
         along = np.clip((dx - rx) * tx + (dy - ry) * ty, -0.3 * radius, 0.3 * radius)
         gap = np.sqrt((dx - rx - along * tx) ** 2 + (dy - ry - along * ty) ** 2)
-        rod = _soft_disc(gap, 0.04 * radius + 0.15) * cell
+        rod = soft_disc(gap, 0.04 * radius + 0.15) * cell
         od = od * (1 - rod) + _tint(1.4 * rod, style.stain_od["auer_rod"])
     return _Stamp(od, x0, y0)
 
@@ -420,39 +382,6 @@ def _red_cell_centres(
         gaps = np.linalg.norm(centres[:, None] - white_centres[None], axis=-1)
         keep &= np.all(gaps > white_radii[None] + 0.6 * radius, axis=1)
     return centres[keep].astype(np.float32)
-
-
-@functools.lru_cache(maxsize=64)
-def _blur_taps(size: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian taps ``w[0..reach]`` and the per-position weight sum, for border renormalising."""
-    reach = max(1, int(np.ceil(2.5 * sigma)))
-    taps = np.exp(-0.5 * (np.arange(reach + 1) / sigma) ** 2).astype(np.float32)
-    coverage = np.full(size, taps[0], dtype=np.float32)
-    for shift in range(1, reach + 1):
-        coverage[shift:] += taps[shift]
-        coverage[:-shift] += taps[shift]
-    return taps, coverage
-
-
-def _blur_axis(image: np.ndarray, taps: np.ndarray, coverage: np.ndarray, axis: int) -> np.ndarray:
-    """Convolve a ``C×S×S`` image with symmetric ``taps`` along ``axis`` (1 or 2), no BLAS."""
-    size = image.shape[axis]
-
-    def span(start: int, stop: int) -> tuple[slice, ...]:
-        return (slice(None),) * axis + (slice(start, stop),)
-
-    blurred = taps[0] * image
-    for shift in range(1, min(len(taps), size)):
-        blurred[span(shift, size)] += taps[shift] * image[span(0, size - shift)]
-        blurred[span(0, size - shift)] += taps[shift] * image[span(shift, size)]
-    blurred /= coverage if axis == 2 else coverage[:, None]
-    return blurred
-
-
-def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of a channel-first ``C×S×S`` image, renormalised at the borders."""
-    taps, coverage = _blur_taps(image.shape[-1], round(sigma, 3))
-    return _blur_axis(_blur_axis(image, taps, coverage, axis=1), taps, coverage, axis=2)
 
 
 def render_smear(
@@ -499,9 +428,9 @@ def render_smear(
         y0, x0 = stamp.y0 + pad, stamp.x0 + pad
         canvas[:, y0 : y0 + height, x0 : x0 + width] += stamp.od
     od = canvas[:, pad : pad + image_size, pad : pad + image_size]
-    od += _tint(0.7 + 0.6 * _smooth_noise(rng, image_size, 5), style.stain_od["plasma"])
+    od += _tint(0.7 + 0.6 * smooth_noise(rng, image_size, 5), style.stain_od["plasma"])
     image = style.background_light[:, None, None] * np.exp(-od)
-    image = _gaussian_blur(image, style.blur_sigma * image_size / REFERENCE_SIZE)
+    image = gaussian_blur(image, style.blur_sigma * image_size / REFERENCE_SIZE)
     # Uniform noise of the site's standard deviation: as good as Gaussian here, and cheaper.
     noise = rng.random(image.shape, dtype=np.float32) - 0.5
     image += noise * np.float32(style.noise_std * np.sqrt(12.0))

@@ -34,7 +34,8 @@ from fedvlm.tasks.leukemia.metrics import LeukemiaMetrics
 from fedvlm.tasks.leukemia.module import LeukemiaModule
 from fedvlm.tasks.leukemia.records import STAGE_NAMES, LeukemiaRecord, leukemia_image_spec, leukemia_tensors
 from fedvlm.tasks.leukemia.shap import SHARED_PATIENTS, ShapCallback
-from fedvlm.tasks.site import SiteData, SourceIndex
+from fedvlm.tasks.site import SourceIndex
+from fedvlm.tasks.site_store import SiteData
 
 TRUTH_FILE = "truth.json"
 """Per-sample ground truth of the generator, in the site's own data folder (never the coordinator's)."""
