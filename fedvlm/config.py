@@ -10,6 +10,7 @@ resolved config is saved into every run directory so that a run can be repeated 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
@@ -19,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedvlm.data.sites import read_site_entries, server_test_entry
 from fedvlm.errors import ConfigError
 from fedvlm.registry import load_plugins, registry_of
+from fedvlm.runs import RunLayout
 from fedvlm.schema import Config
 from fedvlm.validation import validate
 
@@ -132,6 +134,27 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
         cfg.federation.num_clients = len(sites)
     validate(cfg)
     return cfg
+
+
+def load_run_config(run_dir: Path, overrides: Sequence[str], section: str, command: str) -> DictConfig:
+    """The config a run was trained with (its ``config.yaml``), with ``overrides`` of ``section`` only.
+
+    Args:
+        run_dir: A run directory.
+        overrides: ``key=value`` strings; each must lie in ``section`` (``evaluation``, ``explain``).
+        section: The config section the command may change.
+        command: The command, for error messages (``fedvlm evaluate``).
+
+    Raises:
+        ConfigError: If ``run_dir`` is not a run directory, or an override is outside ``section``.
+    """
+    path = RunLayout(run_dir).config
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {path.name})")
+    outside = [o for o in overrides if not o.startswith(f"{section}.")]
+    if outside:
+        raise ConfigError(f"{command} only takes {section}.* overrides, got: {', '.join(outside)}")
+    return load_config(path, list(overrides))
 
 
 def _apply_override(cfg: DictConfig, override: str) -> DictConfig:

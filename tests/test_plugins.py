@@ -1,6 +1,6 @@
 """Third-party components through entry points: the example plugin in ``tests/plugins`` registers a
-strategy with options, a parameterised codec, a partitioner and an image encoder (one file each),
-and one federated run uses all four. docs/architecture.md shows these files verbatim."""
+strategy with options, a parameterised codec, a partitioner, an image encoder and a task (one file
+each), and one federated run uses all five. docs/architecture.md shows these files verbatim."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ PLUGIN_OVERRIDES = [
     "federation.codec={name: int16_delta, step: 1e-5}",
     "data.partition={name: round_robin, offset: 1}",
     "model.image_encoder={name: pooled_cnn, options: {width: 6}}",
+    "task=leukemia_detection",
 ]
 
 
@@ -54,6 +55,8 @@ def test_plugin_components_register_with_their_options() -> None:
     from fedvlm.federation.codecs import update_codecs
     from fedvlm.federation.strategies import strategies
     from fedvlm.models.encoders import build_image_encoder
+    from fedvlm.tasks import get_task
+    from fedvlm.tasks.base import selection_key
 
     cfg = load_config("leukemia_demo", PLUGIN_OVERRIDES)
     assert dict(cfg.federation.strategy) == {"name": "server_step", "server_lr": 0.5}
@@ -76,6 +79,9 @@ def test_plugin_components_register_with_their_options() -> None:
     # encoder: [B, 3, H, W] → [B, width]
     encoder = build_image_encoder(cfg.model.image_encoder, 32)
     assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 6) and encoder.out_dim == 6
+    # task: the leukemia task, its checkpoints chosen by the merged validation AUROC
+    task = get_task(cfg.task)
+    assert task.name == "leukemia_detection" and selection_key(task, cfg) == "val/auroc"
 
 
 @pytest.mark.usefixtures("plugin_installed")
@@ -111,7 +117,7 @@ def test_architecture_docs_show_the_plugin_files_verbatim() -> None:
     shown = dict(re.findall(r"<!-- plugin-example: (\S+) -->\n```(?:python|ini)\n(.*?)```", text, flags=re.DOTALL))
     expected = {
         f"fedvlm_example_plugin/{name}.py": (PACKAGE / f"{name}.py").read_text()
-        for name in ("strategy", "codec", "partitioner", "encoder")
+        for name in ("strategy", "codec", "partitioner", "encoder", "task")
     }
     expected["entry_points.txt"] = (PLUGINS / "fedvlm_example_plugin-0.1.0.dist-info" / "entry_points.txt").read_text()
     assert shown == expected
@@ -119,7 +125,7 @@ def test_architecture_docs_show_the_plugin_files_verbatim() -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("plugin_installed")
-def test_a_federated_run_uses_all_four_plugin_components(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_a_federated_run_uses_all_five_plugin_components(tmp_path: Path, tiny_overrides: list[str]) -> None:
     from fedvlm.cli import main
     from fedvlm.config import load_config
     from fedvlm.data.partition import partition
@@ -127,10 +133,13 @@ def test_a_federated_run_uses_all_four_plugin_components(tmp_path: Path, tiny_ov
     from fedvlm.tasks import get_task
 
     run_dir = tmp_path / "run"
-    overrides = [*tiny_overrides, "federation.rounds=1", *PLUGIN_OVERRIDES]
+    overrides = [*tiny_overrides, "federation.rounds=2", *PLUGIN_OVERRIDES]
     assert main(["fit", "--recipe", "leukemia_demo", "--out", str(run_dir), *overrides]) == 0
-    (row,) = read_metrics(run_dir)
+    rows = read_metrics(run_dir)
+    row = rows[-1]
     assert row["server_step/lr"] == 0.5  # the plugin strategy aggregated the round
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)["fedvlm"]
+    assert best["best_value"] == max(r["val/auroc"] for r in rows)  # the plugin task chose it by val/auroc
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert state["image_encoder.conv.0.weight"].shape == (6, 3, 3, 3)  # the plugin encoder was trained
     float_values = sum(v.numel() for v in state.values() if v.is_floating_point())

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from fedvlm.config import load_config, save_config
+from fedvlm.config import load_config, load_run_config, save_config
 from fedvlm.data.prepared import Samples, bundle_size, make_loader
 from fedvlm.errors import ConfigError
 from fedvlm.evaluation.metrics import AUROC_BINS, export_state, merge_states
@@ -264,12 +264,7 @@ def evaluate_run(
             override outside ``evaluation.*``.
     """
     console = console or Console()
-    if not RunLayout(run_dir).config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    outside = [o for o in overrides if not o.startswith("evaluation.")]
-    if outside:
-        raise ConfigError(f"fedvlm evaluate only takes evaluation.* overrides, got: {', '.join(outside)}")
-    cfg = load_config(RunLayout(run_dir).config, list(overrides))
+    cfg = load_run_config(run_dir, overrides, "evaluation", "fedvlm evaluate")
     if cfg.task != "cxr":
         raise ConfigError(f"fedvlm evaluate supports task=cxr runs; {run_dir} is task={cfg.task}")
     module = load_trained_module(run_dir, cfg, checkpoint)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fedvlm.config import load_config
+from fedvlm.config import load_run_config
 from fedvlm.data.prepared import bundle_size, subset
 from fedvlm.errors import ConfigError, DataError
 from fedvlm.runs import RunLayout, read_metrics
@@ -52,12 +52,7 @@ def explain_run(
         DataError: If a requested patient is not in the test split.
     """
     console = console or Console()
-    if not RunLayout(run_dir).config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    outside = [o for o in overrides if not o.startswith("explain.")]
-    if outside:
-        raise ConfigError(f"fedvlm explain only takes explain.* overrides, got: {', '.join(outside)}")
-    cfg = load_config(RunLayout(run_dir).config, list(overrides))
+    cfg = load_run_config(run_dir, overrides, "explain", "fedvlm explain")
     out_dir = out or RunLayout(run_dir).explanations
     if cfg.task == "cxr":
         from fedvlm.tasks.cxr.explain import explain_cxr_run

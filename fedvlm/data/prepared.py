@@ -43,6 +43,23 @@ def decode_images(spec: ImageSpec, images: Sequence[np.ndarray | Path | str]) ->
     return torch.from_numpy(stacked)
 
 
+def sample_tensors(
+    labels: Bundle,
+    reports: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_text_length: int,
+    indices: Sequence[int] | None = None,
+) -> Bundle:
+    """A task's label tensors completed with what every task's samples carry: ``index`` (the
+    sample's index in its source, ``0..N-1`` by default) and, with a tokenizer, the reports'
+    ``input_ids``/``attention_mask``."""
+    bundle = dict(labels)
+    bundle["index"] = torch.tensor(list(indices) if indices is not None else range(len(reports)), dtype=torch.long)
+    if tokenizer is not None:
+        bundle.update(tokenize(tokenizer, reports, max_text_length))
+    return bundle
+
+
 TOKENIZE_CHUNK = 1024
 """Reports tokenised per call: a tokenizer's intermediate encodings take kilobytes per text, so a
 site's whole split at once would make its memory grow with its size."""

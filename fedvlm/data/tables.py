@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +128,34 @@ def _check_columns(path: Path, columns: Sequence[str], required_columns: Sequenc
             f"{where}: missing required column(s) {', '.join(map(repr, missing))} "
             f"(found: {', '.join(columns) or 'none'})"
         )
+
+
+def path_cell(image: Path, out_dir: Path) -> str:
+    """A table's cell for ``image``: relative to ``out_dir`` when inside it (POSIX separators), else absolute."""
+    resolved = image.resolve()
+    try:
+        return resolved.relative_to(out_dir.resolve()).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def new_image_cell(name: str, index: int, taken: set[str], folder: str = "images") -> str:
+    """The table cell ``folder/<stem>.png`` of a new image file for sample ``index`` named
+    ``name`` (a patient or study id): unsafe characters become ``_``, and a name already in
+    ``taken`` (lower-cased: on case-insensitive file systems "P1.png" and "p1.png" collide) gets
+    ``_<index>``; the cell is added to ``taken``.
+
+    Example:
+        >>> taken: set[str] = set()
+        >>> new_image_cell("p 1/a", 0, taken), new_image_cell("P_1_A", 3, taken), new_image_cell("..", 4, taken)
+        ('images/p_1_a.png', 'images/P_1_A_3.png', 'images/4.png')
+    """
+    stem = _UNSAFE_FILE_CHARS.sub("_", name).strip("._") or str(index)
+    while f"{folder}/{stem}.png".lower() in taken:
+        stem = f"{stem}_{index}"
+    cell = f"{folder}/{stem}.png"
+    taken.add(cell.lower())
+    return cell

@@ -211,6 +211,16 @@ def import_class(dotted: str, base: type, key: str = "model.module_class") -> ty
     return cls
 
 
+def module_class(cfg: DictConfig, default: type) -> type:
+    """The LightningModule class of a run: ``model.module_class`` (a subclass of ``default``) or
+    ``default`` itself.
+
+    Raises:
+        ConfigError: If ``model.module_class`` cannot be imported or does not subclass ``default``.
+    """
+    return import_class(cfg.model.module_class, default) if cfg.model.module_class else default
+
+
 PUBLIC_VOCABULARY = Path(__file__).resolve().parent.parent / "resources" / "wordpiece_uncased_vocab.txt"
 """BERT-base (uncased) WordPiece vocabulary shipped with the package: the default of a random-init
 text encoder on real data."""

@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from fedvlm.data.images import atomic_destination
-from fedvlm.data.tables import read_table
+from fedvlm.data.tables import new_image_cell, path_cell, read_table
 from fedvlm.errors import DataError
 from fedvlm.tasks.cxr.records import CxrDataset, CxrRecord
 
 CXR_MANIFEST_COLUMNS = ("image", "report", "patient", "study", "site")
 """Columns before the label columns; every further column is a label, in file order."""
-
-
-_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def write_cxr_manifest(dataset: CxrDataset, out_dir: Path) -> Path:
@@ -55,16 +51,12 @@ def write_cxr_manifest(dataset: CxrDataset, out_dir: Path) -> Path:
     image_cells = []
     for index, record in enumerate(dataset.records):
         if not isinstance(record.image, np.ndarray):
-            image_cells.append(_path_cell(Path(record.image), out_dir))
+            image_cells.append(path_cell(Path(record.image), out_dir))
             continue
         if record.image.ndim != 2 or record.image.dtype != np.uint8:
             where = record.source or record.patient
             raise DataError(f"{where}: expected an H×W uint8 image, got {record.image.shape} {record.image.dtype}")
-        stem = _UNSAFE_FILE_CHARS.sub("_", record.study or record.patient).strip("._") or str(index)
-        while f"{stem}.png".lower() in taken:
-            stem = f"{stem}_{index}"
-        taken.add(f"{stem}.png".lower())
-        relative = f"images/{stem}.png"
+        relative = new_image_cell(record.study or record.patient, index, taken)
         with atomic_destination(out_dir / relative) as temp_path:
             Image.fromarray(record.image, mode="L").save(temp_path, format="PNG")
         image_cells.append(relative)
@@ -146,12 +138,3 @@ def _parse_label(text: str, where: str) -> float:
     if value not in (0.0, 1.0):
         raise DataError(f"{where}: label must be 1, 0 or empty, got {text!r}")
     return value
-
-
-def _path_cell(image: Path, out_dir: Path) -> str:
-    """``image`` relative to ``out_dir`` when inside it (POSIX separators), else absolute."""
-    resolved = image.resolve()
-    try:
-        return resolved.relative_to(out_dir.resolve()).as_posix()
-    except ValueError:
-        return str(resolved)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedvlm.data.prepared import Bundle, decode_images, tokenize
+from fedvlm.data.prepared import Bundle, decode_images, sample_tensors
 from fedvlm.data.streaming import ImageSpec
 from fedvlm.errors import DataError
 
@@ -167,14 +167,11 @@ def cxr_tensors(
     (``nan`` unknown), ``report_group`` (rows with identical report text share an id, for
     retrieval), ``index`` and token tensors."""
     groups: dict[str, int] = {}
-    bundle: Bundle = {
+    labels = {
         "labels": torch.tensor(np.array([r.labels for r in records], dtype=np.float32).reshape(len(records), -1)),
         "report_group": torch.tensor([groups.setdefault(r.report, len(groups)) for r in records], dtype=torch.long),
-        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
     }
-    if tokenizer is not None:
-        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
-    return bundle
+    return sample_tensors(labels, [r.report for r in records], tokenizer, max_text_length, indices)
 
 
 def prepare_cxr_bundle(

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedvlm.data.generators import checked_indices
+from fedvlm.data.generators import check_generator_sizes, checked_indices
 from fedvlm.errors import ConfigError
 from fedvlm.tasks.cxr.records import CxrDataset, CxrRecord, LesionBox
 from fedvlm.tasks.cxr.render import (
@@ -120,14 +120,7 @@ class SynthCxrConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n < 0:
-            raise ConfigError(f"n must be >= 0, got {self.n}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
-        if not 32 <= self.image_size <= 512:
-            raise ConfigError(f"image_size must be in 32..512, got {self.image_size}")
-        if not 1 <= self.num_sites <= 100:
-            raise ConfigError(f"num_sites must be in 1..100, got {self.num_sites}")
+        check_generator_sizes(self.n, self.seed, self.image_size, self.num_sites)
         unknown = sorted(set(self.prevalence) - set(FINDINGS))
         if unknown:
             raise ConfigError(f"prevalence: unknown finding(s) {unknown}; known: {', '.join(FINDINGS)}")

@@ -25,9 +25,9 @@ from fedvlm.evaluation.metrics import AUROC_BINS
 from fedvlm.runs import RunLayout
 from fedvlm.tasks.base import (
     PreparedSites,
-    import_class,
     is_synthetic,
     make_tokenizer,
+    module_class,
     read_meta,
     synthetic_everywhere,
     tasks,
@@ -367,10 +367,7 @@ class CxrTask(PreparedSites):
 
     def build_module(self, cfg: DictConfig, run_dir: Path) -> L.LightningModule:
         meta = read_meta(run_dir)
-        module_class = (
-            import_class(cfg.model.module_class, ContrastiveVLM) if cfg.model.module_class else ContrastiveVLM
-        )
-        module = module_class(
+        module = module_class(cfg, ContrastiveVLM)(
             model=OmegaConf.to_container(cfg.model, resolve=True),
             contrastive=OmegaConf.to_container(cfg.contrastive, resolve=True),
             optim=OmegaConf.to_container(cfg.optim, resolve=True),

@@ -18,14 +18,13 @@ is skipped; the rows are read by :func:`fedvlm.data.tables.read_table`.
 from __future__ import annotations
 
 import csv
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fedvlm.data.images import atomic_destination, write_image
-from fedvlm.data.tables import TableRow, read_table
+from fedvlm.data.tables import TableRow, new_image_cell, path_cell, read_table
 from fedvlm.errors import DataError
 from fedvlm.tasks.leukemia.records import NUM_STAGES_DEFAULT, LeukemiaRecord, parse_stage
 
@@ -33,8 +32,6 @@ MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 REQUIRED_COLUMNS = ("image", "report", "leukemia", "stage")
 MANIFEST_COLUMNS = (*REQUIRED_COLUMNS, "site", "patient")
 IMAGES_FOLDER = "images"
-
-_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def read_manifest(path: Path, num_stages: int = NUM_STAGES_DEFAULT, check_images: bool = True) -> list[LeukemiaRecord]:
@@ -182,27 +179,14 @@ def _check_writable(record: LeukemiaRecord, index: int, num_stages: int) -> None
 def _save_images(records: Sequence[LeukemiaRecord], out_dir: Path) -> list[str]:
     """Save array images under ``out_dir/images``; the manifest ``image`` cell of each record."""
     cells: list[str | None] = [
-        None if isinstance(record.image, np.ndarray) else _path_cell(Path(record.image), out_dir) for record in records
+        None if isinstance(record.image, np.ndarray) else path_cell(Path(record.image), out_dir) for record in records
     ]
     # Lower-cased, because on case-insensitive file systems "P1.png" and "p1.png" collide.
     taken = {cell.lower() for cell in cells if cell is not None}
     for index, record in enumerate(records):
         if not isinstance(record.image, np.ndarray):
             continue
-        stem = _UNSAFE_FILE_CHARS.sub("_", record.patient).strip("._") or str(index)
-        while f"{IMAGES_FOLDER}/{stem}.png".lower() in taken:
-            stem = f"{stem}_{index}"
-        relative = f"{IMAGES_FOLDER}/{stem}.png"
-        taken.add(relative.lower())
+        relative = new_image_cell(record.patient, index, taken, IMAGES_FOLDER)
         write_image(out_dir / relative, record.image)
         cells[index] = relative
     return [cell for cell in cells if cell is not None]
-
-
-def _path_cell(image: Path, out_dir: Path) -> str:
-    """``image`` relative to ``out_dir`` when inside it (POSIX separators), else absolute."""
-    resolved = image.resolve()
-    try:
-        return resolved.relative_to(out_dir.resolve()).as_posix()
-    except ValueError:
-        return str(resolved)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedvlm.data.prepared import Bundle, decode_images, tokenize
+from fedvlm.data.prepared import Bundle, decode_images, sample_tensors
 from fedvlm.data.streaming import ImageSpec
 from fedvlm.errors import DataError
 
@@ -112,14 +112,11 @@ def leukemia_tensors(
 ) -> Bundle:
     """The per-sample tensors of leukemia records, images aside: ``leukemia``, ``stage`` (−1
     unknown), ``index`` and, with a tokenizer, ``input_ids``/``attention_mask``."""
-    bundle: Bundle = {
+    labels = {
         "leukemia": torch.tensor([r.leukemia for r in records], dtype=torch.long),
         "stage": torch.tensor([-1 if r.stage is None else r.stage for r in records], dtype=torch.long),
-        "index": torch.tensor(list(indices) if indices is not None else range(len(records)), dtype=torch.long),
     }
-    if tokenizer is not None:
-        bundle.update(tokenize(tokenizer, [r.report for r in records], max_text_length))
-    return bundle
+    return sample_tensors(labels, [r.report for r in records], tokenizer, max_text_length, indices)
 
 
 def prepare_bundle(

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedvlm.data.generators import checked_indices, report_tokens
+from fedvlm.data.generators import check_generator_sizes, checked_indices, report_tokens
 from fedvlm.errors import ConfigError
 from fedvlm.tasks.leukemia.records import LeukemiaRecord
 from fedvlm.tasks.leukemia.smear_render import SmearContents, render_smear, site_styles
@@ -112,14 +112,7 @@ class SynthLeukemiaConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n < 0:
-            raise ConfigError(f"n must be >= 0, got {self.n}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
-        if not 32 <= self.image_size <= 512:
-            raise ConfigError(f"image_size must be in 32..512, got {self.image_size}")
-        if not 1 <= self.num_sites <= 100:
-            raise ConfigError(f"num_sites must be in 1..100, got {self.num_sites}")
+        check_generator_sizes(self.n, self.seed, self.image_size, self.num_sites)
         for name in ("positive_fraction", "p_ambiguous_image", "p_report_omits_values"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -19,10 +19,10 @@ from fedvlm.evaluation.metrics import AUROC_BINS
 from fedvlm.runs import RunLayout
 from fedvlm.tasks.base import (
     PreparedSites,
-    import_class,
     is_synthetic,
     make_tokenizer,
     mean_of,
+    module_class,
     read_meta,
     run_tokenizer,
     synthetic_everywhere,
@@ -170,10 +170,7 @@ class LeukemiaTask(PreparedSites):
 
     def build_module(self, cfg: DictConfig, run_dir: Path) -> L.LightningModule:
         meta = read_meta(run_dir)
-        module_class = (
-            import_class(cfg.model.module_class, LeukemiaModule) if cfg.model.module_class else LeukemiaModule
-        )
-        return module_class(
+        return module_class(cfg, LeukemiaModule)(
             model=OmegaConf.to_container(cfg.model, resolve=True),
             optim=OmegaConf.to_container(cfg.optim, resolve=True),
             image_size=cfg.data.image_size,
