@@ -36,7 +36,7 @@ from fedvlm.federation.callback import (
     static_fingerprint,
     travelling_keys,
 )
-from fedvlm.federation.codecs import update_codecs
+from fedvlm.federation.codecs import encode_update, update_codecs
 from fedvlm.federation.secure import secure_aggregation_mod
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import Task, get_task
@@ -260,7 +260,8 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
             local_state = clip_update(local_state, reference, float(round_config[keys.CENTRAL_CLIPPING_NORM]))[0]
         local_state = attack.poison(local_state, global_state, int(round_config[keys.ROUND_SEED]) + partition_id)
         codec = update_codecs.build(json.loads(str(round_config[keys.UPDATE_CODEC])))
-        record = codec.encode(local_state, reference)
+        codec_seed = 2 * (int(round_config[keys.ROUND_SEED]) + partition_id) + 1  # a stream apart from the attack's
+        record = encode_update(codec, local_state, reference, codec_seed)
         return Message(
             RecordDict(
                 {

@@ -1,11 +1,26 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from fedvlm.federation.codecs import Float16DeltaCodec, IdentityCodec, update_codecs
+from fedvlm.config import load_config
+from fedvlm.errors import ConfigError
+from fedvlm.federation.codecs import (
+    Float16DeltaCodec,
+    IdentityCodec,
+    StochasticQuantizer,
+    _pack,
+    _unpack,
+    encode_update,
+    update_codecs,
+)
+
+QUANTIZERS = {"int8": 8, "int4": 4, "int2": 2}
 
 
-@pytest.mark.parametrize("name", update_codecs.names())
-def test_every_codec_round_trips_within_its_precision(name: str) -> None:
+@pytest.mark.parametrize("name", ["none", "fp16"])
+def test_every_deterministic_codec_round_trips_within_its_precision(name: str) -> None:
     torch.manual_seed(0)
     reference = {"w": torch.randn(64, 32), "n": torch.tensor(3)}
     local = {"w": reference["w"] + 0.01 * torch.randn(64, 32), "n": torch.tensor(5)}
@@ -26,3 +41,82 @@ def test_fp16_delta_codec_halves_the_bytes_and_beats_fp16_weights() -> None:
     delta_error = (Float16DeltaCodec().decode(half, reference)["w"] - local["w"]).abs().max()
     weight_error = (local["w"].half().float() - local["w"]).abs().max()
     assert delta_error < weight_error / 100
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_unpack_round_trips_codes_of_any_length(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    for size in (1, 3, 7, 8, 1001):
+        codes = rng.integers(0, 1 << bits, size).astype(np.uint8)
+        packed = _pack(codes, bits)
+        assert len(packed) == math.ceil(size * bits / 8)
+        np.testing.assert_array_equal(_unpack(packed, bits, size), codes)
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_quantizers_stay_within_one_step_of_the_delta(name: str) -> None:
+    bits, block = QUANTIZERS[name], 16
+    levels = 2 ** (bits - 1) - 1
+    torch.manual_seed(0)
+    reference = {"w": torch.randn(10, 10), "n": torch.tensor(7)}
+    local = {"w": reference["w"] + 0.01 * torch.randn(10, 10), "n": torch.tensor(9)}
+    codec = update_codecs.build({"name": name, "block": block})
+    decoded = codec.decode(codec.encode(local, reference, torch.Generator().manual_seed(1)), reference)
+    assert int(decoded["n"]) == 9 and decoded["w"].shape == (10, 10)
+    delta = (local["w"] - reference["w"]).flatten()
+    error = (decoded["w"] - local["w"]).flatten().abs()
+    for start in range(0, 100, block):  # a step is the block's largest |Δ| over L levels
+        step = delta[start : start + block].abs().max() / levels
+        assert (error[start : start + block] <= step * (1 + 1e-5) + 1e-7).all()
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_quantizers_are_unbiased(name: str) -> None:
+    """The mean of many seeded decodings converges to the delta: error ≪ one step."""
+    bits = QUANTIZERS[name]
+    torch.manual_seed(2)
+    reference = {"w": torch.randn(64)}
+    local = {"w": reference["w"] + 0.1 * torch.randn(64)}
+    codec = update_codecs.build({"name": name, "block": 64})
+    draws = 1500
+    delta = (local["w"] - reference["w"]).double()
+    total = torch.zeros(64, dtype=torch.float64)
+    for seed in range(draws):  # in float64: a float32 sum of 4000 weights drifts more than the bound
+        total += codec.decode(encode_update(codec, local, reference, seed), reference)["w"].double() - reference["w"]
+    step = delta.abs().max() / (2 ** (bits - 1) - 1)
+    # each entry's rounding is a Bernoulli on one step: std of the mean ≤ step / (2·√draws)
+    assert (total / draws - delta).abs().max() < 5 * step / (2 * math.sqrt(draws))
+    one = codec.decode(encode_update(codec, local, reference, 0), reference)["w"]
+    assert bits == 8 or not torch.allclose(one, local["w"], atol=step.item() / 10)  # a single draw is coarse
+
+
+@pytest.mark.parametrize(("name", "block"), [("int8", 256), ("int4", 64), ("int2", 32)])
+def test_quantizers_send_bits_per_entry_plus_one_scale_per_block(name: str, block: int) -> None:
+    bits = QUANTIZERS[name]
+    size = 1 << 16
+    reference = {"w": torch.zeros(size)}
+    local = {"w": torch.randn(size)}
+    record = update_codecs.build({"name": name, "block": block}).encode(local, reference, torch.Generator())
+    assert record["w"].numpy().nbytes == size * bits // 8 + 4 * (size // block)
+    ratio = IdentityCodec().encode(local, reference).count_bytes() / record.count_bytes()
+    assert ratio > 0.95 * 32 / (bits + 32 / block)
+
+
+def test_a_quantizer_is_seeded_by_the_client_and_exact_on_zero_deltas() -> None:
+    codec = StochasticQuantizer(bits=4, block=8)
+    reference = {"w": torch.randn(40)}
+    local = {"w": reference["w"] + torch.randn(40)}
+    same = [encode_update(codec, local, reference, 5)["w"].numpy() for _ in range(2)]
+    np.testing.assert_array_equal(*same)
+    assert not np.array_equal(same[0], encode_update(codec, local, reference, 6)["w"].numpy())
+    unchanged = codec.decode(codec.encode(reference, reference, torch.Generator()), reference)["w"]
+    assert torch.equal(unchanged, reference["w"])
+
+
+def test_quantizer_options_are_checked_when_the_config_is_loaded() -> None:
+    cfg = load_config(None, ["federation.codec=int4"])
+    assert dict(cfg.federation.codec) == {"name": "int4", "block": 256}
+    with pytest.raises(ConfigError, match=r"federation.codec.block=0 must be in 1\.\.1048576"):
+        load_config(None, ["federation.codec={name: int8, block: 0}"])
+    with pytest.raises(ConfigError, match="federation.codec.bits: not an option of update codec 'int2'"):
+        load_config(None, ["federation.codec={name: int2, bits: 3}"])

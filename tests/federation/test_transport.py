@@ -25,6 +25,7 @@ from fedvlm.federation import keys
 from fedvlm.federation.callback import travelling_keys
 from fedvlm.federation.central_dp import central_epsilon, clip_update, uniform_mean
 from fedvlm.federation.client import make_client_app
+from fedvlm.federation.codecs import update_codecs
 from fedvlm.federation.server import FederatedServer, update_norm
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import get_task
@@ -261,3 +262,31 @@ def test_server_momentum_survives_a_resume(tmp_path: Path) -> None:
     assert resumed.progress.completed_round == 3
     for key, value in straight_server.global_state.items():
         torch.testing.assert_close(resumed.global_state[key], value, rtol=0, atol=0)
+
+
+def test_quantised_updates_are_decoded_and_averaged_by_the_server(tmp_path: Path) -> None:
+    """int4 end to end: each client's reply is packed codes and scales (≈ 1/7 of float32), and the
+    new global state is the FedAvg of the replies decoded against the weights they started from."""
+    server, grid = _federation(tmp_path, "leukemia_demo", "federation.codec={name: int4, block: 64}")
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    server.run(cast(Grid, grid))
+    replies = {
+        int(r.content.metric_records[keys.METRICS][keys.PARTITION_ID]): r.content  # type: ignore[arg-type]
+        for r in grid.received
+        if r.metadata.message_type == keys.TRAIN
+    }
+    codec = update_codecs.build({"name": "int4", "block": 64})
+    decoded, weights = [], []
+    for _, content in sorted(replies.items()):
+        record = content.array_records[keys.ARRAYS]
+        floats = [k for k in record if before[k].is_floating_point()]
+        assert all(record[k].numpy().dtype == "uint8" for k in floats)  # scales and codes, packed
+        packed = sum(record[k].numpy().nbytes for k in floats)
+        assert packed < 0.2 * sum(4 * before[k].numel() for k in floats)  # 4 bits + 4/64 bytes an entry
+        decoded.append(codec.decode(record, {k: before[k] for k in record}))
+        weights.append(float(content.metric_records[keys.METRICS][keys.NUM_EXAMPLES]))  # type: ignore[arg-type]
+    total = sum(weights)
+    for key in decoded[0]:
+        if before[key].is_floating_point():
+            expected = sum(w * d[key].double() for w, d in zip(weights, decoded, strict=True)) / total
+            torch.testing.assert_close(server.global_state[key].double(), expected, rtol=0, atol=1e-6)
