@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
@@ -261,7 +261,13 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
         local_state = attack.poison(local_state, global_state, int(round_config[keys.ROUND_SEED]) + partition_id)
         codec = update_codecs.build(json.loads(str(round_config[keys.UPDATE_CODEC])))
         codec_seed = 2 * (int(round_config[keys.ROUND_SEED]) + partition_id) + 1  # a stream apart from the attack's
-        record = encode_update(codec, local_state, reference, codec_seed)
+        residual = context.state.array_records.get(keys.CODEC_RESIDUAL)
+        # the reference is exactly what the server sent: both sides know its keys and their order
+        record, new_residual = encode_update(
+            codec, local_state, global_state, codec_seed, residual.to_torch_state_dict() if residual else None
+        )
+        if getattr(codec, "error_feedback", False):  # in node state: it survives a fresh ClientApp process
+            context.state[keys.CODEC_RESIDUAL] = ArrayRecord(torch_state_dict=new_residual)
         return Message(
             RecordDict(
                 {

@@ -7,8 +7,14 @@ because the server decodes before aggregating. A codec that draws random numbers
 ``stochastic = True`` and takes the client's seeded ``generator`` as a third argument, so a run
 repeats bit for bit.
 
-``federation.codec``: ``none`` (the weights), ``fp16`` (float16 deltas), and ``int8``, ``int4``,
-``int2`` (stochastic uniform quantisation of the delta, one scale per ``block`` entries).
+``federation.codec``: ``none`` (the weights), ``fp16`` (float16 deltas), ``int8``, ``int4``,
+``int2`` (stochastic uniform quantisation of the delta, one scale per ``block`` entries) and
+``topk`` (the largest ``fraction`` of each tensor's delta entries, values optionally quantised,
+with optional error feedback: a codec with memory declares ``error_feedback = True``, and the
+client keeps its residual in its node state between rounds).
+
+``reference`` is exactly the state the server sent (its downlink keys, in the same order on both
+sides), so a codec may pack a whole update into one array and name its tensors by position.
 """
 
 from __future__ import annotations
@@ -191,10 +197,215 @@ def int2_codec(block: int = 256) -> StochasticQuantizer:
     return StochasticQuantizer(2, block)
 
 
+@dataclass
+class TopKOptions:
+    """``fraction``: the share of each tensor's entries sent (at least one); ``bits``: 32 sends the
+    values as float32, 16 as float16, 8/4/2 quantises them (unbiased, one scale per tensor);
+    ``error_feedback``: add what was not sent to the next round's delta."""
+
+    fraction: float = 0.01
+    bits: int = 32
+    error_feedback: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction={self.fraction} must be in (0, 1]")
+        if self.bits not in (32, 16, 8, 4, 2):
+            raise ValueError(f"bits={self.bits} must be one of 32, 16, 8, 4, 2")
+
+
+TOPK_BLOB = "topk"
+"""The one array of a top-k update (every float tensor's entries, by position in the reference)."""
+
+
+class TopKCodec:
+    """Send the ``fraction`` largest ``|Δ|`` entries of each float tensor (Deep Gradient
+    Compression's sparsification), as one ``uint8`` array.
+
+    Layout: a bitmask of which reference tensors the update holds (sorted keys; frozen tensors do
+    not travel), per tensor one float32 scale when ``bits < 16``, every kept value (float32,
+    float16 or packed codes), then the kept positions as LEB128 varints of their gaps (one byte for
+    a gap under 128). A tensor of ``n`` entries keeps ``max(1, round(fraction·n))``; both sides know
+    it. Non-float entries travel unchanged beside the array.
+
+    With ``error_feedback`` (Seide et al. 2014; Stich et al. 2018), the client adds its residual,
+    what earlier rounds did not send (unsent entries and value-quantisation error), to the delta
+    before selecting, and keeps the new residual: over ``T`` rounds the transmitted updates sum to
+    the true deltas minus the final residual.
+
+    Example:
+        >>> codec = TopKCodec(fraction=0.5)
+        >>> ref = {"w": torch.zeros(4)}
+        >>> record, residual = codec.encode_with_feedback({"w": torch.tensor([0.1, -3.0, 0.2, 2.0])}, ref, None, {})
+        >>> codec.decode(record, ref)["w"], residual
+        (tensor([ 0., -3.,  0.,  2.]), {})
+    """
+
+    error_feedback: ClassVar[bool] = False
+
+    def __init__(self, fraction: float = 0.01, bits: int = 32, error_feedback: bool = False) -> None:
+        self.fraction, self.bits = fraction, bits
+        self.error_feedback = error_feedback  # type: ignore[misc]
+        self.quantizer = StochasticQuantizer(bits) if bits <= 8 else None
+
+    @property
+    def stochastic(self) -> bool:
+        return self.quantizer is not None
+
+    def kept(self, size: int) -> int:
+        """How many of a tensor's ``size`` entries are sent."""
+        return min(size, max(1, round(self.fraction * size)))
+
+    def encode(
+        self,
+        local: Mapping[str, torch.Tensor],
+        reference: Mapping[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+    ) -> ArrayRecord:
+        return self.encode_with_feedback(local, reference, generator, {})[0]
+
+    def encode_with_feedback(
+        self,
+        local: Mapping[str, torch.Tensor],
+        reference: Mapping[str, torch.Tensor],
+        generator: torch.Generator | None,
+        residual: Mapping[str, torch.Tensor],
+    ) -> tuple[ArrayRecord, State]:
+        """The record and, with error feedback, the new residual (``residual`` for tensors not
+        sent this round is kept as it was)."""
+        order = sorted(reference)
+        floats = [k for k in order if k in local and reference[k].is_floating_point()]
+        mask = np.zeros(len(order), dtype=bool)
+        mask[[order.index(k) for k in floats]] = True
+        scales, values, gaps = [], [], []
+        new_residual = {k: v for k, v in residual.items() if k not in floats} if self.error_feedback else {}
+        for key in floats:
+            delta = (local[key].detach().cpu().float() - reference[key].cpu().float()).flatten()
+            if self.error_feedback and key in residual:
+                delta = delta + residual[key].flatten().float()
+            positions = torch.topk(delta.abs(), self.kept(len(delta)), sorted=False).indices.sort().values
+            chosen = delta[positions]
+            sent = chosen
+            if self.quantizer is not None:
+                scale = chosen.abs().max()
+                codes = self._codes(chosen, scale, generator)
+                scales.append(scale.reshape(1))
+                values.append(codes)
+                sent = (codes.float() - self.quantizer.levels) / self.quantizer.levels * scale
+            else:
+                values.append(chosen.to(torch.float16 if self.bits == 16 else torch.float32))
+                sent = values[-1].float()
+            gaps.append(torch.diff(positions, prepend=torch.tensor([-1])) - 1)
+            if self.error_feedback:
+                left = delta.clone()
+                left[positions] -= sent
+                new_residual[key] = left.view(reference[key].shape)
+        parts = [np.packbits(mask)]
+        if scales:
+            parts.append(torch.cat(scales).numpy().view(np.uint8))
+        if values:
+            if self.quantizer is not None:
+                parts.append(_pack(torch.cat(values).numpy(), self.quantizer.bits))
+            else:
+                parts.append(torch.cat(values).numpy().view(np.uint8))
+            parts.append(_varints(torch.cat(gaps).numpy()))
+        packed: dict[str, torch.Tensor] = {TOPK_BLOB: torch.from_numpy(np.concatenate(parts))}
+        packed.update({k: v.detach().cpu() for k, v in local.items() if not reference[k].is_floating_point()})
+        return ArrayRecord(torch_state_dict=packed), new_residual
+
+    def _codes(self, values: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        assert self.quantizer is not None
+        levels = self.quantizer.levels
+        unit = values * (levels / scale if scale > 0 else 0.0)
+        noise = torch.rand(unit.shape, generator=generator)
+        return (torch.floor(unit + noise).clamp(-levels, levels) + levels).to(torch.uint8)
+
+    def decode(self, record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> State:
+        state = record.to_torch_state_dict()
+        blob = state.pop(TOPK_BLOB).numpy()
+        order = sorted(reference)
+        mask_bytes = math.ceil(len(order) / 8)
+        mask = np.unpackbits(blob[:mask_bytes])[: len(order)].astype(bool)
+        keys = [k for k, sent in zip(order, mask, strict=True) if sent]
+        counts = [self.kept(reference[k].numel()) for k in keys]
+        total = sum(counts)
+        offset = mask_bytes
+        if self.quantizer is not None:
+            scales = blob[offset : offset + 4 * len(keys)].copy().view(np.float32)
+            offset += 4 * len(keys)
+            value_bytes = math.ceil(total * self.quantizer.bits / 8)
+            codes = _unpack(blob[offset : offset + value_bytes], self.quantizer.bits, total).astype(np.float32)
+            levels = self.quantizer.levels
+            values = (codes - levels) / levels * np.repeat(scales, counts)
+        else:
+            width = 2 if self.bits == 16 else 4
+            value_bytes = total * width
+            raw = blob[offset : offset + value_bytes].copy().view(np.float16 if width == 2 else np.float32)
+            values = raw.astype(np.float32)
+        offset += value_bytes
+        gaps = _from_varints(blob[offset:], total)
+        restored: State = {}
+        start = 0
+        for key, count in zip(keys, counts, strict=True):
+            base = reference[key]
+            positions = torch.from_numpy(np.cumsum(gaps[start : start + count] + 1) - 1)
+            delta = torch.zeros(base.numel(), dtype=torch.float32)
+            delta[positions] = torch.from_numpy(values[start : start + count])
+            restored[key] = base + delta.view(base.shape).to(base.dtype)
+            start += count
+        restored.update(state)  # non-float entries, as they were
+        return restored
+
+
+def _varints(values: np.ndarray) -> np.ndarray:
+    """Non-negative integers as LEB128 varints (7 bits a byte, high bit: more follows).
+
+    Example:
+        >>> _varints(np.array([0, 127, 128, 300])).tolist()
+        [0, 127, 128, 1, 172, 2]
+    """
+    values = values.astype(np.uint64)
+    width = np.ones(len(values), dtype=np.int64)
+    for shift in range(7, 64, 7):
+        width += (values >> np.uint64(shift)) > 0
+    out = np.zeros(int(width.sum()), dtype=np.uint8)
+    starts = np.concatenate([[0], np.cumsum(width)[:-1]])
+    for byte in range(int(width.max(initial=0))):
+        live = width > byte
+        chunk = ((values[live] >> np.uint64(7 * byte)) & np.uint64(0x7F)).astype(np.uint8)
+        more = (width[live] > byte + 1).astype(np.uint8) << 7
+        out[starts[live] + byte] = chunk | more
+    return out
+
+
+def _from_varints(data: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` integers of :func:`_varints`' bytes."""
+    ends = np.flatnonzero(data < 0x80)[:count]
+    if len(ends) < count:
+        raise ValueError(f"truncated top-k positions: {len(ends)} of {count}")
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    values = np.zeros(count, dtype=np.int64)
+    for byte in range(int((ends - starts).max(initial=0)) + 1):
+        live = starts + byte <= ends
+        values[live] |= (data[starts[live] + byte].astype(np.int64) & 0x7F) << (7 * byte)
+    return values
+
+
+update_codecs.register("topk", options=TopKOptions)(TopKCodec)
+
+
 def encode_update(
-    codec: UpdateCodec, local: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], seed: int
-) -> ArrayRecord:
-    """``codec.encode``, with a generator seeded by ``seed`` for a stochastic codec."""
-    if getattr(codec, "stochastic", False):
-        return codec.encode(local, reference, torch.Generator().manual_seed(seed))  # type: ignore[call-arg]
-    return codec.encode(local, reference)
+    codec: UpdateCodec,
+    local: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    seed: int,
+    residual: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[ArrayRecord, State]:
+    """``codec.encode`` with a generator seeded by ``seed`` for a stochastic codec, and, for a codec
+    with error feedback, this client's ``residual`` in and its new residual out (else empty)."""
+    generator = torch.Generator().manual_seed(seed) if getattr(codec, "stochastic", False) else None
+    if getattr(codec, "error_feedback", False):
+        return codec.encode_with_feedback(local, reference, generator, residual or {})  # type: ignore[attr-defined]
+    if generator is not None:
+        return codec.encode(local, reference, generator), {}  # type: ignore[call-arg]
+    return codec.encode(local, reference), {}

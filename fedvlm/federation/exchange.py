@@ -51,7 +51,7 @@ class RoundExchange:
     Attributes:
         grid: Where the clients are.
         nodes: Partition id → node id of every client in the run.
-        reference: The global state the clients start the round from.
+        reference: The state the server sent (its downlink keys): what the clients start from.
         client_sizes: Partition id → training examples, as each client reported at the start.
         timeout: Seconds to wait for replies (``federation.round_timeout``).
         codec: How the clients packed their updates.
@@ -78,7 +78,7 @@ class RoundExchange:
             record = content.array_records[keys.ARRAYS]
             bytes_received += content_bytes(content)
             metrics = {k: float(v) for k, v in content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
-            state = self.codec.decode(record, {k: self.reference[k] for k in record})
+            state = self.codec.decode(record, self.reference)  # the state the server sent, every key
             non_finite = non_finite_keys(state)
             if non_finite:  # a faulty or malicious client: left out like one that raised
                 failed[pid] = f"sent non-finite weights (NaN/Inf) in {non_finite[:3]}"

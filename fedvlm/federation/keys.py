@@ -38,3 +38,6 @@ CENTRAL_EPSILON = "privacy/central_epsilon"  # user-level ε of central DP after
 QUERY = "query"
 TRAIN = "train"
 EVALUATE = "evaluate"
+
+# Node state (context.state) of a client, kept between rounds and fresh ClientApp processes
+CODEC_RESIDUAL = "fedvlm.codec-residual"  # error feedback: what earlier rounds' updates did not send

@@ -233,8 +233,9 @@ class FederatedServer:
         contents = {
             pid: RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord(round_config)}) for pid in sampled
         }
+        sent_state = {k: v for k, v in self.global_state.items() if k in self.downlink_keys}  # what clients start from
         round_exchange = RoundExchange(
-            grid, nodes, self.global_state, self.client_sizes, float(federation.round_timeout), self.codec
+            grid, nodes, sent_state, self.client_sizes, float(federation.round_timeout), self.codec
         )
         replies = self.aggregator.collect(round_exchange, contents, server_round)
         failed, bytes_sent, bytes_received = replies.failed, replies.bytes_sent, replies.bytes_received
@@ -293,6 +294,7 @@ class FederatedServer:
                 "round_seconds": time.perf_counter() - started,
                 "bytes_sent": bytes_sent,
                 "bytes_received": bytes_received,
+                "uplink_bytes": replies.bytes_received,  # the train exchange's replies: the updates
                 "update_norm": norm,
                 "lr": round_config[keys.LEARNING_RATE],
                 "encoders_frozen": frozen,

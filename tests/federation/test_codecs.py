@@ -10,8 +10,10 @@ from fedvlm.federation.codecs import (
     Float16DeltaCodec,
     IdentityCodec,
     StochasticQuantizer,
+    _from_varints,
     _pack,
     _unpack,
+    _varints,
     encode_update,
     update_codecs,
 )
@@ -82,11 +84,11 @@ def test_quantizers_are_unbiased(name: str) -> None:
     delta = (local["w"] - reference["w"]).double()
     total = torch.zeros(64, dtype=torch.float64)
     for seed in range(draws):  # in float64: a float32 sum of 4000 weights drifts more than the bound
-        total += codec.decode(encode_update(codec, local, reference, seed), reference)["w"].double() - reference["w"]
+        total += codec.decode(encode_update(codec, local, reference, seed)[0], reference)["w"].double() - reference["w"]
     step = delta.abs().max() / (2 ** (bits - 1) - 1)
     # each entry's rounding is a Bernoulli on one step: std of the mean ≤ step / (2·√draws)
     assert (total / draws - delta).abs().max() < 5 * step / (2 * math.sqrt(draws))
-    one = codec.decode(encode_update(codec, local, reference, 0), reference)["w"]
+    one = codec.decode(encode_update(codec, local, reference, 0)[0], reference)["w"]
     assert bits == 8 or not torch.allclose(one, local["w"], atol=step.item() / 10)  # a single draw is coarse
 
 
@@ -106,9 +108,9 @@ def test_a_quantizer_is_seeded_by_the_client_and_exact_on_zero_deltas() -> None:
     codec = StochasticQuantizer(bits=4, block=8)
     reference = {"w": torch.randn(40)}
     local = {"w": reference["w"] + torch.randn(40)}
-    same = [encode_update(codec, local, reference, 5)["w"].numpy() for _ in range(2)]
+    same = [encode_update(codec, local, reference, 5)[0]["w"].numpy() for _ in range(2)]
     np.testing.assert_array_equal(*same)
-    assert not np.array_equal(same[0], encode_update(codec, local, reference, 6)["w"].numpy())
+    assert not np.array_equal(same[0], encode_update(codec, local, reference, 6)[0]["w"].numpy())
     unchanged = codec.decode(codec.encode(reference, reference, torch.Generator()), reference)["w"]
     assert torch.equal(unchanged, reference["w"])
 
@@ -120,3 +122,78 @@ def test_quantizer_options_are_checked_when_the_config_is_loaded() -> None:
         load_config(None, ["federation.codec={name: int8, block: 0}"])
     with pytest.raises(ConfigError, match="federation.codec.bits: not an option of update codec 'int2'"):
         load_config(None, ["federation.codec={name: int2, bits: 3}"])
+
+
+def test_varints_round_trip_gaps_of_every_width() -> None:
+    values = np.array([0, 1, 127, 128, 16383, 16384, 2**21, 2**35 + 7, 5])
+    np.testing.assert_array_equal(_from_varints(_varints(values), len(values)), values)
+    assert len(_varints(np.arange(128))) == 128  # gaps under 128 cost one byte
+    with pytest.raises(ValueError, match="truncated"):
+        _from_varints(_varints(values)[:-1], len(values))
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8])
+def test_topk_sends_the_largest_entries_of_each_tensor(bits: int) -> None:
+    torch.manual_seed(3)
+    reference = {"a": torch.randn(50, 20), "b": torch.randn(7), "frozen": torch.randn(9), "n": torch.tensor(1)}
+    local = {"a": reference["a"] + torch.randn(50, 20), "b": reference["b"] + torch.randn(7), "n": torch.tensor(4)}
+    codec = update_codecs.build({"name": "topk", "fraction": 0.05, "bits": bits})
+    record = codec.encode(local, reference, torch.Generator().manual_seed(0))
+    decoded = codec.decode(record, reference)
+    assert set(decoded) == {"a", "b", "n"} and int(decoded["n"]) == 4  # "frozen" did not travel
+    for key, kept in (("a", 50), ("b", 1)):  # round(0.05·1000) = 50; at least one of 7
+        delta = (local[key] - reference[key]).flatten()
+        sent = (decoded[key] - reference[key]).flatten()
+        top = delta.abs().topk(kept).indices
+        assert set(torch.nonzero(sent).flatten().tolist()) <= set(top.tolist())
+        step = {32: 1e-6, 16: 2e-3 * delta.abs().max(), 8: delta[top].abs().max() / 127}[bits]
+        assert (sent[top] - delta[top]).abs().max() <= step * 1.0001 + 1e-6
+        others = torch.ones(len(delta), dtype=torch.bool)
+        others[top] = False
+        assert not sent[others].any()
+
+
+def test_topk_at_one_percent_with_8_bit_values_is_over_100x_smaller_than_float32() -> None:
+    reference = {f"layer{i}.weight": torch.zeros(300, 300) for i in range(4)}
+    local = {k: torch.randn(300, 300) for k in reference}
+    codec = update_codecs.build({"name": "topk", "fraction": 0.01, "bits": 8, "error_feedback": True})
+    record, _ = encode_update(codec, local, reference, 0, {})
+    ratio = IdentityCodec().encode(local, reference).count_bytes() / record.count_bytes()
+    assert ratio > 100  # 1 byte a value + ~1.5 bytes a position, for 1% of the entries
+
+
+def test_error_feedback_sends_the_true_deltas_minus_the_final_residual() -> None:
+    """Σ_t transmitted_t = Σ_t Δ_t − r_T, exactly (up to float32 rounding), and a tensor that
+    does not travel in a round keeps its residual."""
+    torch.manual_seed(4)
+    codec = update_codecs.build({"name": "topk", "fraction": 0.1, "bits": 8, "error_feedback": True})
+    global_state = {"w": torch.randn(200), "v": torch.randn(30)}
+    residual: dict[str, torch.Tensor] = {}
+    true_sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+    sent_sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+    for t in range(6):
+        keys_now = ["w"] if t == 2 else ["w", "v"]  # round 3: "v" is frozen and stays home
+        local = {k: global_state[k] + 0.1 * torch.randn_like(global_state[k]) for k in keys_now}
+        kept = {k: v.clone() for k, v in residual.items()}
+        record, residual = encode_update(codec, local, global_state, t, residual)
+        decoded = codec.decode(record, global_state)
+        if t == 2:
+            assert "v" not in decoded and torch.equal(residual["v"], kept["v"])
+        for k in keys_now:
+            true_sum[k] += (local[k] - global_state[k]).double()
+            sent_sum[k] += (decoded[k] - global_state[k]).double()
+        global_state = {
+            k: global_state[k] + (decoded[k] - global_state[k] if k in decoded else 0) for k in global_state
+        }
+    for k in true_sum:
+        torch.testing.assert_close(sent_sum[k], true_sum[k] - residual[k].double(), rtol=0, atol=1e-5)
+    assert residual["w"].abs().max() > 0  # something really was held back
+
+
+def test_topk_options_are_checked_when_the_config_is_loaded() -> None:
+    cfg = load_config(None, ["federation.codec={name: topk, fraction: 0.01, bits: 8, error_feedback: true}"])
+    assert dict(cfg.federation.codec) == {"name": "topk", "fraction": 0.01, "bits": 8, "error_feedback": True}
+    with pytest.raises(ConfigError, match=r"federation.codec.fraction=0.0 must be in \(0, 1\]"):
+        load_config(None, ["federation.codec={name: topk, fraction: 0}"])
+    with pytest.raises(ConfigError, match="federation.codec.bits=12 must be one of 32, 16, 8, 4, 2"):
+        load_config(None, ["federation.codec={name: topk, bits: 12}"])

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid
 
 from fedvlm.config import load_config, save_config
@@ -290,3 +290,42 @@ def test_quantised_updates_are_decoded_and_averaged_by_the_server(tmp_path: Path
         if before[key].is_floating_point():
             expected = sum(w * d[key].double() for w, d in zip(weights, decoded, strict=True)) / total
             torch.testing.assert_close(server.global_state[key].double(), expected, rtol=0, atol=1e-6)
+
+
+def test_error_feedback_residuals_live_in_node_state_across_fresh_client_apps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Top-k with error feedback over two rounds, a new ClientApp for every message (as the
+    deployment engine starts one per message): each client's round-2 encoding starts from the
+    residual its round-1 encoding left in its node state, and nothing else carries it."""
+    server, grid = _federation(
+        tmp_path,
+        "leukemia_demo",
+        "federation.rounds=2",
+        "federation.codec={name: topk, fraction: 0.01, bits: 8, error_feedback: true}",
+    )
+
+    class FreshApps:  # a new ClientApp per message; only the node's Context persists
+        def __call__(self, message: Message, context: Context) -> Message:
+            return make_client_app(server.run_dir)(message, context)
+
+    grid.app = cast(Any, FreshApps())
+    calls: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+    real = client_module.encode_update
+
+    def recording(codec: Any, local: Any, reference: Any, seed: int, residual: Any = None) -> Any:
+        record, new = real(codec, local, reference, seed, residual)
+        calls.append((seed, dict(residual or {}), {k: v.clone() for k, v in new.items()}))
+        return record, new
+
+    monkeypatch.setattr(client_module, "encode_update", recording)
+    server.run(cast(Grid, grid))
+    clients = len(grid.node_configs)
+    assert len(calls) == 2 * clients
+    first, second = calls[:clients], calls[clients:]
+    for (_, before, left), (_, carried, _) in zip(first, second, strict=True):
+        assert before == {}  # round 1 starts with nothing held back
+        assert set(carried) == set(left) and all(torch.equal(carried[k], left[k]) for k in left)
+        assert max(float(v.abs().max()) for v in left.values()) > 0
+    for context in grid.contexts.values():
+        assert keys.CODEC_RESIDUAL in context.state.array_records
