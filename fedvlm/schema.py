@@ -271,8 +271,14 @@ class FederationConfig:
     convergence_tol: float = 0.0
     round_timeout: float = 3600.0
     codec: Any = "none"
-    """How clients pack their updates (``none``, ``fp16``) and its options; ``fedvlm.federation.codecs``."""
+    """How clients pack their updates (``none``, ``fp16``, ``int8``, ``topk`` ...) and its options;
+    ``fedvlm.federation.codecs``."""
     evaluate_clients: bool = True
+    evaluate_clients_per_round: int = 0
+    """Clients asked to validate in a round (a seeded sample); 0 = every client. The last round
+    always asks every client, so the run's final metrics are over all sites."""
+    evaluate_every: int = 1
+    """Federated evaluation every N rounds (and always after the last)."""
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
     exclude_clients: list[int] = field(default_factory=list)

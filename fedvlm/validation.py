@@ -78,6 +78,7 @@ def validate(cfg: DictConfig) -> None:
         "explain.every": cfg.explain.every,
         "explain.max_evals": cfg.explain.max_evals,
         "explain.top_k": cfg.explain.top_k,
+        "federation.evaluate_every": cfg.federation.evaluate_every,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -90,6 +91,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"federation.clients_per_round={cfg.federation.clients_per_round} exceeds "
             f"federation.num_clients={cfg.federation.num_clients}"
+        )
+    if not 0 <= cfg.federation.evaluate_clients_per_round <= cfg.federation.num_clients:
+        raise ConfigError(
+            f"federation.evaluate_clients_per_round={cfg.federation.evaluate_clients_per_round} must be in "
+            f"0..federation.num_clients={cfg.federation.num_clients} (0: every client)"
         )
     if cfg.federation.min_clients > cfg.federation.num_clients or (
         cfg.federation.clients_per_round and cfg.federation.min_clients > cfg.federation.clients_per_round

@@ -58,3 +58,12 @@ def test_recipes_have_a_description() -> None:
     recipes = list_recipes()
     assert {"leukemia_demo", "leukemia"} <= set(recipes)
     assert all(recipes.values())
+
+
+def test_federated_evaluation_sampling_is_checked() -> None:
+    cfg = load_config("leukemia_demo", ["federation.evaluate_clients_per_round=4", "federation.evaluate_every=5"])
+    assert (cfg.federation.evaluate_clients_per_round, cfg.federation.evaluate_every) == (4, 5)
+    with pytest.raises(ConfigError, match=r"federation.evaluate_clients_per_round=11 must be in 0..federation"):
+        load_config("leukemia_demo", ["federation.evaluate_clients_per_round=11"])
+    with pytest.raises(ConfigError, match="federation.evaluate_every=0 must be positive"):
+        load_config("leukemia_demo", ["federation.evaluate_every=0"])

@@ -278,8 +278,18 @@ class FederatedServer:
         clipped = [float(u.metrics[CLIPPED_FRACTION]) for u in updates if CLIPPED_FRACTION in u.metrics]
         if clipped:  # coordinates SecAgg+ had to clip to ±clipping_range: should stay ~0
             row[f"{CLIPPED_FRACTION}_max"] = max(clipped)
-        if federation.evaluate_clients or server_round == federation.rounds:
-            pooled, per_client, sent, received, eval_failed = self._evaluate_on_clients(grid, nodes)
+        last = server_round == federation.rounds
+        if last or (federation.evaluate_clients and server_round % int(federation.evaluate_every) == 0):
+            evaluated = sample_clients(  # seeded apart from the training sample (seed·7 + 1)
+                list(nodes),
+                0 if last else int(federation.evaluate_clients_per_round),
+                int(self.cfg.seed) * 7 + 1,
+                server_round,
+            )
+            row["evaluated_clients"] = len(evaluated)
+            pooled, per_client, sent, received, eval_failed = self._evaluate_on_clients(
+                grid, {pid: nodes[pid] for pid in evaluated}
+            )
             bytes_sent += sent
             bytes_received += received
             row["failed_evaluations"] = {str(pid): why for pid, why in sorted(eval_failed.items())}

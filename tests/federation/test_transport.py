@@ -26,7 +26,7 @@ from fedvlm.federation.callback import travelling_keys
 from fedvlm.federation.central_dp import central_epsilon, clip_update, uniform_mean
 from fedvlm.federation.client import make_client_app
 from fedvlm.federation.codecs import update_codecs
-from fedvlm.federation.server import FederatedServer, update_norm
+from fedvlm.federation.server import FederatedServer, sample_clients, update_norm
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import get_task
 from fedvlm.tasks.site_store import client_site
@@ -332,3 +332,31 @@ def test_error_feedback_residuals_live_in_node_state_across_fresh_client_apps(
         assert max(float(v.abs().max()) for v in left.values()) > 0
     for context in grid.contexts.values():
         assert keys.CODEC_RESIDUAL in context.state.array_records
+
+
+def test_federated_evaluation_samples_clients_and_rounds(tmp_path: Path) -> None:
+    """``evaluate_every=2``, one client a round: round 1 asks nobody, round 2 the seeded sample of
+    one, the last round every client (the run's final metrics are over all sites)."""
+    server, grid = _federation(
+        tmp_path,
+        "leukemia_demo",
+        "federation.rounds=3",
+        "federation.evaluate_clients_per_round=1",
+        "federation.evaluate_every=2",
+    )
+    server.run(cast(Grid, grid))
+    node_to_pid = {node: int(config[keys.PARTITION_ID]) for node, config in grid.node_configs.items()}
+    asked: list[list[int]] = [[] for _ in range(3)]
+    trained = 0
+    for message in grid.sent:  # train messages open each round; evaluate messages follow them
+        if message.metadata.message_type == keys.TRAIN:
+            trained += 1
+        elif message.metadata.message_type == keys.EVALUATE:
+            asked[(trained - 1) // 3].append(node_to_pid[message.metadata.dst_node_id])
+    expected = sample_clients([0, 1, 2], 1, int(server.cfg.seed) * 7 + 1, 2)
+    assert [sorted(a) for a in asked] == [[], expected, [0, 1, 2]]
+    rows = server.progress.history
+    assert "val/accuracy" not in rows[0] and "evaluated_clients" not in rows[0]
+    assert rows[1]["evaluated_clients"] == 1
+    assert [pid for pid, c in rows[1]["clients"].items() if "val/accuracy" in c] == [str(expected[0])]
+    assert rows[2]["evaluated_clients"] == 3 and "test/accuracy" in rows[2]
