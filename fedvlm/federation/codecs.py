@@ -120,6 +120,16 @@ class StochasticQuantizer:
         self.bits, self.block = bits, block
         self.levels = (1 << (bits - 1)) - 1
 
+    def codes(self, unit: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Values in units of one step (``[−L, L]``) rounded up or down at random, unbiased, as
+        ``uint8`` codes ``0..2L``."""
+        noise = torch.rand(unit.shape, generator=generator)
+        return (torch.floor(unit + noise).clamp(-self.levels, self.levels) + self.levels).to(torch.uint8)
+
+    def steps(self, codes: torch.Tensor) -> torch.Tensor:
+        """:meth:`codes` back to values in ``[−1, 1]`` (multiply by the scale)."""
+        return (codes.float() - self.levels) / self.levels
+
     def encode(
         self,
         local: Mapping[str, torch.Tensor],
@@ -136,8 +146,7 @@ class StochasticQuantizer:
             blocks = torch.nn.functional.pad(delta, (0, -len(delta) % self.block)).view(-1, self.block)
             scale = blocks.abs().amax(dim=1)
             unit = blocks * (self.levels / torch.where(scale > 0, scale, 1.0))[:, None]
-            noise = torch.rand(unit.shape, generator=generator)
-            codes = (torch.floor(unit + noise).clamp(-self.levels, self.levels) + self.levels).to(torch.uint8)
+            codes = self.codes(unit, generator)
             packed[key] = torch.from_numpy(
                 np.concatenate([scale.numpy().view(np.uint8), _pack(codes.flatten()[: len(delta)].numpy(), self.bits)])
             )
@@ -155,8 +164,7 @@ class StochasticQuantizer:
             raw = value.numpy()
             scale = torch.from_numpy(raw[: 4 * num_blocks].copy().view(np.float32))
             codes = torch.from_numpy(_unpack(raw[4 * num_blocks :], self.bits, size).astype(np.float32))
-            steps = (codes - self.levels) / self.levels
-            delta = steps * scale.repeat_interleave(self.block)[:size]
+            delta = self.steps(codes) * scale.repeat_interleave(self.block)[:size]
             restored[key] = base + delta.view(base.shape).to(base.dtype)
         return restored
 
@@ -288,10 +296,10 @@ class TopKCodec:
             sent = chosen
             if self.quantizer is not None:
                 scale = chosen.abs().max()
-                codes = self._codes(chosen, scale, generator)
+                codes = self.quantizer.codes(chosen * (self.quantizer.levels / scale if scale > 0 else 0.0), generator)
                 scales.append(scale.reshape(1))
                 values.append(codes)
-                sent = (codes.float() - self.quantizer.levels) / self.quantizer.levels * scale
+                sent = self.quantizer.steps(codes) * scale
             else:
                 values.append(chosen.to(torch.float16 if self.bits == 16 else torch.float32))
                 sent = values[-1].float()
@@ -313,13 +321,6 @@ class TopKCodec:
         packed.update({k: v.detach().cpu() for k, v in local.items() if not reference[k].is_floating_point()})
         return ArrayRecord(torch_state_dict=packed), new_residual
 
-    def _codes(self, values: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        assert self.quantizer is not None
-        levels = self.quantizer.levels
-        unit = values * (levels / scale if scale > 0 else 0.0)
-        noise = torch.rand(unit.shape, generator=generator)
-        return (torch.floor(unit + noise).clamp(-levels, levels) + levels).to(torch.uint8)
-
     def decode(self, record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> State:
         state = record.to_torch_state_dict()
         blob = state.pop(TOPK_BLOB).numpy()
@@ -334,9 +335,8 @@ class TopKCodec:
             scales = blob[offset : offset + 4 * len(keys)].copy().view(np.float32)
             offset += 4 * len(keys)
             value_bytes = math.ceil(total * self.quantizer.bits / 8)
-            codes = _unpack(blob[offset : offset + value_bytes], self.quantizer.bits, total).astype(np.float32)
-            levels = self.quantizer.levels
-            values = (codes - levels) / levels * np.repeat(scales, counts)
+            codes = torch.from_numpy(_unpack(blob[offset : offset + value_bytes], self.quantizer.bits, total))
+            values = (self.quantizer.steps(codes) * torch.from_numpy(np.repeat(scales, counts))).numpy()
         else:
             width = 2 if self.bits == 16 else 4
             value_bytes = total * width
