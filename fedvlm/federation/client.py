@@ -264,7 +264,12 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
         residual = context.state.array_records.get(keys.CODEC_RESIDUAL)
         # the reference is exactly what the server sent: both sides know its keys and their order
         record, new_residual = encode_update(
-            codec, local_state, global_state, codec_seed, residual.to_torch_state_dict() if residual else None
+            codec,
+            local_state,
+            global_state,
+            codec_seed,
+            residual.to_torch_state_dict() if residual else None,
+            json.loads(str(round_config.get(keys.EXACT_KEYS, "[]"))),
         )
         if getattr(codec, "error_feedback", False):  # in node state: it survives a fresh ClientApp process
             context.state[keys.CODEC_RESIDUAL] = ArrayRecord(torch_state_dict=new_residual)

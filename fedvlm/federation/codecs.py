@@ -20,7 +20,7 @@ sides), so a codec may pack a whole update into one array and name its tensors b
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -119,6 +119,7 @@ class StochasticQuantizer:
             raise ValueError(f"bits={bits} must be 2, 4 or 8")
         self.bits, self.block = bits, block
         self.levels = (1 << (bits - 1)) - 1
+        self.exact: frozenset[str] = frozenset()  # float entries sent as they are (running statistics)
 
     def codes(self, unit: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Values in units of one step (``[−L, L]``) rounded up or down at random, unbiased, as
@@ -139,7 +140,7 @@ class StochasticQuantizer:
         packed = {}
         for key, value in local.items():
             value = value.detach().cpu()
-            if not value.is_floating_point():
+            if not value.is_floating_point() or key in self.exact:
                 packed[key] = value
                 continue
             delta = (value.float() - reference[key].cpu().float()).flatten()
@@ -156,7 +157,7 @@ class StochasticQuantizer:
         restored = {}
         for key, value in record.to_torch_state_dict().items():
             base = reference[key]
-            if not base.is_floating_point():
+            if not base.is_floating_point() or value.is_floating_point():  # sent as it is
                 restored[key] = value
                 continue
             size = base.numel()
@@ -255,6 +256,7 @@ class TopKCodec:
         self.fraction, self.bits = fraction, bits
         self.error_feedback = error_feedback  # type: ignore[misc]
         self.quantizer = StochasticQuantizer(bits) if bits <= 8 else None
+        self.exact: frozenset[str] = frozenset()  # float entries sent as they are (running statistics)
 
     @property
     def stochastic(self) -> bool:
@@ -282,7 +284,7 @@ class TopKCodec:
         """The record and, with error feedback, the new residual (``residual`` for tensors not
         sent this round is kept as it was)."""
         order = sorted(reference)
-        floats = [k for k in order if k in local and reference[k].is_floating_point()]
+        floats = [k for k in order if k in local and reference[k].is_floating_point() and k not in self.exact]
         mask = np.zeros(len(order), dtype=bool)
         mask[[order.index(k) for k in floats]] = True
         scales, values, gaps = [], [], []
@@ -318,7 +320,7 @@ class TopKCodec:
                 parts.append(torch.cat(values).numpy().view(np.uint8))
             parts.append(_varints(torch.cat(gaps).numpy()))
         packed: dict[str, torch.Tensor] = {TOPK_BLOB: torch.from_numpy(np.concatenate(parts))}
-        packed.update({k: v.detach().cpu() for k, v in local.items() if not reference[k].is_floating_point()})
+        packed.update({k: v.detach().cpu() for k, v in local.items() if k not in floats})
         return ArrayRecord(torch_state_dict=packed), new_residual
 
     def decode(self, record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> State:
@@ -400,9 +402,14 @@ def encode_update(
     reference: Mapping[str, torch.Tensor],
     seed: int,
     residual: Mapping[str, torch.Tensor] | None = None,
+    exact: Sequence[str] = (),
 ) -> tuple[ArrayRecord, State]:
     """``codec.encode`` with a generator seeded by ``seed`` for a stochastic codec, and, for a codec
-    with error feedback, this client's ``residual`` in and its new residual out (else empty)."""
+    with error feedback, this client's ``residual`` in and its new residual out (else empty).
+    A lossy codec sends the float entries ``exact`` (BatchNorm running statistics: a quantised or
+    sparse delta of a variance can make it negative) as they are."""
+    if hasattr(codec, "exact"):
+        codec.exact = frozenset(exact)
     generator = torch.Generator().manual_seed(seed) if getattr(codec, "stochastic", False) else None
     if getattr(codec, "error_feedback", False):
         return codec.encode_with_feedback(local, reference, generator, residual or {})  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ PROXIMAL_MU = "proximal-mu"
 FREEZE_ENCODERS = "freeze-encoders"
 LOCAL_EPOCHS = "local-epochs"
 ROUND_SEED = "round-seed"
+EXACT_KEYS = "exact-keys"  # JSON list: float buffers a lossy codec sends as they are (running statistics)
 UPDATE_CODEC = "update-codec"
 UNIFORM_WEIGHTS = "uniform-weights"  # central DP: every client weighs 1 in the (secure) sum
 CENTRAL_CLIPPING_NORM = "central-clipping-norm"  # privacy.central.clipping=client: clip the update to this norm

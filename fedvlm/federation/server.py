@@ -184,6 +184,9 @@ class FederatedServer:
         # frozen for the whole run (backbones in adapter mode) are never sent; clients build them
         # identically and check the fingerprint.
         self.downlink_keys = travelling_keys(self.module)
+        # running statistics travel exactly under a lossy codec (a compressed delta of a variance can go negative)
+        buffers = {name for name, buf in self.module.named_buffers() if buf.is_floating_point()}
+        self.exact_keys = sorted(buffers & self.downlink_keys) if hasattr(self.codec, "exact") else []
         if cfg.privacy.dp:  # fail before round 1 when the model has layers DP-SGD cannot train
             from fedvlm.privacy import check_private_trainable
 
@@ -226,6 +229,7 @@ class FederatedServer:
             keys.LOCAL_EPOCHS: int(self.cfg.trainer.local_epochs),
             keys.ROUND_SEED: int(self.cfg.seed) * 100_003 + server_round * 1_009,
             keys.UPDATE_CODEC: json.dumps(dict(federation.codec)),
+            **({keys.EXACT_KEYS: json.dumps(self.exact_keys)} if self.exact_keys else {}),
             keys.STATIC_FINGERPRINT: self.static_fingerprint,
             **self.aggregator.configure_round(server_round),
         }

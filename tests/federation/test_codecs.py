@@ -197,3 +197,15 @@ def test_topk_options_are_checked_when_the_config_is_loaded() -> None:
         load_config(None, ["federation.codec={name: topk, fraction: 0}"])
     with pytest.raises(ConfigError, match="federation.codec.bits=12 must be one of 32, 16, 8, 4, 2"):
         load_config(None, ["federation.codec={name: topk, bits: 12}"])
+
+
+@pytest.mark.parametrize("spec", [{"name": "int2", "block": 4}, {"name": "topk", "fraction": 0.1, "bits": 8}])
+def test_lossy_codecs_send_running_statistics_exactly(spec: dict[str, object]) -> None:
+    """A small variance beside large deltas would be rounded below zero; listed as exact, it travels as it is."""
+    reference = {"w": torch.zeros(40), "bn.running_var": torch.full((8,), 1e-3)}
+    local = {"w": torch.randn(40), "bn.running_var": torch.tensor([1e-4, 5.0, 2e-4, 3e-4, 1e-4, 4.0, 1e-4, 1e-4])}
+    codec = update_codecs.build(spec)
+    record, _ = encode_update(codec, local, reference, 0, None, ["bn.running_var"])
+    decoded = codec.decode(record, reference)
+    assert torch.equal(decoded["bn.running_var"], local["bn.running_var"])
+    assert not torch.equal(decoded["w"], local["w"])  # the parameters are still compressed

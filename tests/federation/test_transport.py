@@ -286,6 +286,8 @@ def test_compressed_updates_are_decoded_and_averaged_by_the_server(
     for content in replies:
         record = content.array_records[keys.ARRAYS]
         assert record.count_bytes() < budget * float_bytes
+        for key in server.exact_keys:  # running statistics travel as they are, never compressed
+            assert record[key].numpy().dtype == before[key].numpy().dtype
         decoded.append(codec.decode(record, before))
         weights.append(float(content.metric_records[keys.METRICS][keys.NUM_EXAMPLES]))  # type: ignore[arg-type]
     total = sum(weights)
@@ -293,6 +295,8 @@ def test_compressed_updates_are_decoded_and_averaged_by_the_server(
         if before[key].is_floating_point():
             expected = sum(w * d[key].double() for w, d in zip(weights, decoded, strict=True)) / total
             torch.testing.assert_close(server.global_state[key].double(), expected, rtol=0, atol=1e-6)
+    variances = [v for k, v in server.global_state.items() if k.endswith("running_var")]
+    assert (recipe == "leukemia_demo" or variances) and all(bool((v >= 0).all()) for v in variances)
 
 
 def test_error_feedback_residuals_live_in_node_state_across_fresh_client_apps(
@@ -316,8 +320,8 @@ def test_error_feedback_residuals_live_in_node_state_across_fresh_client_apps(
     calls: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
     real = client_module.encode_update
 
-    def recording(codec: Any, local: Any, reference: Any, seed: int, residual: Any = None) -> Any:
-        record, new = real(codec, local, reference, seed, residual)
+    def recording(codec: Any, local: Any, reference: Any, seed: int, residual: Any = None, exact: Any = ()) -> Any:
+        record, new = real(codec, local, reference, seed, residual, exact)
         calls.append((seed, dict(residual or {}), {k: v.clone() for k, v in new.items()}))
         return record, new
 
