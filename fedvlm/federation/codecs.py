@@ -285,17 +285,16 @@ class TopKCodec:
         sent this round is kept as it was)."""
         order = sorted(reference)
         floats = [k for k in order if k in local and reference[k].is_floating_point() and k not in self.exact]
-        mask = np.zeros(len(order), dtype=bool)
-        mask[[order.index(k) for k in floats]] = True
+        compressed = set(floats)
+        mask = np.array([k in compressed for k in order], dtype=bool)
         scales, values, gaps = [], [], []
-        new_residual = {k: v for k, v in residual.items() if k not in floats} if self.error_feedback else {}
+        new_residual = {k: v for k, v in residual.items() if k not in compressed} if self.error_feedback else {}
         for key in floats:
             delta = (local[key].detach().cpu().float() - reference[key].cpu().float()).flatten()
             if self.error_feedback and key in residual:
                 delta = delta + residual[key].flatten().float()
             positions = torch.topk(delta.abs(), self.kept(len(delta)), sorted=False).indices.sort().values
             chosen = delta[positions]
-            sent = chosen
             if self.quantizer is not None:
                 scale = chosen.abs().max()
                 codes = self.quantizer.codes(chosen * (self.quantizer.levels / scale if scale > 0 else 0.0), generator)
@@ -320,7 +319,7 @@ class TopKCodec:
                 parts.append(torch.cat(values).numpy().view(np.uint8))
             parts.append(_varints(torch.cat(gaps).numpy()))
         packed: dict[str, torch.Tensor] = {TOPK_BLOB: torch.from_numpy(np.concatenate(parts))}
-        packed.update({k: v.detach().cpu() for k, v in local.items() if k not in floats})
+        packed.update({k: v.detach().cpu() for k, v in local.items() if k not in compressed})
         return ArrayRecord(torch_state_dict=packed), new_residual
 
     def decode(self, record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> State:
