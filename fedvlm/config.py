@@ -32,6 +32,8 @@ COMPONENTS: dict[str, str] = {
     "federation.codec": "fedvlm.codecs",
     "data.partition": "fedvlm.partitioners",
     "federation.byzantine.attack": "fedvlm.attacks",
+    "federation.staleness": "fedvlm.staleness",
+    "federation.client_speed": "fedvlm.client_speeds",
 }
 """Config keys naming a component with options (``{name: ..., option: value}``) → its plugin group."""
 

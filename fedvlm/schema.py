@@ -258,6 +258,9 @@ class FederationConfig:
     """
 
     mode: str = "simulation"
+    """``simulation`` (synchronous rounds), ``async`` (buffered asynchronous aggregation, FedBuff:
+    ``buffer_size`` updates make one new global model, each weighted by ``staleness``) or
+    ``centralized``."""
     strategy: Any = "fedavg"
     """The aggregation strategy and its options: ``fedavg``, ``{name: fedprox, mu: 0.01}``,
     ``{name: fedavgm, server_learning_rate: 1, server_momentum: 0.9}``, ``{name: trimmed_mean,
@@ -281,6 +284,20 @@ class FederationConfig:
     """Federated evaluation every N rounds (and always after the last)."""
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
+    buffer_size: int = 3
+    """``mode=async``: client updates per aggregation (K of FedBuff)."""
+    staleness: Any = "exponential"
+    """``mode=async``: how an update's weight decays with its staleness τ (global versions since
+    the model it trained from): ``{name: exponential, lam: 0.5}`` (e^(−λτ), Eq. 31 of Fed-MMX) or
+    ``{name: polynomial, a: 0.5}`` ((1+τ)^−a); ``fedvlm.federation.asynchronous``. A server
+    learning rate is the strategy's: ``{name: fedavgm, server_learning_rate: η, server_momentum: 0}``."""
+    max_staleness: int = 10
+    """``mode=async``: updates staler than this are dropped (counted as ``dropped_stale``)."""
+    client_speed: Any = "none"
+    """Simulated compute speed of each client on the virtual clock: ``none`` (all equal) or
+    ``{name: lognormal, sigma: 1.0}`` (a seeded factor e^(σz) per client); ``fedvlm.federation.clock``."""
+    dropout: float = 0.0
+    """Simulated probability that a client given work vanishes before it replies."""
     exclude_clients: list[int] = field(default_factory=list)
     """Partition ids left out of training (leave-one-hospital-out evaluation)."""
     faults: list[str] = field(default_factory=list)

@@ -18,7 +18,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment": AUGMENTATIONS,
     "optim.name": ("sgd", "adamw"),
     "optim.lr_schedule": ("linear", "constant"),
-    "federation.mode": ("simulation", "centralized"),
+    "federation.mode": ("simulation", "async", "centralized"),
     "model.adapter.name": ("none", "lora"),
     "data.uncertain": ("ignore", "zeros", "ones"),
     "privacy.accountant": ("rdp", "prv"),
@@ -131,6 +131,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_byzantine(cfg.federation)
     _validate_secure_aggregation(cfg.federation)
     _validate_privacy(cfg)
+    _validate_async(cfg)
 
 
 def _validate_byzantine(federation: DictConfig) -> None:
@@ -246,6 +247,31 @@ def _validate_central_dp(cfg: DictConfig) -> None:
                 "privacy.central.clipping=server needs each client's update, which "
                 "federation.secure_aggregation.enabled hides from the server: use privacy.central.clipping=client"
             )
+
+
+def _validate_async(cfg: DictConfig) -> None:
+    """The virtual clock's ranges, and what buffered asynchronous aggregation composes with."""
+    federation = cfg.federation
+    if not 0.0 <= federation.dropout < 1.0:
+        raise ConfigError(f"federation.dropout={federation.dropout} must be in [0, 1)")
+    if federation.buffer_size < 1:
+        raise ConfigError(f"federation.buffer_size={federation.buffer_size} must be >= 1")
+    if federation.max_staleness < 0:
+        raise ConfigError(f"federation.max_staleness={federation.max_staleness} must be >= 0")
+    if federation.mode != "async":
+        return
+    if not _linear(federation):
+        raise ConfigError(
+            f"federation.mode=async needs a linear strategy ({', '.join(_linear_strategies())}), not "
+            f"{federation.strategy.name!r}: a buffer is aggregated as the staleness-weighted mean of its updates"
+        )
+    unsupported = {
+        "federation.secure_aggregation.enabled": federation.secure_aggregation.enabled,
+        "privacy.central.clipping": cfg.privacy.central.clipping != "none",
+    }
+    for key, on in unsupported.items():
+        if on:
+            raise ConfigError(f"{key} does not compose with federation.mode=async yet: use federation.mode=simulation")
 
 
 def _linear(federation: DictConfig) -> bool:

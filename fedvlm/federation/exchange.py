@@ -44,6 +44,14 @@ def exchange(
     return answered, failed
 
 
+@dataclass(frozen=True)
+class RoundTraffic:
+    """Bytes of a round's training exchange: every message sent, and every reply (the uplink)."""
+
+    sent: int
+    received: int
+
+
 @dataclass
 class RoundExchange:
     """One round's reach to its clients.
@@ -74,17 +82,26 @@ class RoundExchange:
         updates = []
         bytes_received = 0
         for pid, reply in sorted(replies.items()):
-            content: RecordDict = reply.content
-            record = content.array_records[keys.ARRAYS]
-            bytes_received += content_bytes(content)
-            metrics = {k: float(v) for k, v in content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
-            state = self.codec.decode(record, self.reference)  # the state the server sent, every key
-            non_finite = non_finite_keys(state)
-            if non_finite:  # a faulty or malicious client: left out like one that raised
-                failed[pid] = f"sent non-finite weights (NaN/Inf) in {non_finite[:3]}"
-                continue
-            updates.append(ClientUpdate(pid, int(metrics[keys.NUM_EXAMPLES]), state, metrics))
+            bytes_received += content_bytes(reply.content)
+            update = decode_update(pid, reply.content, self.reference, self.codec)
+            if isinstance(update, str):
+                failed[pid] = update
+            else:
+                updates.append(update)
         return RoundReplies(updates, failed, bytes_sent, bytes_received)
 
 
-__all__ = ["RoundExchange", "exchange"]
+def decode_update(
+    partition_id: int, content: RecordDict, reference: Mapping[str, torch.Tensor], codec: UpdateCodec
+) -> ClientUpdate | str:
+    """A train reply's update, decoded against the state the client started from, or why it is left out."""
+    record = content.array_records[keys.ARRAYS]
+    metrics = {k: float(v) for k, v in content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
+    state = codec.decode(record, reference)  # the state the server sent, every key
+    non_finite = non_finite_keys(state)
+    if non_finite:  # a faulty or malicious client: left out like one that raised
+        return f"sent non-finite weights (NaN/Inf) in {non_finite[:3]}"
+    return ClientUpdate(partition_id, int(metrics[keys.NUM_EXAMPLES]), state, metrics)
+
+
+__all__ = ["RoundExchange", "RoundTraffic", "decode_update", "exchange"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +35,15 @@ from omegaconf import DictConfig
 
 from fedvlm.data.prepared import make_loader
 from fedvlm.errors import FederationError, PrivacyBudgetExhausted
-from fedvlm.evaluation.metrics import merge_states
 from fedvlm.federation import keys
+from fedvlm.federation.aggregation import ClientUpdate
+from fedvlm.federation.asynchronous import AsyncRounds
 from fedvlm.federation.callback import load_global_state, static_fingerprint, travelling_keys
+from fedvlm.federation.clock import VANISHED, VirtualClock, build_clock
 from fedvlm.federation.codecs import update_codecs
-from fedvlm.federation.exchange import RoundExchange, exchange
-from fedvlm.federation.messages import content_bytes, error_reason
+from fedvlm.federation.evaluation import evaluate_on_clients, scalar_values
+from fedvlm.federation.exchange import RoundExchange, RoundTraffic
+from fedvlm.federation.messages import error_reason
 from fedvlm.federation.pipeline import build_aggregator
 from fedvlm.federation.secure import CLIPPED_FRACTION
 from fedvlm.runs import (
@@ -57,6 +59,8 @@ from fedvlm.tasks.base import selection_key
 State = dict[str, torch.Tensor]
 STRATEGY_STATE = "strategy_state"
 """Checkpoint entry (under ``"fedvlm"``) holding what the strategy carries across rounds."""
+ASYNC_STATE = "async_state"
+"""Checkpoint entry (under ``"fedvlm"``) of the asynchronous loop: clients at work, their versions."""
 RoundReporter = Callable[[dict[str, Any]], None]
 
 
@@ -69,6 +73,8 @@ class Progress:
     best_round: int = 0
     converged: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    virtual_time: float = 0.0
+    """The virtual clock (:mod:`fedvlm.federation.clock`) when the last completed round ended."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +83,7 @@ class Progress:
             "best_round": self.best_round,
             "converged": self.converged,
             "history": self.history,
+            "virtual_time": self.virtual_time,
         }
 
 
@@ -193,6 +200,9 @@ class FederatedServer:
             check_private_trainable(self.module)
         self.static_fingerprint = static_fingerprint(self.module, self.downlink_keys)
         self.client_sizes: dict[int, int] = {}  # partition id → training examples, as each client reports
+        self.clock: VirtualClock | None = None  # built once the clients have reported their sizes
+        self.async_state: Callable[[], dict[str, Any]] | None = None  # the async loop's, saved with each version
+        self.restored_async: dict[str, Any] = {}  # what a resumed async run continues from
         if resume:
             self._restore()
 
@@ -209,6 +219,11 @@ class FederatedServer:
         nodes = {pid: node for pid, node in nodes.items() if pid not in excluded}
         if not nodes:
             raise FederationError(f"federation.exclude_clients={sorted(excluded)} leaves no client to train")
+        sizes = {pid: self.client_sizes[pid] for pid in nodes}
+        self.clock = build_clock(federation, sizes, int(self.cfg.trainer.local_epochs), int(self.cfg.seed))
+        if federation.mode == "async":
+            AsyncRounds(self, grid, nodes, self.restored_async).run()
+            return self.progress
         for server_round in range(self.progress.completed_round + 1, federation.rounds + 1):
             if self.progress.converged:
                 break
@@ -217,54 +232,76 @@ class FederatedServer:
 
     # -- one round -------------------------------------------------------------------------
 
-    def _round(self, grid: Grid, nodes: Mapping[int, int], server_round: int) -> None:
+    def round_config(self, server_round: int, task_index: int) -> dict[str, Any]:
+        """The config of clients training towards global version ``server_round``.
+
+        ``task_index`` (the round, or in async mode the dispatch) seeds the client's training.
+        """
         federation = self.cfg.federation
-        started = time.perf_counter()
-        sampled = sample_clients(list(nodes), federation.clients_per_round, self.cfg.seed, server_round)
-        frozen = server_round <= federation.freeze_encoders_rounds
-        round_config = {
+        return {
             keys.SERVER_ROUND: server_round,
             keys.LEARNING_RATE: learning_rate(self.cfg, server_round),
-            keys.FREEZE_ENCODERS: frozen,
+            keys.FREEZE_ENCODERS: server_round <= federation.freeze_encoders_rounds,
             keys.LOCAL_EPOCHS: int(self.cfg.trainer.local_epochs),
-            keys.ROUND_SEED: int(self.cfg.seed) * 100_003 + server_round * 1_009,
+            keys.ROUND_SEED: int(self.cfg.seed) * 100_003 + task_index * 1_009,
             keys.UPDATE_CODEC: json.dumps(dict(federation.codec)),
             **({keys.EXACT_KEYS: json.dumps(self.exact_keys)} if self.exact_keys else {}),
             keys.STATIC_FINGERPRINT: self.static_fingerprint,
             **self.aggregator.configure_round(server_round),
         }
-        downlink = self._downlink()
-        contents = {
-            pid: RecordDict({keys.ARRAYS: downlink, keys.CONFIG: ConfigRecord(round_config)}) for pid in sampled
-        }
-        sent_state = {k: v for k, v in self.global_state.items() if k in self.downlink_keys}  # what clients start from
+
+    def train_content(self, round_config: Mapping[str, Any], state: State) -> RecordDict:
+        """A train message's content: ``state`` (global weights that travel) and the round config."""
+        return RecordDict(
+            {keys.ARRAYS: ArrayRecord(torch_state_dict=state), keys.CONFIG: ConfigRecord(dict(round_config))}
+        )
+
+    def sent_state(self) -> State:
+        """The global values clients receive (the downlink keys): what their updates start from."""
+        return {k: v for k, v in self.global_state.items() if k in self.downlink_keys}
+
+    def apply(self, aggregated: State) -> float:
+        """Make the aggregate (after the aggregator's server update) the global state; returns its norm."""
+        previous = self.global_state
+        aggregated = self.aggregator.server_update(previous, aggregated)  # e.g. FedAvgM's server momentum
+        self.global_state = {**previous, **{k: v.to(previous[k].dtype) for k, v in aggregated.items()}}
+        return update_norm(previous, self.global_state)
+
+    def _round(self, grid: Grid, nodes: Mapping[int, int], server_round: int) -> None:
+        federation = self.cfg.federation
+        started = time.perf_counter()
+        sampled = sample_clients(list(nodes), federation.clients_per_round, self.cfg.seed, server_round)
+        assert self.clock is not None, "run() builds the clock before the first round"
+        tasks = {pid: self.clock.task(pid, self.progress.virtual_time, server_round) for pid in sampled}
+        round_config = self.round_config(server_round, server_round)
+        sent = self.sent_state()  # one content per client: wrappers (SecAgg+) add to each
+        contents = {pid: self.train_content(round_config, sent) for pid in sampled if not tasks[pid].vanished}
         round_exchange = RoundExchange(
-            grid, nodes, sent_state, self.client_sizes, float(federation.round_timeout), self.codec
+            grid, nodes, self.sent_state(), self.client_sizes, float(federation.round_timeout), self.codec
         )
         replies = self.aggregator.collect(round_exchange, contents, server_round)
-        failed, bytes_sent, bytes_received = replies.failed, replies.bytes_sent, replies.bytes_received
-        updates = replies.updates
+        failed = {**replies.failed, **{pid: VANISHED for pid, task in tasks.items() if task.vanished}}
         self._check_answers(server_round, replies.answered, len(sampled), len(nodes), failed)
-        previous = self.global_state
-        aggregated = self.aggregator.aggregate(replies, previous)  # the one aggregation call
-        aggregated = self.aggregator.server_update(previous, aggregated)  # e.g. FedAvgM's server momentum
-        self.global_state = {
-            **previous,
-            **{k: v.to(previous[k].dtype) for k, v in aggregated.items()},
-        }
-        norm = update_norm(previous, self.global_state)
+        norm = self.apply(self.aggregator.aggregate(replies, self.global_state))  # the one aggregation call
+        row: dict[str, Any] = {"round": server_round, **self.training_metrics(replies.updates)}
+        row.update(self.aggregator.round_metrics(server_round, len(sampled) / len(nodes)))  # e.g. central DP's ε
+        # A synchronous round lasts until its slowest client replies (or its last vanished one is noticed).
+        self.progress.virtual_time = max((task.finish for task in tasks.values()), default=self.progress.virtual_time)
+        row.update({"staleness_mean": 0.0, "staleness_max": 0, "dropped_stale": 0})
+        self.conclude(grid, nodes, row, RoundTraffic(replies.bytes_sent, replies.bytes_received), failed, started, norm)
 
-        row: dict[str, Any] = {"round": server_round}
+    def training_metrics(self, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
+        """The row entries of the updates: mean train loss, per-client values, shared aggregates, ε."""
+        row: dict[str, Any] = {}
         total_examples = sum(u.num_examples for u in updates)
         row["train/loss"] = sum(u.num_examples * float(u.metrics[keys.TRAIN_LOSS]) for u in updates) / total_examples
-        clients: dict[str, dict[str, Any]] = {
-            str(u.partition_id): {
+        clients: dict[str, dict[str, Any]] = {}
+        for u in updates:  # a client may appear twice in an asynchronous buffer: its last update speaks
+            clients[str(u.partition_id)] = {
                 "num_examples": u.num_examples,
                 "train/loss": float(u.metrics[keys.TRAIN_LOSS]),
                 "train_seconds": float(u.metrics[keys.TRAIN_SECONDS]),
             }
-            for u in updates
-        }
         # Aggregates a client chose to share (explanation quality): per client, and their mean.
         shared = sorted({k for u in updates for k in u.metrics if k.startswith(keys.SHARED_PREFIX)})
         for key in shared:
@@ -278,10 +315,27 @@ class FederatedServer:
             clients[pid_key][keys.EPSILON] = epsilon
         if epsilons:
             row[keys.EPSILON_MAX] = max(epsilons.values())
-        row.update(self.aggregator.round_metrics(server_round, len(sampled) / len(nodes)))  # e.g. central DP's ε
         clipped = [float(u.metrics[CLIPPED_FRACTION]) for u in updates if CLIPPED_FRACTION in u.metrics]
         if clipped:  # coordinates SecAgg+ had to clip to ±clipping_range: should stay ~0
             row[f"{CLIPPED_FRACTION}_max"] = max(clipped)
+        row["num_clients"] = len(updates)
+        row["clients"] = clients
+        return row
+
+    def conclude(
+        self,
+        grid: Grid,
+        nodes: Mapping[int, int],
+        row: dict[str, Any],
+        traffic: RoundTraffic,
+        failed: Mapping[int, str],
+        started: float,
+        norm: float,
+    ) -> None:
+        """Finish the row of global version ``row["round"]``: evaluate when due, record, checkpoint."""
+        federation = self.cfg.federation
+        server_round = int(row["round"])
+        bytes_sent, bytes_received = traffic.sent, traffic.received
         last = server_round == federation.rounds
         if last or (federation.evaluate_clients and server_round % int(federation.evaluate_every) == 0):
             evaluated = sample_clients(  # seeded apart from the training sample (seed·7 + 1)
@@ -291,30 +345,35 @@ class FederatedServer:
                 server_round,
             )
             row["evaluated_clients"] = len(evaluated)
-            pooled, per_client, sent, received, eval_failed = self._evaluate_on_clients(
-                grid, {pid: nodes[pid] for pid in evaluated}
+            evaluation = evaluate_on_clients(
+                grid,
+                {pid: nodes[pid] for pid in evaluated},
+                self._downlink(),
+                self.static_fingerprint,
+                self.task,
+                self.cfg,
+                self.site_names,
             )
-            bytes_sent += sent
-            bytes_received += received
-            row["failed_evaluations"] = {str(pid): why for pid, why in sorted(eval_failed.items())}
-            row.update(pooled)
-            for pid, values in per_client.items():
-                clients.setdefault(str(pid), {}).update(values)
+            bytes_sent += evaluation.bytes_sent
+            bytes_received += evaluation.bytes_received
+            row["failed_evaluations"] = {str(pid): why for pid, why in sorted(evaluation.failed.items())}
+            row.update(evaluation.pooled)
+            for pid, values in evaluation.per_client.items():
+                row["clients"].setdefault(str(pid), {}).update(values)
                 site = self.site_names.get(pid, str(pid))
                 row.update({f"test/site/{site}/{k[5:]}": v for k, v in values.items() if k.startswith("test/")})
             row.update(self._evaluate_server_test())
         row.update(
             {
                 "round_seconds": time.perf_counter() - started,
+                "virtual_time": self.progress.virtual_time,
                 "bytes_sent": bytes_sent,
                 "bytes_received": bytes_received,
-                "uplink_bytes": replies.bytes_received,  # the train exchange's replies: the updates
+                "uplink_bytes": traffic.received,  # the train exchange's replies: the updates
                 "update_norm": norm,
-                "lr": round_config[keys.LEARNING_RATE],
-                "encoders_frozen": frozen,
-                "num_clients": len(updates),
+                "lr": learning_rate(self.cfg, server_round),
+                "encoders_frozen": server_round <= federation.freeze_encoders_rounds,
                 "failed_clients": {str(pid): why for pid, why in sorted(failed.items())},
-                "clients": clients,
             }
         )
         self._complete(server_round, row, norm)
@@ -323,15 +382,8 @@ class FederatedServer:
         self, server_round: int, answered: int, asked: int, available: int, failed: Mapping[int, str]
     ) -> None:
         """Stop the run (keeping every completed round) on an exhausted privacy budget or too few answers."""
+        self.check_budget(server_round, failed)
         federation = self.cfg.federation
-        exhausted = {pid: why for pid, why in failed.items() if PrivacyBudgetExhausted.raised_in(why)}
-        if exhausted:  # not an ordinary failure: going on would train without the clients that hit the budget
-            raise FederationError(
-                f"round {server_round}: stopped, {PrivacyBudgetExhausted.MARKER} (privacy.max_epsilon="
-                f"{self.cfg.privacy.max_epsilon}): "
-                + "; ".join(f"client {pid}: {why}" for pid, why in sorted(exhausted.items()))
-                + f". Rounds up to {self.progress.completed_round} are kept in {self.run_dir}"
-            )
         if answered < min(int(federation.min_clients), available):
             reasons = "; ".join(f"client {pid}: {why}" for pid, why in sorted(failed.items()))
             raise FederationError(
@@ -340,53 +392,23 @@ class FederatedServer:
                 f"{self.progress.completed_round} are saved: continue with `fedvlm fit --resume {self.run_dir}`"
             )
 
-    def _downlink(self) -> ArrayRecord:
-        return ArrayRecord(torch_state_dict={k: v for k, v in self.global_state.items() if k in self.downlink_keys})
+    def check_budget(self, server_round: int, failed: Mapping[int, str]) -> None:
+        """Stop the run when a client's DP-SGD budget is exhausted: going on would train without it.
 
-    def _evaluate_on_clients(
-        self, grid: Grid, nodes: Mapping[int, int]
-    ) -> tuple[dict[str, float], dict[int, dict[str, float]], int, int, dict[int, str]]:
-        """Pooled and per-client metrics (``val/...``, ``test/...``) on every site's local splits.
-
-        Pooled values come from summing the clients' metric *states* (counts), never from
-        averaging their per-client numbers: the pooled AUROC is the AUROC over the union.
+        Raises:
+            FederationError: Naming each such client; completed rounds stay on disk.
         """
-        downlink = self._downlink()
-        config = ConfigRecord({keys.STATIC_FINGERPRINT: self.static_fingerprint})
-        messages = [
-            Message(
-                RecordDict({keys.ARRAYS: downlink, keys.CONFIG: config}), dst_node_id=node, message_type=keys.EVALUATE
+        exhausted = {pid: why for pid, why in failed.items() if PrivacyBudgetExhausted.raised_in(why)}
+        if exhausted:
+            raise FederationError(
+                f"round {server_round}: stopped, {PrivacyBudgetExhausted.MARKER} (privacy.max_epsilon="
+                f"{self.cfg.privacy.max_epsilon}): "
+                + "; ".join(f"client {pid}: {why}" for pid, why in sorted(exhausted.items()))
+                + f". Rounds up to {self.progress.completed_round} are kept in {self.run_dir}"
             )
-            for _, node in sorted(nodes.items())
-        ]
-        sent = content_bytes(messages[0].content) * len(messages) if messages else 0  # one content for every client
-        replies, failed = exchange(grid, messages, nodes, float(self.cfg.federation.round_timeout))
-        received = sum(content_bytes(reply.content) for reply in replies.values())
-        pooled_values: dict[str, float] = {}
-        per_client: dict[int, dict[str, float]] = {}
-        for split in keys.EVAL_SPLITS:
-            states = []
-            for pid, reply in sorted(replies.items()):
-                metrics = reply.content.metric_records[keys.METRICS]
-                if int(metrics[f"{split}/{keys.NUM_EXAMPLES}"]) == 0:  # type: ignore[arg-type]
-                    continue
-                prefix = f"{keys.EVAL_STATE_PREFIX}{split}/"
-                state: dict[str, list[float]] = {
-                    k.removeprefix(prefix): list(v)  # type: ignore[arg-type, misc]
-                    for k, v in metrics.items()
-                    if k.startswith(prefix)
-                }
-                states.append(state)
-                local = self.task.make_metrics(self.cfg, mergeable=True)
-                merge_states(local, [state])
-                values = self._scalars(local, split, self.site_names.get(pid, f"client {pid}"))
-                per_client.setdefault(pid, {}).update({f"{split}/{k}": v for k, v in values.items()})
-            if states:
-                pooled = self.task.make_metrics(self.cfg, mergeable=True)
-                merge_states(pooled, states)
-                values = self._scalars(pooled, split, "all sites")
-                pooled_values.update({f"{split}/{k}": v for k, v in values.items()})
-        return pooled_values, per_client, sent, received, failed
+
+    def _downlink(self) -> ArrayRecord:
+        return ArrayRecord(torch_state_dict=self.sent_state())
 
     def _evaluate_server_test(self) -> dict[str, float]:
         """``server_test/*``: the global model on the coordinator's own test set (exact metrics)."""
@@ -396,20 +418,8 @@ class FederatedServer:
         metrics = self.task.make_metrics(self.cfg, mergeable=False)
         loader = make_loader(self.server_test.test, int(self.cfg.trainer.batch_size), shuffle=False)
         self.task.evaluate(self.module, loader, metrics)
-        values = self._scalars(metrics, "server_test", "the coordinator")
+        values = scalar_values(self.task, metrics, "server_test", "the coordinator")
         return {f"server_test/{key}": value for key, value in values.items()}
-
-    def _scalars(self, metrics: torch.nn.Module, split: str, where: str) -> dict[str, float]:
-        """Scalar values; a per-label value with no valid sample is NaN, named in a warning."""
-        values = self.task.scalar_metrics(metrics)
-        undefined = [k.split("/", 1)[1] for k, v in values.items() if k.startswith("auroc/") and math.isnan(v)]
-        if undefined:
-            warnings.warn(
-                f"{split} split of {where}: no AUROC for label(s) {', '.join(undefined)} (no positive or no "
-                "negative sample); they are NaN and left out of the macro average",
-                stacklevel=2,
-            )
-        return values
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -428,6 +438,8 @@ class FederatedServer:
             progress.best_value, progress.best_round = value, server_round
         hparams = dict(self.module.hparams)
         resumable = {**progress.as_dict(), STRATEGY_STATE: self.aggregator.state_dict()}
+        if self.async_state is not None:
+            resumable[ASYNC_STATE] = self.async_state()
         save_checkpoint(run.checkpoint("last"), self.global_state, hparams, resumable)
         if improved:
             save_checkpoint(run.checkpoint("best"), self.global_state, hparams, resumable)
@@ -441,6 +453,7 @@ class FederatedServer:
         checkpoint = load_checkpoint(path)
         saved = dict(checkpoint["fedvlm"])
         self.aggregator.load_state_dict(saved.pop(STRATEGY_STATE, {}))  # e.g. FedAvgM's momentum
+        self.restored_async = saved.pop(ASYNC_STATE, {})  # the clients at work, the model versions they hold
         self.progress = Progress(**saved)
         # Convergence is judged with the tolerance in force now (a resume may relax it).
         tolerance = float(self.cfg.federation.convergence_tol)

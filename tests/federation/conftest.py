@@ -25,6 +25,7 @@ class InProcessGrid:
     sent: list[Message] = field(default_factory=list)
     received: list[Message] = field(default_factory=list)
     contexts: dict[int, Context] = field(default_factory=dict)
+    pending: dict[str, Message] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for node, config in self.node_configs.items():
@@ -34,18 +35,30 @@ class InProcessGrid:
         return sorted(self.node_configs)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
+        return [self._deliver(message) for message in messages]
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver at once; the reply waits under a new message id until it is pulled."""
+        ids = []
         for message in messages:
-            delivered = Message(content=copy.deepcopy(message.content), metadata=copy.deepcopy(message.metadata))
-            self.sent.append(delivered)
-            try:
-                reply = self.app(delivered, self.contexts[message.metadata.dst_node_id])
-                reply = Message(content=copy.deepcopy(reply.content), metadata=reply.metadata)
-            except Exception as err:  # what a SuperNode reports when the ClientApp raises
-                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
-            self.received.append(reply)
-            replies.append(reply)
-        return replies
+            message_id = f"message-{len(self.sent)}"
+            self.pending[message_id] = self._deliver(message)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.pending.pop(i) for i in message_ids if i in self.pending]
+
+    def _deliver(self, message: Message) -> Message:
+        delivered = Message(content=copy.deepcopy(message.content), metadata=copy.deepcopy(message.metadata))
+        self.sent.append(delivered)
+        try:
+            reply = self.app(delivered, self.contexts[message.metadata.dst_node_id])
+            reply = Message(content=copy.deepcopy(reply.content), metadata=reply.metadata)
+        except Exception as err:  # what a SuperNode reports when the ClientApp raises
+            reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
+        self.received.append(reply)
+        return reply
 
 
 @pytest.fixture(autouse=True)
