@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="data.synthetic.n (default: the recipe's)")
     parser.add_argument("--runs", type=Path, default=Path("runs/async"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/async.json"))
+    parser.add_argument("--sync-run", type=Path, default=None, help="reuse this finished sync run directory")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both runs")
     args = parser.parse_args()
     common = [*HETEROGENEITY, *args.overrides]
@@ -73,6 +74,12 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name, overrides in variants.items():
         out = args.runs / f"{args.recipe}-{name}-{stamp}"
+        if name == "sync" and args.sync_run is not None:  # measured before, with the same overrides
+            last = read_metrics(args.sync_run)[-1]
+            result = {"run_dir": str(args.sync_run), "exit_code": 0, METRIC: last[METRIC]}
+            result.update({"virtual_time": last["virtual_time"], "reused": True, "curve": curve(args.sync_run)})
+            results[name] = result
+            continue
         result = fit_variant(args.recipe, out, overrides, (METRIC, "virtual_time"))
         if result["exit_code"] == 0:
             result["curve"] = curve(out)

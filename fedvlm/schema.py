@@ -291,6 +291,11 @@ class FederationConfig:
     the model it trained from): ``{name: exponential, lam: 0.5}`` (e^(−λτ), Eq. 31 of Fed-MMX) or
     ``{name: polynomial, a: 0.5}`` ((1+τ)^−a); ``fedvlm.federation.asynchronous``. A server
     learning rate is the strategy's: ``{name: fedavgm, server_learning_rate: η, server_momentum: 0}``."""
+    weight_by_duration: bool = False
+    """``mode=async``: weight each update by its example count × its task's duration (relative to
+    the mean), so that over time each client weighs by its data as in FedAvg, however fast it is.
+    Without it (Eq. 31 as printed), a client's total weight is ∝ data / task time: fast clients
+    dominate, and where task time follows data every client weighs alike."""
     max_staleness: int = 10
     """``mode=async``: updates staler than this are dropped (counted as ``dropped_stale``)."""
     client_speed: Any = "none"

@@ -116,8 +116,11 @@ class PolynomialStaleness:
         return float((1.0 + staleness) ** -self.a)
 
 
-def buffer_weights(buffered: Sequence[tuple[int, int]], staleness: StalenessWeight) -> list[float]:
-    """α of each ``(num_examples, τ)`` in a buffer: ``N_c · s(τ_c)``, normalised to sum to 1.
+def buffer_weights(buffered: Sequence[tuple[float, int]], staleness: StalenessWeight) -> list[float]:
+    """α of each ``(N_c, τ_c)`` in a buffer: ``N_c · s(τ_c)``, normalised to sum to 1.
+
+    ``N_c`` is the update's example count, or with ``federation.weight_by_duration`` its example
+    count times its task's duration relative to the mean (:meth:`AsyncRounds.update_weight`).
 
     Example:
         >>> [round(a, 4) for a in buffer_weights([(10, 0), (10, 1)], ExponentialStaleness(lam=math.log(3)))]
@@ -278,6 +281,8 @@ class AsyncRounds:
         self.host, self.grid, self.nodes = host, grid, dict(nodes)
         self.buffer_size = int(federation.buffer_size)
         self.max_staleness = int(federation.max_staleness)
+        self.weight_by_duration = bool(federation.weight_by_duration)
+        self.mean_duration = sum(host.clock.duration(pid) for pid in nodes) / max(len(nodes), 1)
         self.staleness: StalenessWeight = staleness_weights.build(federation.staleness)
         self.timeout = float(federation.round_timeout)
         self.schedule = AsyncSchedule(host.clock, sorted(nodes), int(federation.clients_per_round), int(host.cfg.seed))
@@ -352,10 +357,24 @@ class AsyncRounds:
             sent_bytes += self._send_all(self.schedule.fill(self.version))
             self._forget_unheld()
 
+    def update_weight(self, dispatch: Dispatch, update: ClientUpdate) -> float:
+        """``N_c``, or with ``weight_by_duration`` ``N_c · d / d̄`` (``d`` the task's time on the clock).
+
+        A client that takes ``d`` per task sends ``T / d`` updates in a time ``T``, so with
+        ``N_c`` alone its total weight is ``∝ N_c / d``: fast clients dominate, and when duration
+        follows data (``d ∝ N_c``) every client ends up weighing the same, whatever its data.
+        Scaling by ``d`` restores FedAvg's ``∝ N_c`` over time.
+        """
+        if not self.weight_by_duration:
+            return float(update.num_examples)
+        return update.num_examples * (dispatch.finish - dispatch.start) / self.mean_duration
+
     def _aggregate(self, buffer: Sequence[tuple[Dispatch, ClientUpdate]]) -> float:
         """One new version from a full buffer: the staleness-weighted mean change, then the server step."""
         host = self.host
-        alphas = buffer_weights([(u.num_examples, self.version - d.version) for d, u in buffer], self.staleness)
+        alphas = buffer_weights(
+            [(self.update_weight(d, u), self.version - d.version) for d, u in buffer], self.staleness
+        )
         mean_delta: State = {}
         for alpha, (_, update) in zip(alphas, buffer, strict=True):
             for key, delta in update.state.items():

@@ -9,6 +9,7 @@ the user's LightningModule never learns that Flower exists.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 
 import lightning as L
@@ -88,6 +89,31 @@ class FederatedRoundCallback(L.Callback):
             for key, value in pl_module.state_dict().items()
             if key in travelling_keys(pl_module)
         }
+
+
+class StepTimer(L.Callback):
+    """Seconds spent inside training steps (forward, backward, optimiser), summed over a fit.
+
+    What a client-round costs beyond this (process and Trainer start-up, model construction,
+    data loading, encoding the reply) is its fixed cost (``benchmarks/scale.py``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+        self._started = 0.0
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
+    ) -> None:
+        self._started = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        self.seconds += time.perf_counter() - self._started
 
 
 class FreezeModules(L.Callback):

@@ -31,6 +31,7 @@ from fedvlm.federation.callback import (
     FederatedRoundCallback,
     FreezeModules,
     RoundLearningRate,
+    StepTimer,
     load_global_state,
     non_finite_keys,
     static_fingerprint,
@@ -122,12 +123,14 @@ def train_locally(
     schedule: list[L.Callback] = [RoundLearningRate(float(round_config[keys.LEARNING_RATE]))]
     if int(cfg.federation.freeze_encoders_rounds) > 0:  # a fresh module each round: nothing to undo otherwise
         schedule.append(FreezeModules(bool(round_config[keys.FREEZE_ENCODERS]), list(cfg.model.freeze_modules)))
-    trainer = make_trainer(cfg, [*schedule, callback, *extra], int(round_config[keys.LOCAL_EPOCHS]))
+    timer = StepTimer()
+    trainer = make_trainer(cfg, [*schedule, callback, timer, *extra], int(round_config[keys.LOCAL_EPOCHS]))
     trainer.fit(module, loader)
     train_loss = trainer.callback_metrics.get("train/loss")
     metrics = {
         keys.TRAIN_LOSS: float(train_loss) if train_loss is not None else float("nan"),
         keys.TRAIN_SECONDS: time.perf_counter() - started,
+        keys.STEP_SECONDS: timer.seconds,
     }
     if private is not None:
         # The exact training loss is a statistic of the protected records without noise: withheld under DP.
@@ -230,6 +233,7 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
 
     @app.train(mods=[secure_aggregation_mod])  # SecAgg+ when the server runs it, else a no-op
     def train(msg: Message, context: Context) -> Message:
+        received = time.perf_counter()
         run_dir_str = site_run_dir(context)
         cfg = _run_config(run_dir_str)
         partition_id = int(context.node_config[keys.PARTITION_ID])
@@ -273,6 +277,7 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
         )
         if getattr(codec, "error_feedback", False):  # in node state: it survives a fresh ClientApp process
             context.state[keys.CODEC_RESIDUAL] = ArrayRecord(torch_state_dict=new_residual)
+        metrics[keys.CLIENT_SECONDS] = time.perf_counter() - received
         return Message(
             RecordDict(
                 {

@@ -61,6 +61,8 @@ STRATEGY_STATE = "strategy_state"
 """Checkpoint entry (under ``"fedvlm"``) holding what the strategy carries across rounds."""
 ASYNC_STATE = "async_state"
 """Checkpoint entry (under ``"fedvlm"``) of the asynchronous loop: clients at work, their versions."""
+TIMINGS = {"step_seconds": keys.STEP_SECONDS, "client_seconds": keys.CLIENT_SECONDS}
+"""Per-client timings of a row (``clients``), beside ``train_seconds``: the fixed cost is the rest."""
 RoundReporter = Callable[[dict[str, Any]], None]
 
 
@@ -301,6 +303,7 @@ class FederatedServer:
                 "num_examples": u.num_examples,
                 "train/loss": float(u.metrics[keys.TRAIN_LOSS]),
                 "train_seconds": float(u.metrics[keys.TRAIN_SECONDS]),
+                **{name: float(u.metrics[key]) for name, key in TIMINGS.items() if key in u.metrics},
             }
         # Aggregates a client chose to share (explanation quality): per client, and their mean.
         shared = sorted({k for u in updates for k in u.metrics if k.startswith(keys.SHARED_PREFIX)})

@@ -124,6 +124,7 @@ class _Host:
                     "rounds": rounds,
                     "buffer_size": buffer_size,
                     "max_staleness": 10,
+                    "weight_by_duration": False,
                     "staleness": {"name": "exponential", "lam": lam},
                     "round_timeout": 5.0,
                     "clients_per_round": 0,
@@ -198,6 +199,17 @@ def test_a_three_client_async_run_with_planted_speeds_makes_the_hand_computed_mo
     assert [r["clients"] for r in host.rows] == [[0, 1], [0, 0], [1, 2]]
     assert [(r["staleness_mean"], r["staleness_max"]) for r in host.rows] == [(0.0, 0), (0.5, 1), (1.5, 2)]
     assert all(r["dropped_stale"] == 0 and r["vanished"] == 0 for r in host.rows)
+
+
+def test_weighting_by_duration_gives_slow_clients_the_weight_of_the_time_they_took() -> None:
+    """As above, with α ∝ N · d · 2^−τ (d = 1, 2, 4): w₁ = (1·1 + 2·2)/3 = 5/3; w₂ = w₁ + 1
+    (both updates step 1); w₃ = w₂ + (4·¼·3 + 2·½·2)/(1 + 1) = w₂ + 2.5."""
+    clock = VirtualClock({0: 1.0, 1: 2.0, 2: 4.0}, {0: 10, 1: 10, 2: 10}, local_epochs=1, dropout=0.0, seed=0)
+    host = _Host(clock, rounds=3, buffer_size=2, lam=math.log(2))
+    host.cfg.federation.weight_by_duration = True
+    grid = InProcessGrid(_stepping_app(), {100 + pid: {keys.PARTITION_ID: pid} for pid in range(3)})
+    AsyncRounds(host, cast(Grid, grid), {pid: 100 + pid for pid in range(3)}, {}).run()  # type: ignore[arg-type]
+    assert host.versions == pytest.approx([5 / 3, 8 / 3, 8 / 3 + 2.5])
 
 
 def test_updates_staler_than_max_staleness_are_dropped_and_counted() -> None:
@@ -281,6 +293,10 @@ def test_a_sync_round_lasts_as_long_as_its_slowest_client(tmp_path: Path) -> Non
     epochs = int(server.cfg.trainer.local_epochs)
     assert slowest == pytest.approx(max(speeds[p] * epochs * sizes[p] / (sum(sizes.values()) / 3) for p in range(3)))
     assert all(r["staleness_max"] == 0 and r["dropped_stale"] == 0 for r in server.progress.history)
+    # each client-round's timings nest: the whole message ⊃ local training ⊃ the training steps
+    for row in server.progress.history:
+        for timings in row["clients"].values():
+            assert timings["client_seconds"] >= timings["train_seconds"] > timings["step_seconds"] > 0
 
 
 @pytest.mark.parametrize(
