@@ -28,6 +28,7 @@ from typing import Any
 from runner import fit_variant  # benchmarks/runner.py (scripts run from benchmarks/)
 
 from fedvlm.config import load_config
+from fedvlm.federation.clock import build_clock
 from fedvlm.runs import read_metrics
 
 HETEROGENEITY = ["federation.client_speed={name: lognormal, sigma: 1.0}", "federation.dropout=0.1"]
@@ -41,6 +42,21 @@ def curve(run_dir: Path) -> list[dict[str, Any]]:
     return [{k: row.get(k) for k in keys} for row in read_metrics(run_dir) if METRIC in row]
 
 
+def predicted_versions(cfg: Any, sync_run: Path, budget: float, buffer_size: int) -> int:
+    """Versions the async run makes in ``budget`` virtual time: every client busy, each finishing
+    ``budget / d_c`` tasks (``d_c`` from the run's seeded speeds and the sizes the sync run saw),
+    less the vanished ones. Sets the learning-rate schedule's length like the sync run's."""
+    sizes = {
+        int(pid): c["num_examples"]
+        for row in read_metrics(sync_run)
+        for pid, c in row["clients"].items()
+        if "num_examples" in c
+    }
+    clock = build_clock(cfg.federation, sizes, int(cfg.trainer.local_epochs), int(cfg.seed))
+    updates = sum(budget / clock.duration(pid) for pid in sizes) * (1 - float(cfg.federation.dropout))
+    return max(1, round(updates / buffer_size))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="leukemia_demo")
@@ -51,6 +67,13 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/async"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/async.json"))
     parser.add_argument("--sync-run", type=Path, default=None, help="reuse this finished sync run directory")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="give the async run this fraction of the sync run's virtual time (federation.max_virtual_time), "
+        "with as many versions as the clock predicts in it; default: the sync run's number of updates",
+    )
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both runs")
     args = parser.parse_args()
     common = [*HETEROGENEITY, *args.overrides]
@@ -73,6 +96,10 @@ def main() -> None:
     }
     results: dict[str, Any] = {}
     for name, overrides in variants.items():
+        if name == "async" and args.time_budget is not None:
+            budget = args.time_budget * results["sync"]["virtual_time"]
+            versions = predicted_versions(cfg, Path(results["sync"]["run_dir"]), budget, args.buffer_size)
+            overrides = [*overrides, f"federation.rounds={versions}", f"federation.max_virtual_time={budget}"]
         out = args.runs / f"{args.recipe}-{name}-{stamp}"
         if name == "sync" and args.sync_run is not None:  # measured before, with the same overrides
             last = read_metrics(args.sync_run)[-1]

@@ -293,9 +293,13 @@ class FederationConfig:
     learning rate is the strategy's: ``{name: fedavgm, server_learning_rate: η, server_momentum: 0}``."""
     weight_by_duration: bool = False
     """``mode=async``: weight each update by its example count × its task's duration (relative to
-    the mean), so that over time each client weighs by its data as in FedAvg, however fast it is.
-    Without it (Eq. 31 as printed), a client's total weight is ∝ data / task time: fast clients
-    dominate, and where task time follows data every client weighs alike."""
+    the mean) × s(τ), over the buffer's examples without renormalising, so that over time each
+    client weighs by its data as in FedAvg, however fast it is
+    (``fedvlm.federation.asynchronous.duration_weights``). Without it, Eq. 31 normalised within
+    the buffer: fast clients make most versions."""
+    max_virtual_time: float = 0.0
+    """Stop once the virtual clock passes this (both modes; 0: no limit): a run of a simulated
+    duration rather than of a number of rounds."""
     max_staleness: int = 10
     """``mode=async``: updates staler than this are dropped (counted as ``dropped_stale``)."""
     client_speed: Any = "none"

@@ -75,7 +75,8 @@ def _serve(grid: Grid, context: Context) -> None:
     expected = 1 if cfg.federation.mode == "centralized" else int(cfg.federation.num_clients)
     wait_for_nodes(grid, expected, float(cfg.federation.round_timeout))
     log(INFO, "fedvlm: %s, %d rounds, run directory %s", cfg.recipe, cfg.federation.rounds, run_dir)
-    server = FederatedServer(cfg, run_dir, get_task(cfg.task), resume=resume, report=_log_round)
+    # Sites have real speeds here: asynchronous rounds take replies as they arrive.
+    server = FederatedServer(cfg, run_dir, get_task(cfg.task), resume=resume, report=_log_round, arrival_order=True)
     progress = server.run(grid)
     log(INFO, "fedvlm: %d rounds completed; metrics in %s", progress.completed_round, RunLayout(run_dir).metrics)
 

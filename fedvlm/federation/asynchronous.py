@@ -116,11 +116,8 @@ class PolynomialStaleness:
         return float((1.0 + staleness) ** -self.a)
 
 
-def buffer_weights(buffered: Sequence[tuple[float, int]], staleness: StalenessWeight) -> list[float]:
+def buffer_weights(buffered: Sequence[tuple[int, int]], staleness: StalenessWeight) -> list[float]:
     """α of each ``(N_c, τ_c)`` in a buffer: ``N_c · s(τ_c)``, normalised to sum to 1.
-
-    ``N_c`` is the update's example count, or with ``federation.weight_by_duration`` its example
-    count times its task's duration relative to the mean (:meth:`AsyncRounds.update_weight`).
 
     Example:
         >>> [round(a, 4) for a in buffer_weights([(10, 0), (10, 1)], ExponentialStaleness(lam=math.log(3)))]
@@ -131,6 +128,26 @@ def buffer_weights(buffered: Sequence[tuple[float, int]], staleness: StalenessWe
     if total <= 0:
         raise ValueError(f"a buffer's weights sum to {total}: every update has no examples or zero weight")
     return [w / total for w in raw]
+
+
+def duration_weights(buffered: Sequence[tuple[int, float, int]], staleness: StalenessWeight) -> list[float]:
+    """α of each ``(N_c, d_c / d̄, τ_c)`` in a buffer (``federation.weight_by_duration``):
+    ``N_c · (d_c / d̄) · s(τ_c) / Σ N``, so they sum to the buffer's weighted mean of ``(d/d̄)·s(τ)``.
+
+    A client whose task takes ``d`` sends ``T / d`` updates in a time ``T``; weighing each by ``d``
+    makes its total weight over time ``∝ N_c``, as in FedAvg, however fast it is. The sum is not
+    renormalised to 1, or a buffer of only fast clients (a common one) would take a full step:
+    such a buffer moves the model by the share of time its work stands for. (Normalised within the
+    buffer, Eq. 31 lets a client that is 40× faster than the median make most of the versions.)
+
+    Example:
+        >>> duration_weights([(10, 0.5, 0), (10, 0.5, 0)], ExponentialStaleness(lam=0.5))  # two quick updates
+        [0.25, 0.25]
+    """
+    total = sum(num_examples for num_examples, _, _ in buffered)
+    if total <= 0:
+        raise ValueError(f"a buffer's example counts sum to {total}")
+    return [n * relative * staleness(tau) / total for n, relative, tau in buffered]
 
 
 @dataclass(frozen=True)
@@ -209,6 +226,12 @@ class AsyncSchedule:
         self.now = dispatch.finish
         return dispatch
 
+    def take(self, index: int, now: float) -> Dispatch:
+        """Dispatch ``index`` ended (its reply arrived) at ``now``: the clock moves to it."""
+        dispatch = self.in_flight.pop(index)
+        self.now = max(self.now, now)
+        return dispatch
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run continues from (the clock, the count, the clients at work)."""
         return {
@@ -272,9 +295,19 @@ class AsyncRounds:
         grid: Where the clients are.
         nodes: Partition id → node id of the clients that may train.
         restored: The ``async_state`` of the checkpoint a resumed run continues from ({}: none).
+        arrival_order: Take replies as they arrive, the clock reading wall seconds (the deployment
+            engine, where sites have real speeds), instead of in the virtual clock's order (a
+            repeatable simulation). Simulated vanishing is then immediate.
     """
 
-    def __init__(self, host: RoundHost, grid: Grid, nodes: Mapping[int, int], restored: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        host: RoundHost,
+        grid: Grid,
+        nodes: Mapping[int, int],
+        restored: Mapping[str, Any],
+        arrival_order: bool = False,
+    ) -> None:
         federation = host.cfg.federation
         if host.clock is None:
             raise RuntimeError("the server builds its virtual clock before the asynchronous loop starts")
@@ -294,6 +327,9 @@ class AsyncRounds:
         else:
             self.schedule.now = float(host.progress.virtual_time)
         self.sent: dict[int, _Sent] = {}
+        self.arrival_order = arrival_order
+        self.arrived: dict[int, Message] = {}  # arrival order: replies pulled, by dispatch index
+        self.wall_origin = time.monotonic() - self.schedule.now  # arrival order: the clock in wall seconds
         host.async_state = self.state_dict
 
     def state_dict(self) -> dict[str, Any]:
@@ -312,8 +348,11 @@ class AsyncRounds:
         dropped_stale = vanished = failures = 0
         sent_bytes = received_bytes = 0
         started = time.perf_counter()
+        max_time = float(host.cfg.federation.max_virtual_time)
         while self.version < rounds and not host.progress.converged:
-            dispatch = self.schedule.pop_next()
+            if 0 < max_time <= self.schedule.now:
+                break  # the simulated duration is over (federation.max_virtual_time)
+            dispatch = self._next_arrival() if self.arrival_order else self.schedule.pop_next()
             if dispatch.vanished:
                 failed[dispatch.partition_id] = VANISHED
                 vanished += 1
@@ -357,24 +396,20 @@ class AsyncRounds:
             sent_bytes += self._send_all(self.schedule.fill(self.version))
             self._forget_unheld()
 
-    def update_weight(self, dispatch: Dispatch, update: ClientUpdate) -> float:
-        """``N_c``, or with ``weight_by_duration`` ``N_c · d / d̄`` (``d`` the task's time on the clock).
-
-        A client that takes ``d`` per task sends ``T / d`` updates in a time ``T``, so with
-        ``N_c`` alone its total weight is ``∝ N_c / d``: fast clients dominate, and when duration
-        follows data (``d ∝ N_c``) every client ends up weighing the same, whatever its data.
-        Scaling by ``d`` restores FedAvg's ``∝ N_c`` over time.
-        """
+    def weights(self, buffer: Sequence[tuple[Dispatch, ClientUpdate]]) -> list[float]:
+        """α of the buffer's updates: Eq. 31 normalised within the buffer (:func:`buffer_weights`),
+        or with ``weight_by_duration`` :func:`duration_weights` (``d`` the task's time on the clock)."""
         if not self.weight_by_duration:
-            return float(update.num_examples)
-        return update.num_examples * (dispatch.finish - dispatch.start) / self.mean_duration
+            return buffer_weights([(u.num_examples, self.version - d.version) for d, u in buffer], self.staleness)
+        timed = [
+            (u.num_examples, (d.finish - d.start) / self.mean_duration, self.version - d.version) for d, u in buffer
+        ]
+        return duration_weights(timed, self.staleness)
 
     def _aggregate(self, buffer: Sequence[tuple[Dispatch, ClientUpdate]]) -> float:
         """One new version from a full buffer: the staleness-weighted mean change, then the server step."""
         host = self.host
-        alphas = buffer_weights(
-            [(self.update_weight(d, u), self.version - d.version) for d, u in buffer], self.staleness
-        )
+        alphas = self.weights(buffer)
         mean_delta: State = {}
         for alpha, (_, update) in zip(alphas, buffer, strict=True):
             for key, delta in update.state.items():
@@ -403,17 +438,33 @@ class AsyncRounds:
         self.sent[dispatch.index] = _Sent(message_id, time.monotonic())
         return content_bytes(content)
 
+    def _next_arrival(self) -> Dispatch:
+        """Arrival order: the first reply to come in (or a task past ``round_timeout``)."""
+        while True:
+            for index in sorted(self.schedule.in_flight):
+                if self.schedule.in_flight[index].vanished:
+                    return self.schedule.take(index, self.schedule.now)
+            now = time.monotonic()
+            for index, sent in sorted(self.sent.items()):
+                replies = list(self.grid.pull_messages([sent.message_id]))
+                if replies:
+                    self.arrived[index] = replies[0]
+                if replies or now - sent.pushed > self.timeout:
+                    return self.schedule.take(index, now - self.wall_origin)
+            time.sleep(PULL_SECONDS)
+
     def _receive(self, dispatch: Dispatch) -> tuple[ClientUpdate | str, int]:
         """The dispatch's update as a change from its version (or why it failed), and its bytes."""
         sent = self.sent.pop(dispatch.index)
-        while True:
+        reply = self.arrived.pop(dispatch.index, None)
+        while reply is None:
             replies = list(self.grid.pull_messages([sent.message_id]))
             if replies:
+                reply = replies[0]
                 break
             if time.monotonic() - sent.pushed > self.timeout:
                 return f"no reply within federation.round_timeout={self.timeout:g}s", 0
             time.sleep(PULL_SECONDS)
-        reply = replies[0]
         if reply.has_error():
             return error_reason(reply), 0
         reference = self.versions[dispatch.version]
@@ -439,5 +490,6 @@ __all__ = [
     "PolynomialStaleness",
     "StalenessWeight",
     "buffer_weights",
+    "duration_weights",
     "staleness_weights",
 ]

@@ -210,15 +210,20 @@ def int2_codec(block: int = 256) -> StochasticQuantizer:
 class TopKOptions:
     """``fraction``: the share of each tensor's entries sent (at least one); ``bits``: 32 sends the
     values as float32, 16 as float16, 8/4/2 quantises them (unbiased, one scale per tensor);
-    ``error_feedback``: add what was not sent to the next round's delta."""
+    ``error_feedback``: add what was not sent to the next round's delta; ``dense_below``: tensors
+    with fewer entries than this are sent whole (biases, norms, small heads, which top-k would
+    starve to one entry a round), their values quantised as the others."""
 
     fraction: float = 0.01
     bits: int = 32
     error_feedback: bool = False
+    dense_below: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction={self.fraction} must be in (0, 1]")
+        if self.dense_below < 0:
+            raise ValueError(f"dense_below={self.dense_below} must be >= 0")
         if self.bits not in (32, 16, 8, 4, 2):
             raise ValueError(f"bits={self.bits} must be one of 32, 16, 8, 4, 2")
 
@@ -234,8 +239,9 @@ class TopKCodec:
     Layout: a bitmask of which reference tensors the update holds (sorted keys; frozen tensors do
     not travel), per tensor one float32 scale when ``bits < 16``, every kept value (float32,
     float16 or packed codes), then the kept positions as LEB128 varints of their gaps (one byte for
-    a gap under 128). A tensor of ``n`` entries keeps ``max(1, round(fraction·n))``; both sides know
-    it. Non-float entries travel unchanged beside the array.
+    a gap under 128). A tensor of ``n`` entries keeps ``max(1, round(fraction·n))``, or all of them
+    when ``n < dense_below`` (then no positions travel); both sides know it. Non-float entries
+    travel unchanged beside the array.
 
     With ``error_feedback`` (Seide et al. 2014; Stich et al. 2018), the client adds its residual,
     what earlier rounds did not send (unsent entries and value-quantisation error), to the delta
@@ -252,8 +258,10 @@ class TopKCodec:
 
     error_feedback: ClassVar[bool] = False
 
-    def __init__(self, fraction: float = 0.01, bits: int = 32, error_feedback: bool = False) -> None:
-        self.fraction, self.bits = fraction, bits
+    def __init__(
+        self, fraction: float = 0.01, bits: int = 32, error_feedback: bool = False, dense_below: int = 0
+    ) -> None:
+        self.fraction, self.bits, self.dense_below = fraction, bits, dense_below
         self.error_feedback = error_feedback  # type: ignore[misc]
         self.quantizer = StochasticQuantizer(bits) if bits <= 8 else None
         self.exact: frozenset[str] = frozenset()  # float entries sent as they are (running statistics)
@@ -264,6 +272,8 @@ class TopKCodec:
 
     def kept(self, size: int) -> int:
         """How many of a tensor's ``size`` entries are sent."""
+        if size < self.dense_below:
+            return size
         return min(size, max(1, round(self.fraction * size)))
 
     def encode(
@@ -293,7 +303,12 @@ class TopKCodec:
             delta = (local[key].detach().cpu().float() - reference[key].cpu().float()).flatten()
             if self.error_feedback and key in residual:
                 delta = delta + residual[key].flatten().float()
-            positions = torch.topk(delta.abs(), self.kept(len(delta)), sorted=False).indices.sort().values
+            count = self.kept(len(delta))
+            if count == len(delta):  # sent whole: no positions travel
+                positions = torch.arange(len(delta))
+            else:
+                positions = torch.topk(delta.abs(), count, sorted=False).indices.sort().values
+                gaps.append(torch.diff(positions, prepend=torch.tensor([-1])) - 1)
             chosen = delta[positions]
             if self.quantizer is not None:
                 scale = chosen.abs().max()
@@ -304,7 +319,6 @@ class TopKCodec:
             else:
                 values.append(chosen.to(torch.float16 if self.bits == 16 else torch.float32))
                 sent = values[-1].float()
-            gaps.append(torch.diff(positions, prepend=torch.tensor([-1])) - 1)
             if self.error_feedback:
                 left = delta.clone()
                 left[positions] -= sent
@@ -317,6 +331,7 @@ class TopKCodec:
                 parts.append(_pack(torch.cat(values).numpy(), self.quantizer.bits))
             else:
                 parts.append(torch.cat(values).numpy().view(np.uint8))
+        if gaps:
             parts.append(_varints(torch.cat(gaps).numpy()))
         packed: dict[str, torch.Tensor] = {TOPK_BLOB: torch.from_numpy(np.concatenate(parts))}
         packed.update({k: v.detach().cpu() for k, v in local.items() if k not in compressed})
@@ -344,14 +359,19 @@ class TopKCodec:
             raw = blob[offset : offset + value_bytes].copy().view(np.float16 if width == 2 else np.float32)
             values = raw.astype(np.float32)
         offset += value_bytes
-        gaps = _from_varints(blob[offset:], total)
+        sparse = sum(count for key, count in zip(keys, counts, strict=True) if count < reference[key].numel())
+        gaps = _from_varints(blob[offset:], sparse)
         restored: State = {}
-        start = 0
+        start = gap_start = 0
         for key, count in zip(keys, counts, strict=True):
             base = reference[key]
-            positions = torch.from_numpy(np.cumsum(gaps[start : start + count] + 1) - 1)
             delta = torch.zeros(base.numel(), dtype=torch.float32)
-            delta[positions] = torch.from_numpy(values[start : start + count])
+            if count == base.numel():  # sent whole
+                delta[:] = torch.from_numpy(values[start : start + count])
+            else:
+                positions = torch.from_numpy(np.cumsum(gaps[gap_start : gap_start + count] + 1) - 1)
+                delta[positions] = torch.from_numpy(values[start : start + count])
+                gap_start += count
             restored[key] = base + delta.view(base.shape).to(base.dtype)
             start += count
         restored.update(state)  # non-float entries, as they were

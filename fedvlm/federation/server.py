@@ -166,6 +166,8 @@ class FederatedServer:
         task: The task (data, model, metrics).
         resume: Continue from ``checkpoints/last.ckpt`` instead of starting at round 1.
         report: Called with each round's metrics row (console display).
+        arrival_order: ``mode=async``: take replies as they arrive (deployment) instead of in
+            the virtual clock's order (simulation; :class:`~fedvlm.federation.asynchronous.AsyncRounds`).
     """
 
     def __init__(
@@ -175,8 +177,10 @@ class FederatedServer:
         task: Task,
         resume: bool = False,
         report: RoundReporter | None = None,
+        arrival_order: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.arrival_order = arrival_order
         self.run_dir = run_dir
         self.task = task
         self.report = report or (lambda row: None)
@@ -224,10 +228,11 @@ class FederatedServer:
         sizes = {pid: self.client_sizes[pid] for pid in nodes}
         self.clock = build_clock(federation, sizes, int(self.cfg.trainer.local_epochs), int(self.cfg.seed))
         if federation.mode == "async":
-            AsyncRounds(self, grid, nodes, self.restored_async).run()
+            AsyncRounds(self, grid, nodes, self.restored_async, self.arrival_order).run()
             return self.progress
+        max_time = float(federation.max_virtual_time)
         for server_round in range(self.progress.completed_round + 1, federation.rounds + 1):
-            if self.progress.converged:
+            if self.progress.converged or 0 < max_time <= self.progress.virtual_time:
                 break
             self._round(grid, nodes, server_round)
         return self.progress

@@ -25,6 +25,7 @@ from fedvlm.federation.asynchronous import (
     ExponentialStaleness,
     PolynomialStaleness,
     buffer_weights,
+    duration_weights,
 )
 from fedvlm.federation.clock import VANISHED, LognormalSpeed, VirtualClock
 from fedvlm.federation.codecs import IdentityCodec
@@ -45,6 +46,9 @@ def test_staleness_functions_match_their_formulas() -> None:
     # N_c · s(τ_c), normalised: 20·1, 10·e^(−0.3), 30·e^(−0.6)
     raw = [20.0, 10 * math.exp(-0.3), 30 * math.exp(-0.6)]
     assert buffer_weights([(20, 0), (10, 1), (30, 2)], exponential) == pytest.approx([w / sum(raw) for w in raw])
+    # with durations: N·(d/d̄)·s(τ) over Σ N, not renormalised
+    timed = duration_weights([(20, 0.5, 0), (10, 2.0, 1), (30, 1.0, 2)], exponential)
+    assert timed == pytest.approx([20 * 0.5 / 60, 10 * 2 * math.exp(-0.3) / 60, 30 * math.exp(-0.6) / 60])
 
 
 def test_lognormal_speeds_are_seeded_per_client_with_median_one() -> None:
@@ -125,6 +129,7 @@ class _Host:
                     "buffer_size": buffer_size,
                     "max_staleness": 10,
                     "weight_by_duration": False,
+                    "max_virtual_time": 0.0,
                     "staleness": {"name": "exponential", "lam": lam},
                     "round_timeout": 5.0,
                     "clients_per_round": 0,
@@ -202,14 +207,38 @@ def test_a_three_client_async_run_with_planted_speeds_makes_the_hand_computed_mo
 
 
 def test_weighting_by_duration_gives_slow_clients_the_weight_of_the_time_they_took() -> None:
-    """As above, with α ∝ N · d · 2^−τ (d = 1, 2, 4): w₁ = (1·1 + 2·2)/3 = 5/3; w₂ = w₁ + 1
-    (both updates step 1); w₃ = w₂ + (4·¼·3 + 2·½·2)/(1 + 1) = w₂ + 2.5."""
+    """As above, with α = (d/d̄)·2^−τ / K (equal data; d = 1, 2, 4, d̄ = 7/3), not renormalised:
+    w₁ = (1·1 + 2·2)/(2d̄) = 15/14; w₂ = w₁ + (1·½·1 + 1·1·1)/(2d̄) = w₁ + 9/28;
+    w₃ = w₂ + (4·¼·3 + 2·½·2)/(2d̄) = w₂ + 15/14."""
     clock = VirtualClock({0: 1.0, 1: 2.0, 2: 4.0}, {0: 10, 1: 10, 2: 10}, local_epochs=1, dropout=0.0, seed=0)
     host = _Host(clock, rounds=3, buffer_size=2, lam=math.log(2))
     host.cfg.federation.weight_by_duration = True
     grid = InProcessGrid(_stepping_app(), {100 + pid: {keys.PARTITION_ID: pid} for pid in range(3)})
     AsyncRounds(host, cast(Grid, grid), {pid: 100 + pid for pid in range(3)}, {}).run()  # type: ignore[arg-type]
-    assert host.versions == pytest.approx([5 / 3, 8 / 3, 8 / 3 + 2.5])
+    assert host.versions == pytest.approx([15 / 14, 15 / 14 + 9 / 28, 15 / 7 + 9 / 28])
+
+
+def test_in_arrival_order_replies_are_taken_as_they_come_and_the_clock_reads_wall_seconds() -> None:
+    """The deployment engine's order. The in-process grid answers at once, so replies come in
+    dispatch order whatever the speeds: c0, c1 → w₁ = 1.5; c2 (τ 1), c0 (τ 1) → w₂ = 1.5 + 2;
+    c1 (τ 1), c2 (τ 1) → w₃ = 3.5 + 2.5."""
+    clock = VirtualClock({0: 1.0, 1: 2.0, 2: 4.0}, {0: 10, 1: 10, 2: 10}, local_epochs=1, dropout=0.0, seed=0)
+    host = _Host(clock, rounds=3, buffer_size=2, lam=math.log(2))
+    grid = InProcessGrid(_stepping_app(), {100 + pid: {keys.PARTITION_ID: pid} for pid in range(3)})
+    nodes = {pid: 100 + pid for pid in range(3)}
+    AsyncRounds(host, cast(Grid, grid), nodes, {}, arrival_order=True).run()  # type: ignore[arg-type]
+    assert host.versions == pytest.approx([1.5, 3.5, 6.0])
+    times = [r["virtual_time"] for r in host.rows]
+    assert times == sorted(times) and times[0] >= 0 and times[-1] < 60  # wall seconds of this test
+
+
+def test_max_virtual_time_ends_an_async_run_when_the_clock_passes_it() -> None:
+    clock = VirtualClock({0: 1.0, 1: 2.0, 2: 4.0}, {0: 10, 1: 10, 2: 10}, local_epochs=1, dropout=0.0, seed=0)
+    host = _Host(clock, rounds=100, buffer_size=2, lam=math.log(2))
+    host.cfg.federation.max_virtual_time = 3.0
+    grid = InProcessGrid(_stepping_app(), {100 + pid: {keys.PARTITION_ID: pid} for pid in range(3)})
+    AsyncRounds(host, cast(Grid, grid), {pid: 100 + pid for pid in range(3)}, {}).run()  # type: ignore[arg-type]
+    assert host.versions == pytest.approx([1.5, 2.5])  # versions at t = 2 and 3, then the clock is past 3
 
 
 def test_updates_staler_than_max_staleness_are_dropped_and_counted() -> None:

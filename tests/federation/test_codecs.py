@@ -153,6 +153,27 @@ def test_topk_sends_the_largest_entries_of_each_tensor(bits: int) -> None:
         assert not sent[others].any()
 
 
+@pytest.mark.parametrize("bits", [32, 8])
+def test_topk_sends_tensors_below_dense_below_whole_and_without_positions(bits: int) -> None:
+    torch.manual_seed(5)
+    reference = {"big": torch.randn(1000), "bias": torch.randn(64), "gain": torch.randn(64)}
+    local = {k: v + torch.randn_like(v) for k, v in reference.items()}
+    sparse = update_codecs.build({"name": "topk", "fraction": 0.05, "bits": bits})
+    dense = update_codecs.build({"name": "topk", "fraction": 0.05, "bits": bits, "dense_below": 65})
+    generator = torch.Generator().manual_seed(0)
+    decoded = dense.decode(dense.encode(local, reference, generator), reference)
+    for key in ("bias", "gain"):  # every entry arrives, within one quantisation step
+        delta = local[key] - reference[key]
+        step = 1e-6 if bits == 32 else float(delta.abs().max()) / 127
+        assert (decoded[key] - local[key]).abs().max() <= step * 1.0001 + 1e-6
+    assert int(torch.count_nonzero(decoded["big"] - reference["big"])) == 50  # still top-5%
+    # 2·64 more values than the sparse codec's 2·3, and no position bytes for them
+    extra_values = (2 * 64 - 2 * 3) * bits // 8
+    sparse_bytes = sparse.encode(local, reference, torch.Generator().manual_seed(0)).count_bytes()
+    dense_bytes = dense.encode(local, reference, torch.Generator().manual_seed(0)).count_bytes()
+    assert dense_bytes - sparse_bytes == extra_values - 2 * 3  # the 6 sparse positions were 1 byte each
+
+
 def test_topk_at_one_percent_with_8_bit_values_is_over_100x_smaller_than_float32() -> None:
     reference = {f"layer{i}.weight": torch.zeros(300, 300) for i in range(4)}
     local = {k: torch.randn(300, 300) for k in reference}
@@ -192,7 +213,15 @@ def test_error_feedback_sends_the_true_deltas_minus_the_final_residual() -> None
 
 def test_topk_options_are_checked_when_the_config_is_loaded() -> None:
     cfg = load_config(None, ["federation.codec={name: topk, fraction: 0.01, bits: 8, error_feedback: true}"])
-    assert dict(cfg.federation.codec) == {"name": "topk", "fraction": 0.01, "bits": 8, "error_feedback": True}
+    assert dict(cfg.federation.codec) == {
+        "name": "topk",
+        "fraction": 0.01,
+        "bits": 8,
+        "error_feedback": True,
+        "dense_below": 0,
+    }
+    with pytest.raises(ConfigError, match="federation.codec.dense_below=-1 must be >= 0"):
+        load_config(None, ["federation.codec={name: topk, dense_below: -1}"])
     with pytest.raises(ConfigError, match=r"federation.codec.fraction=0.0 must be in \(0, 1\]"):
         load_config(None, ["federation.codec={name: topk, fraction: 0}"])
     with pytest.raises(ConfigError, match="federation.codec.bits=12 must be one of 32, 16, 8, 4, 2"):
