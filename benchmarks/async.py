@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="leukemia_demo")
     parser.add_argument("--rounds", type=int, default=None, help="sync rounds (default: the recipe's)")
     parser.add_argument("--buffer-size", type=int, default=3)
+    parser.add_argument("--lam", type=float, default=0.5, help="λ of the exponential staleness weights (Eq. 31)")
     parser.add_argument("--evaluate-every", type=int, default=2, help="async versions between evaluations")
     parser.add_argument("--n", type=int, default=None, help="data.synthetic.n (default: the recipe's)")
     parser.add_argument("--runs", type=Path, default=Path("runs/async"))
@@ -89,7 +90,7 @@ def main() -> None:
             *common,
             "federation.mode=async",
             f"federation.buffer_size={args.buffer_size}",
-            "federation.staleness={name: exponential, lam: 0.5}",
+            f"federation.staleness={{name: exponential, lam: {args.lam}}}",
             f"federation.rounds={versions}",
             f"federation.evaluate_every={args.evaluate_every}",
         ],

@@ -10,6 +10,7 @@ Usage::
     python benchmarks/secagg_cost.py                                 # leukemia_demo, 3 rounds
     python benchmarks/secagg_cost.py --recipe cxr_demo --rounds 2
     python benchmarks/secagg_cost.py federation.clients_per_round=5  # any override
+    python benchmarks/secagg_cost.py --recipe cxr_demo --rounds 2 model.adapter.name=lora  # adapters only travel
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def measure(recipe: str, out: Path, overrides: list[str]) -> dict[str, object]:
     result["round_seconds"] = [round(r["round_seconds"], 2) for r in rows]
     result["round_seconds_median"] = statistics.median(r["round_seconds"] for r in rows)
     result["bytes_per_round"] = statistics.mean(r["bytes_sent"] + r["bytes_received"] for r in rows)
+    # what one client sends in a round (under SecAgg+: its replies to all four stages)
+    result["uplink_per_client_round"] = statistics.mean(r["bytes_received"] / r["num_clients"] for r in rows)
     return result
 
 
@@ -59,6 +62,7 @@ def main() -> None:
         "secagg": secure,
         "round_time_ratio": float(secure["round_seconds_median"]) / float(plain["round_seconds_median"]),  # type: ignore[arg-type]
         "traffic_ratio": float(secure["bytes_per_round"]) / float(plain["bytes_per_round"]),  # type: ignore[arg-type]
+        "uplink_ratio": float(secure["uplink_per_client_round"]) / float(plain["uplink_per_client_round"]),  # type: ignore[arg-type]
         "machine": {
             "threads": torch.get_num_threads(),
             "platform": platform.platform(),
@@ -68,7 +72,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("round_time_ratio", "traffic_ratio")}))
+    print(json.dumps({k: report[k] for k in ("round_time_ratio", "traffic_ratio", "uplink_ratio")}))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ PLUGIN_GROUPS: dict[str, str] = {
     "fedvlm.fusions": "fedvlm.models.fusion:fusions",
     "fedvlm.attacks": "fedvlm.federation.byzantine:attacks",
     "fedvlm.tasks": "fedvlm.tasks.builtin:tasks",
-    "fedvlm.staleness": "fedvlm.federation.asynchronous:staleness_weights",
+    "fedvlm.staleness": "fedvlm.federation.staleness:staleness_weights",
     "fedvlm.client_speeds": "fedvlm.federation.clock:client_speeds",
 }
 """Entry-point group → the registry its plugins register into (``module:attribute``)."""

@@ -295,7 +295,7 @@ class FederationConfig:
     """``mode=async``: weight each update by its example count × its task's duration (relative to
     the mean) × s(τ), over the buffer's examples without renormalising, so that over time each
     client weighs by its data as in FedAvg, however fast it is
-    (``fedvlm.federation.asynchronous.duration_weights``). Without it, Eq. 31 normalised within
+    (``fedvlm.federation.staleness.duration_weights``). Without it, Eq. 31 normalised within
     the buffer: fast clients make most versions."""
     max_virtual_time: float = 0.0
     """Stop once the virtual clock passes this (both modes; 0: no limit): a run of a simulated

@@ -265,13 +265,28 @@ def _validate_async(cfg: DictConfig) -> None:
             f"federation.mode=async needs a linear strategy ({', '.join(_linear_strategies())}), not "
             f"{federation.strategy.name!r}: a buffer is aggregated as the staleness-weighted mean of its updates"
         )
-    unsupported = {
-        "federation.secure_aggregation.enabled": federation.secure_aggregation.enabled,
-        "privacy.central.clipping": cfg.privacy.central.clipping != "none",
-    }
-    for key, on in unsupported.items():
-        if on:
-            raise ConfigError(f"{key} does not compose with federation.mode=async yet: use federation.mode=simulation")
+    if cfg.privacy.central.clipping != "none":
+        raise ConfigError(
+            "privacy.central.clipping does not compose with federation.mode=async yet: use federation.mode=simulation"
+        )
+    if federation.secure_aggregation.enabled:
+        # SecAgg+ over each buffer: cohorts of K clients sent together (AsyncRounds._run_secure)
+        if federation.buffer_size < 3:
+            raise ConfigError(
+                f"federation.buffer_size={federation.buffer_size}: SecAgg+ over a buffer needs at least 3 clients "
+                "(a sum of two updates tells each client the other's); a larger buffer hides each update in more"
+            )
+        if federation.weight_by_duration:
+            raise ConfigError(
+                "federation.weight_by_duration weighs each update of a buffer apart, which SecAgg+ hides: "
+                "set it false with federation.secure_aggregation.enabled"
+            )
+        at_work = federation.clients_per_round or federation.num_clients
+        if at_work < federation.buffer_size:
+            raise ConfigError(
+                f"federation.buffer_size={federation.buffer_size}: {at_work} clients at work "
+                "(federation.clients_per_round, 0: federation.num_clients) cannot form SecAgg+ cohorts that large"
+            )
 
 
 def _linear(federation: DictConfig) -> bool:

@@ -23,131 +23,32 @@ aggregation), ``staleness_mean``, ``staleness_max``, ``dropped_stale`` and ``van
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from omegaconf import OmegaConf
 
-from fedvlm.errors import FederationError
+from fedvlm.errors import ConfigError, FederationError
 from fedvlm.federation import keys
 from fedvlm.federation.aggregation import Aggregator, ClientUpdate, RoundReplies
 from fedvlm.federation.clock import VANISHED, VirtualClock
 from fedvlm.federation.codecs import UpdateCodec
 from fedvlm.federation.exchange import RoundTraffic, decode_update
 from fedvlm.federation.messages import content_bytes, error_reason
-from fedvlm.registry import Registry
+from fedvlm.federation.secure import SecureAggregator
+from fedvlm.federation.staleness import StalenessWeight, buffer_weights, duration_weights, staleness_weights
 
 State = dict[str, torch.Tensor]
 DISPATCH_STREAM = 15_485_863
 """Seed stream of the choice of idle clients (apart from sampling, speeds and dropout)."""
 PULL_SECONDS = 0.05
 """How often the loop asks the Grid for the reply that is due."""
-
-
-class StalenessWeight(Protocol):
-    """``s(τ)``: the weight of an update ``τ`` versions stale, relative to a fresh one."""
-
-    def __call__(self, staleness: int) -> float: ...
-
-
-staleness_weights: Registry[StalenessWeight] = Registry("staleness function")
-"""``federation.staleness.name`` → :class:`StalenessWeight` class."""
-
-
-@dataclass
-class ExponentialOptions:
-    """``lam``: λ of ``e^(−λτ)`` (0: every update weighs the same)."""
-
-    lam: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.lam < 0:
-            raise ValueError(f"lam={self.lam} must be >= 0")
-
-
-@staleness_weights.register("exponential", options=ExponentialOptions)
-class ExponentialStaleness:
-    """``s(τ) = e^(−λτ)`` (Eq. 31 of Fed-MMX).
-
-    Example:
-        >>> s = ExponentialStaleness(lam=0.5)
-        >>> [round(s(tau), 4) for tau in (0, 1, 2)]
-        [1.0, 0.6065, 0.3679]
-    """
-
-    def __init__(self, lam: float = 0.5) -> None:
-        self.lam = lam
-
-    def __call__(self, staleness: int) -> float:
-        return math.exp(-self.lam * staleness)
-
-
-@dataclass
-class PolynomialOptions:
-    """``a``: the exponent of ``(1 + τ)^−a`` (FedBuff's and FedAsync's choice; 0: no decay)."""
-
-    a: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.a < 0:
-            raise ValueError(f"a={self.a} must be >= 0")
-
-
-@staleness_weights.register("polynomial", options=PolynomialOptions)
-class PolynomialStaleness:
-    """``s(τ) = (1 + τ)^−a`` (Xie et al. 2019, FedAsync; Nguyen et al. 2022, FedBuff).
-
-    Example:
-        >>> s = PolynomialStaleness(a=0.5)
-        >>> [round(s(tau), 4) for tau in (0, 1, 3)]
-        [1.0, 0.7071, 0.5]
-    """
-
-    def __init__(self, a: float = 0.5) -> None:
-        self.a = a
-
-    def __call__(self, staleness: int) -> float:
-        return float((1.0 + staleness) ** -self.a)
-
-
-def buffer_weights(buffered: Sequence[tuple[int, int]], staleness: StalenessWeight) -> list[float]:
-    """α of each ``(N_c, τ_c)`` in a buffer: ``N_c · s(τ_c)``, normalised to sum to 1.
-
-    Example:
-        >>> [round(a, 4) for a in buffer_weights([(10, 0), (10, 1)], ExponentialStaleness(lam=math.log(3)))]
-        [0.75, 0.25]
-    """
-    raw = [num_examples * staleness(tau) for num_examples, tau in buffered]
-    total = sum(raw)
-    if total <= 0:
-        raise ValueError(f"a buffer's weights sum to {total}: every update has no examples or zero weight")
-    return [w / total for w in raw]
-
-
-def duration_weights(buffered: Sequence[tuple[int, float, int]], staleness: StalenessWeight) -> list[float]:
-    """α of each ``(N_c, d_c / d̄, τ_c)`` in a buffer (``federation.weight_by_duration``):
-    ``N_c · (d_c / d̄) · s(τ_c) / Σ N``, so they sum to the buffer's weighted mean of ``(d/d̄)·s(τ)``.
-
-    A client whose task takes ``d`` sends ``T / d`` updates in a time ``T``; weighing each by ``d``
-    makes its total weight over time ``∝ N_c``, as in FedAvg, however fast it is. The sum is not
-    renormalised to 1, or a buffer of only fast clients (a common one) would take a full step:
-    such a buffer moves the model by the share of time its work stands for. (Normalised within the
-    buffer, Eq. 31 lets a client that is 40× faster than the median make most of the versions.)
-
-    Example:
-        >>> duration_weights([(10, 0.5, 0), (10, 0.5, 0)], ExponentialStaleness(lam=0.5))  # two quick updates
-        [0.25, 0.25]
-    """
-    total = sum(num_examples for num_examples, _, _ in buffered)
-    if total <= 0:
-        raise ValueError(f"a buffer's example counts sum to {total}")
-    return [n * relative * staleness(tau) / total for n, relative, tau in buffered]
 
 
 @dataclass(frozen=True)
@@ -161,6 +62,8 @@ class Dispatch:
         start: Virtual time it received the model.
         finish: Virtual time its reply arrives, or it is noticed to have vanished.
         vanished: It vanishes instead of replying (``federation.dropout``).
+        cohort: Under SecAgg+, the index of the first dispatch of the cohort it was sent with
+            (whose updates are summed together); -1 otherwise.
     """
 
     index: int
@@ -169,6 +72,7 @@ class Dispatch:
     start: float
     finish: float
     vanished: bool
+    cohort: int = -1
 
 
 class AsyncSchedule:
@@ -179,6 +83,8 @@ class AsyncSchedule:
         partition_ids: The clients that may be given work.
         concurrency: Clients at work at once.
         seed: The run's seed (the choice among idle clients).
+        cohort_size: Clients dispatched together, from one version, whose updates count only as
+            a whole (SecAgg+ over a buffer: :meth:`pop_cohort`); 1: each client on its own.
 
     Example:
         >>> clock = VirtualClock({0: 1.0, 1: 2.0, 2: 4.0}, {0: 1, 1: 1, 2: 1}, 1, 0.0, 0)
@@ -192,17 +98,24 @@ class AsyncSchedule:
         [(0, 1.0, 2.0)]
     """
 
-    def __init__(self, clock: VirtualClock, partition_ids: Sequence[int], concurrency: int, seed: int) -> None:
+    def __init__(
+        self, clock: VirtualClock, partition_ids: Sequence[int], concurrency: int, seed: int, cohort_size: int = 1
+    ) -> None:
         self.clock = clock
         self.partition_ids = sorted(int(p) for p in partition_ids)
         self.concurrency = min(concurrency if concurrency > 0 else len(self.partition_ids), len(self.partition_ids))
+        if self.concurrency < cohort_size:
+            raise ValueError(f"{self.concurrency} clients at work cannot form cohorts of {cohort_size}")
         self.seed = seed
+        self.cohort_size = cohort_size
         self.now = 0.0
         self.dispatched = 0
         self.in_flight: dict[int, Dispatch] = {}  # dispatch index → dispatch
 
     def fill(self, version: int) -> list[Dispatch]:
         """Give work (the global ``version``) to idle clients until ``concurrency`` are busy."""
+        if self.cohort_size > 1:
+            return self._fill_cohorts(version)
         busy = {d.partition_id for d in self.in_flight.values()}
         new = []
         while len(self.in_flight) < self.concurrency:
@@ -225,6 +138,44 @@ class AsyncSchedule:
         dispatch = self.in_flight.pop(index)
         self.now = dispatch.finish
         return dispatch
+
+    def _fill_cohorts(self, version: int) -> list[Dispatch]:
+        """Whole cohorts of idle clients (seeded choice) while ``concurrency`` leaves room for one."""
+        busy = {d.partition_id for d in self.in_flight.values()}
+        new = []
+        while len(self.in_flight) + self.cohort_size <= self.concurrency:
+            idle = [pid for pid in self.partition_ids if pid not in busy]
+            rng = np.random.default_rng([self.seed, DISPATCH_STREAM, self.dispatched])
+            members = idle if len(idle) == self.cohort_size else rng.choice(idle, self.cohort_size, replace=False)
+            cohort = self.dispatched
+            for pid in sorted(int(p) for p in members):
+                task = self.clock.task(pid, self.now, self.dispatched)
+                dispatch = Dispatch(self.dispatched, pid, version, task.start, task.finish, task.vanished, cohort)
+                self.in_flight[dispatch.index] = dispatch
+                self.dispatched += 1
+                busy.add(pid)
+                new.append(dispatch)
+        return new
+
+    def pop_cohort(self) -> list[Dispatch]:
+        """The cohort that ends first: when its last member replies or vanishes (the sum of a
+        cohort is unmasked at once, and its members stay until then); the clock moves to it.
+
+        Example:
+            >>> clock = VirtualClock({0: 1.0, 1: 5.0, 2: 2.0, 3: 3.0}, {p: 1 for p in range(4)}, 1, 0.0, 0)
+            >>> schedule = AsyncSchedule(clock, [0, 1, 2, 3], concurrency=4, seed=0, cohort_size=2)
+            >>> sorted((d.cohort, d.partition_id) for d in schedule.fill(version=0))
+            [(0, 0), (0, 1), (2, 2), (2, 3)]
+            >>> [d.partition_id for d in schedule.pop_cohort()], schedule.now  # max(2, 3) < max(1, 5)
+            ([2, 3], 3.0)
+        """
+        ends: dict[int, tuple[float, int]] = {}
+        for d in self.in_flight.values():
+            ends[d.cohort] = max(ends.get(d.cohort, (d.finish, d.cohort)), (d.finish, d.cohort))
+        cohort = min(ends, key=lambda c: ends[c])
+        members = [self.in_flight.pop(i) for i in sorted(i for i, d in self.in_flight.items() if d.cohort == cohort)]
+        self.now = ends[cohort][0]
+        return members
 
     def take(self, index: int, now: float) -> Dispatch:
         """Dispatch ``index`` ended (its reply arrived) at ``now``: the clock moves to it."""
@@ -282,6 +233,23 @@ class RoundHost(Protocol):
 
 
 @dataclass
+class _Tally:
+    """What happened since the last version (reported in its row)."""
+
+    failed: dict[int, str] = field(default_factory=dict)
+    dropped_stale: int = 0
+    vanished: int = 0
+    failures: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def vanish(self, partition_id: int) -> None:
+        self.failed[partition_id] = VANISHED
+        self.vanished += 1
+
+
+@dataclass
 class _Sent:
     message_id: str
     pushed: float  # wall clock, for federation.round_timeout
@@ -318,7 +286,17 @@ class AsyncRounds:
         self.mean_duration = sum(host.clock.duration(pid) for pid in nodes) / max(len(nodes), 1)
         self.staleness: StalenessWeight = staleness_weights.build(federation.staleness)
         self.timeout = float(federation.round_timeout)
-        self.schedule = AsyncSchedule(host.clock, sorted(nodes), int(federation.clients_per_round), int(host.cfg.seed))
+        settings = OmegaConf.select(federation, "secure_aggregation")
+        self.secure = SecureAggregator(settings, self.timeout) if settings is not None and settings.enabled else None
+        if self.secure is not None and arrival_order:
+            raise ConfigError(
+                "federation.secure_aggregation.enabled with federation.mode=async runs in simulation only: on the "
+                "deployment engine each cohort's four SecAgg+ stages would hold up the replies of the others"
+            )
+        cohort_size = self.buffer_size if self.secure is not None else 1
+        self.schedule = AsyncSchedule(
+            host.clock, sorted(nodes), int(federation.clients_per_round), int(host.cfg.seed), cohort_size
+        )
         self.version = int(host.progress.completed_round)
         self.versions: dict[int, State] = {self.version: host.sent_state()}  # the models clients hold
         if restored:
@@ -339,62 +317,117 @@ class AsyncRounds:
 
     def run(self) -> None:
         """Aggregate until ``federation.rounds`` versions exist (or the run converged)."""
+        if self.secure is not None:
+            self._run_secure()
+            return
         host, rounds = self.host, int(self.host.cfg.federation.rounds)
         for dispatch in sorted(self.schedule.in_flight.values(), key=lambda d: d.index):
             self._send(dispatch)  # a resumed run re-sends the work that was in flight
         self._send_all(self.schedule.fill(self.version))
         buffer: list[tuple[Dispatch, ClientUpdate]] = []
-        failed: dict[int, str] = {}
-        dropped_stale = vanished = failures = 0
-        sent_bytes = received_bytes = 0
-        started = time.perf_counter()
-        max_time = float(host.cfg.federation.max_virtual_time)
-        while self.version < rounds and not host.progress.converged:
-            if 0 < max_time <= self.schedule.now:
-                break  # the simulated duration is over (federation.max_virtual_time)
+        tally = _Tally()
+        while self.version < rounds and not host.progress.converged and not self._out_of_time():
             dispatch = self._next_arrival() if self.arrival_order else self.schedule.pop_next()
             if dispatch.vanished:
-                failed[dispatch.partition_id] = VANISHED
-                vanished += 1
+                tally.vanish(dispatch.partition_id)
             else:
                 outcome, nbytes = self._receive(dispatch)
-                received_bytes += nbytes
+                tally.received_bytes += nbytes
                 if isinstance(outcome, str):
-                    failed[dispatch.partition_id] = outcome
-                    host.check_budget(self.version + 1, {dispatch.partition_id: outcome})
-                    failures += 1
-                    if failures > len(self.nodes):
-                        raise FederationError(
-                            f"version {self.version + 1}: {failures} client tasks failed since the last aggregation "
-                            f"(more than the {len(self.nodes)} clients); last: client {dispatch.partition_id}: "
-                            f"{outcome}. Versions up to {self.version} are saved: continue with `fedvlm fit --resume`"
-                        )
+                    self._failed(tally, dispatch.partition_id, outcome)
                 elif self.version - dispatch.version > self.max_staleness:
-                    dropped_stale += 1
+                    tally.dropped_stale += 1
                 else:
                     buffer.append((dispatch, outcome))
             if len(buffer) >= self.buffer_size:
-                norm = self._aggregate(buffer)
-                row: dict[str, Any] = {"round": self.version, **host.training_metrics([u for _, u in buffer])}
-                sample_rate = self.buffer_size / len(self.nodes)
-                row.update(host.aggregator.round_metrics(self.version, sample_rate))
-                taus = [self.version - 1 - d.version for d, _ in buffer]
-                row.update(
-                    {
-                        "staleness_mean": sum(taus) / len(taus),
-                        "staleness_max": max(taus),
-                        "dropped_stale": dropped_stale,
-                        "vanished": vanished,
-                    }
-                )
-                host.progress.virtual_time = self.schedule.now
-                traffic = RoundTraffic(sent_bytes, received_bytes)
-                host.conclude(self.grid, self.nodes, row, traffic, failed, started, norm)  # checkpoints
-                buffer, failed = [], {}
-                dropped_stale = vanished = failures = sent_bytes = received_bytes = 0
-                started = time.perf_counter()
-            sent_bytes += self._send_all(self.schedule.fill(self.version))
+                norm = self._step(self._weighted_mean(buffer), [u for _, u in buffer])
+                self._conclude([u for _, u in buffer], [self.version - 1 - d.version for d, _ in buffer], norm, tally)
+                buffer, tally = [], _Tally()
+            tally.sent_bytes += self._send_all(self.schedule.fill(self.version))
             self._forget_unheld()
+
+    def _run_secure(self) -> None:
+        """SecAgg+ over each buffer: cohorts of K clients sent together from one version.
+
+        The server learns only a cohort's weighted mean change ``Σ N_c Δ_c / Σ N_c`` (Flower's
+        SecAgg+, :class:`~fedvlm.federation.secure.SecureAggregator`), and only when its last
+        member has replied (its members stay in the protocol until then). Every member shares the
+        cohort's staleness τ, so Eq. 31's ``α_c = (N_c / N)·s(τ)`` is that mean times ``s(τ)``: the
+        factor is common to the cohort, applied to the unmasked mean (folding it into each client's
+        ``N_c / max_weight`` before masking gives the same sum, less exactly). The protocol, and the
+        members' training, run when the cohort ends on the virtual clock; members that vanish by
+        then are left out of it, and a cohort staler than ``max_staleness`` is dropped unrun.
+        """
+        assert self.secure is not None
+        host, rounds = self.host, int(self.host.cfg.federation.rounds)
+        self.schedule.fill(self.version)  # nothing is sent yet: a cohort's protocol runs when it ends
+        tally = _Tally()
+        while self.version < rounds and not host.progress.converged and not self._out_of_time():
+            cohort = self.schedule.pop_cohort()
+            for dispatch in cohort:
+                if dispatch.vanished:
+                    tally.vanish(dispatch.partition_id)
+            alive = [d for d in cohort if not d.vanished]
+            version = cohort[0].version
+            if self.version - version > self.max_staleness:
+                tally.dropped_stale += len(alive)
+            elif alive:
+                contents = {
+                    d.partition_id: host.train_content(host.round_config(version + 1, d.index), self.versions[version])
+                    for d in alive
+                }
+                result = self.secure.run(
+                    self.grid, contents, self.nodes, self.versions[version], host.client_sizes, self.version + 1
+                )
+                tally.sent_bytes += result.bytes_sent
+                tally.received_bytes += result.bytes_received
+                for pid, reason in sorted(result.failed.items()):
+                    self._failed(tally, pid, reason)
+                if result.completed:
+                    weight = self.staleness(self.version - version)
+                    mean_delta = {k: weight * delta for k, delta in result.mean_delta.items()}
+                    updates = [
+                        ClientUpdate(pid, int(m[keys.NUM_EXAMPLES]), {}, m) for pid, m in sorted(result.replies.items())
+                    ]
+                    norm = self._step(mean_delta, updates)
+                    self._conclude(updates, [self.version - 1 - version] * len(updates), norm, tally)
+                    tally = _Tally()
+            self.schedule.fill(self.version)
+            self._forget_unheld()
+
+    def _out_of_time(self) -> bool:
+        """The simulated duration is over (``federation.max_virtual_time``, 0: no limit)."""
+        max_time = float(self.host.cfg.federation.max_virtual_time)
+        return 0 < max_time <= self.schedule.now
+
+    def _failed(self, tally: _Tally, partition_id: int, reason: str) -> None:
+        """A client task that failed: named in the next row, and the run stops past the budget."""
+        tally.failed[partition_id] = reason
+        self.host.check_budget(self.version + 1, {partition_id: reason})
+        tally.failures += 1
+        if tally.failures > len(self.nodes):
+            raise FederationError(
+                f"version {self.version + 1}: {tally.failures} client tasks failed since the last aggregation "
+                f"(more than the {len(self.nodes)} clients); last: client {partition_id}: "
+                f"{reason}. Versions up to {self.version} are saved: continue with `fedvlm fit --resume`"
+            )
+
+    def _conclude(self, updates: Sequence[ClientUpdate], taus: Sequence[int], norm: float, tally: _Tally) -> None:
+        """The new version's row (staleness, drops, traffic), evaluation and checkpoint."""
+        host = self.host
+        row: dict[str, Any] = {"round": self.version, **host.training_metrics(updates)}
+        row.update(host.aggregator.round_metrics(self.version, self.buffer_size / len(self.nodes)))
+        row.update(
+            {
+                "staleness_mean": sum(taus) / len(taus),
+                "staleness_max": max(taus),
+                "dropped_stale": tally.dropped_stale,
+                "vanished": tally.vanished,
+            }
+        )
+        host.progress.virtual_time = self.schedule.now
+        traffic = RoundTraffic(tally.sent_bytes, tally.received_bytes)
+        host.conclude(self.grid, self.nodes, row, traffic, tally.failed, tally.started, norm)  # checkpoints
 
     def weights(self, buffer: Sequence[tuple[Dispatch, ClientUpdate]]) -> list[float]:
         """α of the buffer's updates: Eq. 31 normalised within the buffer (:func:`buffer_weights`),
@@ -406,17 +439,20 @@ class AsyncRounds:
         ]
         return duration_weights(timed, self.staleness)
 
-    def _aggregate(self, buffer: Sequence[tuple[Dispatch, ClientUpdate]]) -> float:
-        """One new version from a full buffer: the staleness-weighted mean change, then the server step."""
-        host = self.host
-        alphas = self.weights(buffer)
+    def _weighted_mean(self, buffer: Sequence[tuple[Dispatch, ClientUpdate]]) -> State:
+        """``Σ_c α_c Δ_c`` over a full buffer (:meth:`weights`)."""
         mean_delta: State = {}
-        for alpha, (_, update) in zip(alphas, buffer, strict=True):
+        for alpha, (_, update) in zip(self.weights(buffer), buffer, strict=True):
             for key, delta in update.state.items():
                 mean_delta[key] = mean_delta.get(key, 0.0) + alpha * delta  # type: ignore[assignment, operator]
-        updates = [ClientUpdate(u.partition_id, u.num_examples, {}, u.metrics) for _, u in buffer]
-        # The weighted mean change is what the strategy aggregates (as the sum SecAgg+ reveals).
-        replies = RoundReplies(updates, {}, mean_delta=mean_delta)
+        return mean_delta
+
+    def _step(self, mean_delta: State, updates: Sequence[ClientUpdate]) -> float:
+        """One new version: the strategy's server step on the weighted mean change (as on the sum
+        SecAgg+ reveals); returns the update's norm."""
+        host = self.host
+        bare = [ClientUpdate(u.partition_id, u.num_examples, {}, u.metrics) for u in updates]
+        replies = RoundReplies(bare, {}, mean_delta=mean_delta)
         norm = host.apply(host.aggregator.aggregate(replies, host.global_state))  # type: ignore[attr-defined]
         self.version += 1
         self.versions[self.version] = host.sent_state()
@@ -486,10 +522,4 @@ __all__ = [
     "AsyncRounds",
     "AsyncSchedule",
     "Dispatch",
-    "ExponentialStaleness",
-    "PolynomialStaleness",
-    "StalenessWeight",
-    "buffer_weights",
-    "duration_weights",
-    "staleness_weights",
 ]

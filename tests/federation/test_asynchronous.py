@@ -12,6 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid
 from omegaconf import OmegaConf
 
@@ -19,18 +20,13 @@ from fedvlm.config import load_config, save_config
 from fedvlm.errors import ConfigError
 from fedvlm.federation import keys
 from fedvlm.federation.aggregation import ClientUpdate
-from fedvlm.federation.asynchronous import (
-    AsyncRounds,
-    AsyncSchedule,
-    ExponentialStaleness,
-    PolynomialStaleness,
-    buffer_weights,
-    duration_weights,
-)
+from fedvlm.federation.asynchronous import AsyncRounds, AsyncSchedule
 from fedvlm.federation.clock import VANISHED, LognormalSpeed, VirtualClock
 from fedvlm.federation.codecs import IdentityCodec
 from fedvlm.federation.exchange import RoundTraffic
+from fedvlm.federation.secure import secure_aggregation_mod
 from fedvlm.federation.server import FederatedServer, Progress
+from fedvlm.federation.staleness import ExponentialStaleness, PolynomialStaleness, buffer_weights, duration_weights
 from fedvlm.federation.strategies import FedAvg
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import get_task
@@ -332,7 +328,16 @@ def test_a_sync_round_lasts_as_long_as_its_slowest_client(tmp_path: Path) -> Non
     ("overrides", "message"),
     [
         (["federation.strategy=median"], "mode=async needs a linear strategy"),
-        (["federation.secure_aggregation.enabled=true"], "secure_aggregation.enabled does not compose"),
+        (["federation.secure_aggregation.enabled=true", "federation.buffer_size=2"], "needs at least 3 clients"),
+        (
+            ["federation.secure_aggregation.enabled=true", "federation.weight_by_duration=true"],
+            "weight_by_duration weighs each update",
+        ),
+        (
+            ["federation.secure_aggregation.enabled=true", "federation.buffer_size=4", "federation.num_clients=3"],
+            "3 clients at work",
+        ),
+        (["privacy.central.clipping=client", "privacy.central.noise_multiplier=1.0"], "central.clipping does not"),
         (["federation.buffer_size=0"], "buffer_size=0 must be >= 1"),
         (["federation.dropout=1.0"], r"dropout=1.0 must be in \[0, 1\)"),
         (["federation.staleness={name: exponential, lam: -1}"], "lam=-1.0 must be >= 0"),
@@ -350,3 +355,100 @@ def test_a_saved_async_config_loads_again(tmp_path: Path) -> None:
     again = load_config(tmp_path / "config.yaml")
     assert dict(again.federation.staleness) == {"name": "exponential", "lam": 0.5}
     assert dict(again.federation.client_speed) == {"name": "lognormal", "sigma": 1.0}
+
+
+# -- SecAgg+ over each buffer --------------------------------------------------------------
+
+
+def _secure_stepping_app() -> ClientApp:
+    """:func:`_stepping_app` behind the SecAgg+ client mod (client c steps c + 1, 10 examples)."""
+    app = ClientApp()
+
+    @app.train(mods=[secure_aggregation_mod])
+    def train(message: Message, context: Context) -> Message:
+        pid = int(context.node_config[keys.PARTITION_ID])
+        w = message.content.array_records[keys.ARRAYS].to_torch_state_dict()["w"]
+        content = RecordDict(
+            {
+                keys.ARRAYS: ArrayRecord(torch_state_dict={"w": w + pid + 1}),
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 0.0, keys.TRAIN_SECONDS: 0.0}),
+            }
+        )
+        return Message(content, reply_to=message)
+
+    return app
+
+
+def _secure_host(durations: Mapping[int, float], rounds: int, buffer_size: int, lam: float) -> _Host:
+    clock = VirtualClock(dict(durations), {pid: 10 for pid in durations}, local_epochs=1, dropout=0.0, seed=0)
+    host = _Host(clock, rounds=rounds, buffer_size=buffer_size, lam=lam)
+    host.client_sizes = {pid: 10 for pid in durations}
+    secure = {
+        "enabled": True,
+        "clipping_range": 8.0,
+        "quantization_range": 2**22,
+        "max_weight": None,
+        "num_shares": 1.0,
+        "reconstruction_threshold": 0.5,
+    }
+    host.cfg.federation.secure_aggregation = secure
+    return host
+
+
+def test_secure_async_sums_cohorts_and_weighs_each_by_its_staleness() -> None:
+    """Six clients of durations 1–6 (equal data), K = 3, s(τ) = 2^−τ, client c steps c + 1.
+
+    The seeded choice makes cohorts A = {1, 3, 4} (ends t = 5) and B = {0, 2, 5} (ends t = 6), each
+    sent again, whole, when it ends (the only idle clients then are its own). The server sees each
+    cohort's mean step only: A's is 11/3, B's 10/3.
+    t=5: A from v0 (τ 0): w₁ = 11/3. t=6: B from v0 (τ 1): w₂ = w₁ + ½·10/3 = 16/3.
+    t=10: A from v1 (τ 1): w₃ = w₂ + ½·11/3 = 43/6. t=12: B from v2 (τ 1): w₄ = w₃ + ½·10/3 = 53/6.
+    """
+    durations = {pid: float(pid + 1) for pid in range(6)}
+    host = _secure_host(durations, rounds=4, buffer_size=3, lam=math.log(2))
+    grid = InProcessGrid(_secure_stepping_app(), {100 + pid: {keys.PARTITION_ID: pid} for pid in durations})
+    AsyncRounds(host, cast(Grid, grid), {pid: 100 + pid for pid in durations}, {}).run()  # type: ignore[arg-type]
+
+    assert [r["clients"] for r in host.rows] == [[1, 3, 4], [0, 2, 5], [1, 3, 4], [0, 2, 5]]
+    assert [r["virtual_time"] for r in host.rows] == [5.0, 6.0, 10.0, 12.0]
+    assert [r["staleness_max"] for r in host.rows] == [0, 1, 1, 1]
+    assert host.versions == pytest.approx([11 / 3, 16 / 3, 43 / 6, 53 / 6], abs=1e-4)  # SecAgg+ quantises
+    # every message went out inside the protocol (none pushed on its own, whose reply the server would read)
+    assert grid.pending == {} and all(RECORD_KEY_CONFIGS in m.content.config_records for m in grid.sent)
+
+
+def test_secure_async_is_refused_on_the_deployment_engine() -> None:
+    host = _secure_host({pid: 1.0 for pid in range(3)}, rounds=1, buffer_size=3, lam=0.0)
+    grid = InProcessGrid(_secure_stepping_app(), {100 + pid: {keys.PARTITION_ID: pid} for pid in range(3)})
+    with pytest.raises(ConfigError, match="runs in simulation only"):
+        AsyncRounds(host, cast(Grid, grid), {p: 100 + p for p in range(3)}, {}, arrival_order=True)  # type: ignore[arg-type]
+
+
+def test_a_secure_async_federation_sends_no_update_in_the_clear_and_resumes(tmp_path: Path) -> None:
+    secure = (*ASYNC, "federation.buffer_size=3", "federation.secure_aggregation.enabled=true", "federation.rounds=2")
+    straight, grid = _federation(tmp_path / "a", "leukemia_demo", *secure)
+    straight.run(cast(Grid, grid))
+    rows = straight.progress.history
+    assert [r["round"] for r in rows] == [1, 2]
+    # one cohort of the 3 clients at a time: never stale; a cohort with one survivor unmasks nothing
+    assert all(2 <= r["num_clients"] <= 3 and r["staleness_max"] == 0 for r in rows)
+    assert all(keys.ARRAYS not in m.content.array_records for m in grid.received if not m.has_error())
+    assert "test/accuracy" in rows[-1]
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_one(row: dict[str, Any]) -> None:
+        if row["round"] == 1:
+            raise Interrupted
+
+    broken, grid = _federation(tmp_path / "b", "leukemia_demo", *secure)
+    broken.report = stop_after_one
+    with pytest.raises(Interrupted):
+        broken.run(cast(Grid, grid))
+    cfg = load_config(RunLayout(broken.run_dir).config)
+    resumed = FederatedServer(cfg, broken.run_dir, get_task(cfg.task), resume=True)
+    resumed.run(cast(Grid, grid))
+    assert [r["virtual_time"] for r in resumed.progress.history] == [r["virtual_time"] for r in rows]
+    for key, value in straight.global_state.items():  # SecAgg+'s stochastic rounding differs between runs
+        torch.testing.assert_close(resumed.global_state[key], value, rtol=0, atol=1e-3)
