@@ -361,11 +361,15 @@ class PrivacyConfig:
     ``noise_multiplier`` is σ, ``max_grad_norm`` the per-sample clipping bound C; the batch size
     becomes the expected batch size of Poisson sampling. ε is accounted over all rounds of a
     client (``accountant``: ``rdp`` or ``prv``) at ``delta``; a client refuses a round that would
-    take it past ``max_epsilon`` and the run stops.
+    take it past ``max_epsilon`` and the run stops. ``target_epsilon`` instead sets each client's σ
+    so that its whole run ends at ε ≤ the target (and refuses to go past it).
     """
 
     dp: bool = False
     noise_multiplier: float = 1.0
+    target_epsilon: float | None = None
+    """Calibrate σ per client for ε ≤ this over all the rounds it is sampled in (``noise_multiplier``
+    is then not used): :func:`fedvlm.privacy.dp.calibrated_noise`."""
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     accountant: str = "rdp"

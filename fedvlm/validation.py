@@ -199,6 +199,19 @@ def _validate_privacy(cfg: DictConfig) -> None:
         raise ConfigError(f"privacy.delta={privacy.delta} must be in (0, 1)")
     if privacy.max_epsilon is not None and privacy.max_epsilon <= 0:
         raise ConfigError(f"privacy.max_epsilon={privacy.max_epsilon} must be positive (or null: no budget)")
+    if privacy.target_epsilon is not None:
+        if privacy.target_epsilon <= 0:
+            raise ConfigError(f"privacy.target_epsilon={privacy.target_epsilon} must be positive (or null)")
+        if privacy.max_epsilon is not None and privacy.max_epsilon < privacy.target_epsilon:
+            raise ConfigError(
+                f"privacy.max_epsilon={privacy.max_epsilon} is below privacy.target_epsilon={privacy.target_epsilon}: "
+                "the run would stop before the rounds its noise was set for; drop one of them"
+            )
+        if cfg.federation.mode == "async":
+            raise ConfigError(
+                "privacy.target_epsilon needs the rounds a client trains in ahead of time, which federation.mode=async "
+                "does not fix: set privacy.noise_multiplier and privacy.max_epsilon instead"
+            )
     _validate_central_dp(cfg)
     if not privacy.dp:
         return

@@ -38,6 +38,7 @@ from fedvlm.federation.callback import (
     travelling_keys,
 )
 from fedvlm.federation.codecs import encode_update, update_codecs
+from fedvlm.federation.sampling import planned_rounds
 from fedvlm.federation.secure import secure_aggregation_mod
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import Task, get_task
@@ -150,7 +151,14 @@ def _private_training(cfg: DictConfig, run_dir: Path, partition_id: int, server_
     from fedvlm.privacy import PrivacyLedger, PrivateTraining  # imports Opacus: only under DP
 
     ledger = PrivacyLedger(RunLayout(run_dir).ledger(partition_id))
-    return PrivateTraining(cfg.privacy, ledger, server_round, f"client {partition_id}")
+    planned = None
+    if cfg.privacy.target_epsilon is not None:  # from the run config alone: the server is not asked
+        federation = cfg.federation
+        clients = 1 if federation.mode == "centralized" else int(federation.num_clients)
+        planned = planned_rounds(
+            partition_id, clients, int(federation.clients_per_round), int(cfg.seed), int(federation.rounds)
+        )
+    return PrivateTraining(cfg.privacy, ledger, server_round, f"client {partition_id}", planned)
 
 
 def build_global_module(

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -45,6 +44,7 @@ from fedvlm.federation.evaluation import evaluate_on_clients, scalar_values
 from fedvlm.federation.exchange import RoundExchange, RoundTraffic
 from fedvlm.federation.messages import error_reason
 from fedvlm.federation.pipeline import build_aggregator
+from fedvlm.federation.sampling import sample_clients
 from fedvlm.federation.secure import CLIPPED_FRACTION
 from fedvlm.runs import (
     RunLayout,
@@ -127,19 +127,6 @@ def learning_rate(cfg: DictConfig, server_round: int) -> float:
         return float(cfg.optim.lr)
     fraction = 1.0 - (server_round - 1) / cfg.federation.rounds
     return float(cfg.optim.lr) * max(fraction, float(cfg.optim.min_lr_fraction))
-
-
-def sample_clients(partition_ids: Sequence[int], clients_per_round: int, seed: int, server_round: int) -> list[int]:
-    """The clients of a round: all when ``clients_per_round`` is 0, else a seeded sample.
-
-    The draw depends only on ``(seed, round)``, so an interrupted and resumed run samples exactly
-    as an uninterrupted one.
-    """
-    ordered = sorted(partition_ids)
-    if clients_per_round <= 0 or clients_per_round >= len(ordered):
-        return ordered
-    rng = np.random.default_rng([seed, server_round])
-    return sorted(int(p) for p in rng.choice(ordered, size=clients_per_round, replace=False))
 
 
 def evaluation_device(cfg: DictConfig) -> torch.device:

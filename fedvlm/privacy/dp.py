@@ -110,6 +110,39 @@ def _ids_hook(wanted: set[str]) -> Any:
     return hook
 
 
+def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str) -> float:
+    """σ for which ``steps`` DP-SGD steps at sample rate ``q`` end at ε ≤ ``target_epsilon`` (at
+    ``delta``): Opacus' ``get_noise_multiplier`` (a bisection to within 0.01 of the target), as
+    ``make_private_with_epsilon`` uses for one training, here over all of a client's rounds.
+
+    Example:
+        >>> sigma = calibrated_noise(8.0, 1e-5, sample_rate=0.25, steps=80, mechanism="rdp")
+        >>> from fedvlm.privacy.accountant import compute_epsilon
+        >>> 7.99 <= compute_epsilon("rdp", [(sigma, 0.25, 80)], 1e-5) <= 8.0
+        True
+
+    Raises:
+        ConfigError: If no σ reaches the target (Opacus gives up past σ ≈ 2000).
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=mechanism,
+            )
+        )
+    except ValueError as err:
+        raise ConfigError(
+            f"privacy.target_epsilon={target_epsilon:g}: no noise multiplier reaches it in {steps} steps at "
+            f"q={sample_rate:.4g} ({err})"
+        ) from err
+
+
 def _secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded from the OS (not the run seed, which the server knows)."""
     generator = torch.Generator(device=device)
@@ -126,6 +159,9 @@ class PrivateTraining(L.Callback):
         ledger: The client's ledger; the round is appended to it by :meth:`finish`.
         server_round: The round being trained.
         client: How messages name the client (``"client 3"``).
+        planned_rounds: With ``privacy.target_epsilon``: the rounds this client trains in over
+            the run (:func:`~fedvlm.federation.sampling.planned_rounds`); its σ is set so that
+            they end at the target, and a round past it is refused.
 
     Example:
         ``private = PrivateTraining(cfg.privacy, PrivacyLedger(path), 3, "client 0")``, then
@@ -139,13 +175,28 @@ class PrivateTraining(L.Callback):
         steps_taken: Parameter updates the wrapped optimizer actually made.
     """
 
-    def __init__(self, privacy: Mapping[str, Any], ledger: PrivacyLedger, server_round: int, client: str) -> None:
+    def __init__(
+        self,
+        privacy: Mapping[str, Any],
+        ledger: PrivacyLedger,
+        server_round: int,
+        client: str,
+        planned_rounds: int | None = None,
+    ) -> None:
         super().__init__()
         self.noise_multiplier = float(privacy["noise_multiplier"])
         self.max_grad_norm = float(privacy["max_grad_norm"])
         self.delta = float(privacy["delta"])
         self.mechanism = str(privacy["accountant"])
         self.max_epsilon = None if privacy["max_epsilon"] is None else float(privacy["max_epsilon"])
+        target = privacy.get("target_epsilon")
+        self.target_epsilon = None if target is None else float(target)
+        if self.target_epsilon is not None:
+            if not planned_rounds or planned_rounds < 1:
+                raise ValueError(f"privacy.target_epsilon needs the rounds {client} trains in, got {planned_rounds}")
+            # the target is also the budget: a round beyond the planned ones (a re-run) is refused
+            self.max_epsilon = min(self.max_epsilon or self.target_epsilon, self.target_epsilon)
+        self.planned_rounds = planned_rounds
         self.poisson_sampling = bool(privacy["poisson_sampling"])
         self.grad_sample_mode = str(privacy["grad_sample_mode"])
         self.ledger = ledger
@@ -177,6 +228,13 @@ class PrivateTraining(L.Callback):
         private = DPDataLoader.from_data_loader(shuffled, generator=generator) if self.poisson_sampling else shuffled
         self.sample_rate = 1.0 / len(private)
         self.planned_steps = local_epochs * len(private)
+        if self.target_epsilon is not None:
+            assert self.planned_rounds is not None
+            # the same σ every round (the data, hence q and the steps, do not change): all rounds end at the target
+            steps = self.planned_rounds * self.planned_steps
+            self.noise_multiplier = calibrated_noise(
+                self.target_epsilon, self.delta, self.sample_rate, steps, self.mechanism
+            )
         self.check_budget()
         self._loader = private
         return private

@@ -3,7 +3,8 @@ import math
 import torch
 
 from fedvlm.config import load_config
-from fedvlm.federation.server import learning_rate, sample_clients, update_norm
+from fedvlm.federation.sampling import sample_clients
+from fedvlm.federation.server import learning_rate, update_norm
 
 
 def test_sampling_depends_only_on_seed_and_round() -> None:

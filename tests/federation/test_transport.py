@@ -26,7 +26,8 @@ from fedvlm.federation.callback import travelling_keys
 from fedvlm.federation.central_dp import central_epsilon, clip_update, uniform_mean
 from fedvlm.federation.client import make_client_app
 from fedvlm.federation.codecs import update_codecs
-from fedvlm.federation.server import FederatedServer, sample_clients, update_norm
+from fedvlm.federation.sampling import sample_clients
+from fedvlm.federation.server import FederatedServer, update_norm
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import get_task
 from fedvlm.tasks.site_store import client_site

@@ -14,8 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedvlm.config import load_config
-from fedvlm.errors import ConfigError
+from fedvlm.errors import ConfigError, PrivacyBudgetExhausted
 from fedvlm.federation.callback import FederatedRoundCallback
+from fedvlm.federation.client import _private_training
+from fedvlm.federation.sampling import sample_clients
 from fedvlm.models.encoders import build_text_encoder
 from fedvlm.privacy import PrivacyLedger, PrivateTraining, check_private_trainable, compute_epsilon
 from fedvlm.privacy.dp import batch_shaped_ids
@@ -155,12 +157,56 @@ def test_cxr_fused_model_with_dp_is_rejected() -> None:
         ("privacy.noise_multiplier=0", "privacy.noise_multiplier=0.0 must be positive"),
         ("privacy.accountant=gdp", "privacy.accountant='gdp' is not one of: rdp, prv"),
         ("privacy.max_epsilon=-1", "privacy.max_epsilon=-1.0 must be positive"),
+        ("privacy.target_epsilon=0", "privacy.target_epsilon=0.0 must be positive"),
+        ("privacy.target_epsilon=8 privacy.max_epsilon=4", "privacy.max_epsilon=4.0 is below privacy.target_epsilon"),
+        ("privacy.target_epsilon=8 federation.mode=async", "target_epsilon needs the rounds a client trains in"),
         ("trainer.gradient_clip_val=1", "trainer.gradient_clip_val=1.0 has no effect under privacy.dp"),
     ],
 )
 def test_privacy_config_is_validated_naming_the_key(override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        load_config(None, ["privacy.dp=true", override])
+        load_config(None, ["privacy.dp=true", *override.split()])
+
+
+def test_target_epsilon_sets_one_sigma_that_ends_the_planned_rounds_at_the_target(tmp_path: Path) -> None:
+    ledger_path = tmp_path / "accountant.pt"
+    settings = {**PRIVACY, "noise_multiplier": 123.0, "target_epsilon": 4.0}  # σ is calibrated, not taken
+    sigmas, epsilons = [], []
+    for server_round in (1, 2, 3):
+        private = PrivateTraining(settings, PrivacyLedger(ledger_path), server_round, "client 0", planned_rounds=3)
+        loader = private.private_loader(regression_loader(), local_epochs=2)
+        trainer = L.Trainer(
+            max_epochs=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[private],
+            accelerator="cpu",
+        )
+        trainer.fit(Regression(), loader)
+        sigmas.append(private.noise_multiplier)
+        epsilons.append(private.finish())
+    assert sigmas[0] == sigmas[1] == sigmas[2] != 123.0
+    # Opacus' accountant over the three rounds (q = 1/7, 14 steps each) ends just below the target
+    assert epsilons[-1] == pytest.approx(compute_epsilon("rdp", [(sigmas[0], 1 / 7, 42)], 1e-5))
+    assert 0.98 * 4.0 <= epsilons[-1] <= 4.0 and epsilons == sorted(epsilons)
+    # a fourth round (a re-run, say) would pass the target, which is also the budget
+    extra = PrivateTraining(settings, PrivacyLedger(ledger_path), 4, "client 0", planned_rounds=3)
+    with pytest.raises(PrivacyBudgetExhausted, match="privacy.max_epsilon=4"):
+        extra.private_loader(regression_loader(), local_epochs=2)
+
+
+def test_a_client_plans_its_noise_for_the_rounds_that_sample_it(tmp_path: Path) -> None:
+    cfg = load_config(
+        "leukemia_demo",
+        ["privacy.dp=true", "privacy.target_epsilon=8", "federation.rounds=12", "federation.clients_per_round=4"],
+    )
+    planned = [_private_training(cfg, tmp_path, pid, 1).planned_rounds for pid in range(10)]  # type: ignore[union-attr]
+    sampled = [
+        sum(pid in sample_clients(list(range(10)), 4, int(cfg.seed), r) for r in range(1, 13)) for pid in range(10)
+    ]
+    assert planned == sampled and sum(planned) == 12 * 4 and len(set(planned)) > 1
 
 
 def test_bert_per_sample_gradients_are_exact_with_batch_shaped_ids() -> None:
