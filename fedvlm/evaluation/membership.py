@@ -42,8 +42,8 @@ def loss_score(loss: torch.Tensor) -> torch.Tensor:
     linear in ``log10(loss)`` between (a member has a lower loss, hence a higher score).
 
     Example:
-        >>> loss_score(torch.tensor([1e-10, 1e-3, 1.0, 1e4])).tolist()
-        [1.0, 0.5, 0.2857142984867096, 0.0]
+        >>> [round(s, 4) for s in loss_score(torch.tensor([1e-10, 1e-3, 1.0, 1e4])).tolist()]
+        [1.0, 0.5, 0.2857, 0.0]
     """
     low, high = LOSS_DECADES
     decades = torch.log10(loss.double().clamp(min=10**low, max=10**high))
