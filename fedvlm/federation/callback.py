@@ -17,6 +17,7 @@ import torch
 from typing_extensions import override
 
 from fedvlm.errors import ConfigError, FederationError
+from fedvlm.models.frozen import held_batchnorms
 
 
 class FederatedRoundCallback(L.Callback):
@@ -194,11 +195,18 @@ def travelling_keys(module: torch.nn.Module) -> set[str]:
     """State-dict keys that leave a client this round: trainable parameters and float buffers.
 
     Frozen parameters (e.g. encoders during the first rounds) do not change, so they do not
-    travel; this is what makes the encoder-freeze rounds cheap on the wire.
+    travel; this is what makes the encoder-freeze rounds cheap on the wire. Nor do the running
+    statistics of frozen BatchNorm layers, which the encoders hold in eval mode
+    (:func:`fedvlm.models.frozen.held_batchnorms`).
     """
     keys = {name for name, param in module.named_parameters() if param.requires_grad}
     persistent = set(module.state_dict())
-    keys |= {name for name, buf in module.named_buffers() if buf.is_floating_point() and name in persistent}
+    held = tuple(f"{name}." for name in held_batchnorms(module))
+    keys |= {
+        name
+        for name, buf in module.named_buffers()
+        if buf.is_floating_point() and name in persistent and not name.startswith(held)
+    }
     return keys
 
 

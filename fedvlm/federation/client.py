@@ -40,6 +40,7 @@ from fedvlm.federation.callback import (
 from fedvlm.federation.codecs import encode_update, update_codecs
 from fedvlm.federation.sampling import planned_rounds
 from fedvlm.federation.secure import secure_aggregation_mod
+from fedvlm.models.frozen import attach_embedding_cache
 from fedvlm.runs import RunLayout
 from fedvlm.tasks import Task, get_task
 from fedvlm.tasks.site_store import SiteData
@@ -109,6 +110,7 @@ def train_locally(
     """
     started = time.perf_counter()
     module = build_global_module(task, cfg, run_dir, global_state, str(round_config.get(keys.STATIC_FINGERPRINT, "")))
+    attach_embedding_cache(module, site.embedding_cache)  # frozen towers embed each record once per process
     round_seed = int(round_config[keys.ROUND_SEED]) + partition_id
     L.seed_everything(round_seed, workers=True, verbose=False)
     # Under DP the FedProx term is a pull after each step: a gradient term would be clipped and noised away.
@@ -127,6 +129,7 @@ def train_locally(
     timer = StepTimer()
     trainer = make_trainer(cfg, [*schedule, callback, timer, *extra], int(round_config[keys.LOCAL_EPOCHS]))
     trainer.fit(module, loader)
+    site.embedding_cache.save()
     train_loss = trainer.callback_metrics.get("train/loss")
     metrics = {
         keys.TRAIN_LOSS: float(train_loss) if train_loss is not None else float("nan"),
@@ -313,6 +316,7 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
             dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict()),
             str(config.get(keys.STATIC_FINGERPRINT, "")),
         )
+        attach_embedding_cache(module, site.embedding_cache)
         reply: dict[str, Any] = {keys.PARTITION_ID: partition_id}
         datamodule = task.datamodule(cfg, site, int(cfg.seed))
         loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
@@ -322,6 +326,7 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
                 task.evaluate(module, loaders[split](), metrics)
             reply[f"{split}/{keys.NUM_EXAMPLES}"] = int(site.counts[split])
             reply.update({f"{keys.EVAL_STATE_PREFIX}{split}/{k}": v for k, v in export_state(metrics).items()})
+        site.embedding_cache.save()
         return Message(RecordDict({keys.METRICS: MetricRecord(reply)}), reply_to=msg)
 
     return app

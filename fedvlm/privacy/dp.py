@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from fedvlm.errors import ConfigError, PrivacyBudgetExhausted
+from fedvlm.models.frozen import held_batchnorms
 from fedvlm.privacy.accountant import HistoryEntry, PrivacyLedger
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,18 @@ def check_private_trainable(module: nn.Module) -> None:
     every other record's gradient, and its running statistics (buffers that travel to the
     server) are computed from the records without noise. Opacus' ``ModuleValidator.fix`` would
     swap it for GroupNorm, but the model must be the same on the server, on every client and in
-    checkpoints, so fedvlm rejects it instead: choose an encoder without BatchNorm.
+    checkpoints, so fedvlm rejects it instead: choose an encoder without BatchNorm, or freeze it.
+    A frozen BatchNorm inside an encoder is held in eval mode
+    (:func:`fedvlm.models.frozen.held_batchnorms`): a fixed affine map of each sample, accepted.
 
     Raises:
         ConfigError: Listing each offending submodule as ``name (Type): reason``.
     """
     problems = []
+    held = set(held_batchnorms(module))
     for name, submodule in module.named_modules():
+        if isinstance(submodule, nn.modules.batchnorm._BatchNorm) and name in held:
+            continue
         if isinstance(submodule, nn.modules.batchnorm._BatchNorm):
             problems.append(f"{name} ({type(submodule).__name__}): BatchNorm mixes the samples of a batch")
         elif type(submodule) in ModuleValidator.VALIDATORS:
@@ -66,7 +72,8 @@ def check_private_trainable(module: nn.Module) -> None:
             "privacy.dp=true: the model has layers DP-SGD cannot train privately: "
             + "; ".join(problems[:5])
             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            + ". Use encoders without BatchNorm (e.g. vit_micro / vit_tiny instead of a ResNet)"
+            + ". Use encoders without BatchNorm (e.g. vit_micro / vit_tiny instead of a ResNet), or freeze them "
+            "(model.adapter with empty targets)"
         )
 
 

@@ -11,7 +11,7 @@ them back here, one site at a time.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from fedvlm.data.prepared import Bundle, bundle_size, load_bundle, save_bundle
 from fedvlm.data.streaming import ImageCacheWriter, ImageSpec, SiteSplit, SplitImages, concat_splits, concat_tensors
 from fedvlm.errors import ConfigError, DataError
+from fedvlm.models.frozen import EmbeddingCache
 from fedvlm.runs import RunLayout
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ class SiteData:
         counts: What the site reports (``counts.json``): ``train``, ``val``, ``test`` sizes ...
         directory: The client's data folder.
         datamodule: The site's own LightningDataModule (``task: lightning``), else None.
+        embedding_cache: What frozen towers computed on these splits, kept in memory as long as
+            the splits are and on disk in ``directory/embeddings`` (:mod:`fedvlm.models.frozen`).
     """
 
     site: str
@@ -57,6 +60,10 @@ class SiteData:
     counts: dict[str, Any]
     directory: Path
     datamodule: L.LightningDataModule | None = None
+    embedding_cache: EmbeddingCache = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.embedding_cache = EmbeddingCache(self.directory / "embeddings")
 
     @property
     def train(self) -> SiteSplit:
