@@ -37,12 +37,14 @@ SIZES: dict[str, dict[str, Any]] = {
         "vocab_size": 1000,
     },
     "demo ViT (ViT-micro + BERT-micro, 64 px)": {
-        "overrides": ["model.image_encoder.name=vit_micro"],
+        # cxr_demo's recipe freezes its CNN tower without adapters (image_targets: []); a ViT has LoRA targets
+        "overrides": ["model.image_encoder.name=vit_micro", "model.adapter.image_targets=[qkv]"],
         "vocab_size": 1000,
     },
     "paper size (ViT-B/16 + BERT-base, 224 px)": {
         "overrides": [
             "model.image_encoder.name=vit_base",
+            "model.adapter.image_targets=[qkv]",
             "data.image_size=224",
             f"model.text_encoder.options={BERT_BASE}",
             "contrastive.projection_dim=512",
