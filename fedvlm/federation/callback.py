@@ -17,7 +17,7 @@ import torch
 from typing_extensions import override
 
 from fedvlm.errors import ConfigError, FederationError
-from fedvlm.models.frozen import held_batchnorms
+from fedvlm.models.frozen import held_batchnorms, update_digest
 
 
 class FederatedRoundCallback(L.Callback):
@@ -242,8 +242,5 @@ def static_fingerprint(module: torch.nn.Module, travelling: set[str]) -> str:
     round instead of trusting it.
     """
     digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        if key not in travelling:
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    update_digest(digest, ((key, value) for key, value in sorted(module.state_dict().items()) if key not in travelling))
     return digest.hexdigest()

@@ -4,7 +4,7 @@ A pretrained encoder whose every parameter is frozen (``model.adapter`` with emp
 first ``federation.freeze_encoders_rounds``) is a fixed function: it must normalise with its
 running statistics rather than the batch's (BatchNorm in training mode mixes the samples of a
 batch, which DP-SGD cannot allow, and would rewrite statistics that then travel) and it must not
-drop units at random. :func:`hold_frozen_in_eval` is what the encoders' ``train()`` calls.
+drop units at random. :func:`hold_frozen_in_eval` is what the encoders' forward starts with.
 
 A fixed function of the input can be cached: the layers above a frozen tower train for many
 rounds on the same records, so :class:`EmbeddingCache` keeps each record's embedding by the
@@ -16,8 +16,9 @@ in the client process, and never holds two sites' records.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,8 +48,8 @@ def frozen_batchnorms(module: nn.Module) -> list[str]:
 def hold_frozen_in_eval(module: nn.Module) -> None:
     """Put ``module`` in eval mode if it is frozen as a whole, else each frozen BatchNorm in it.
 
-    Called after ``nn.Module.train(True)`` by the encoders, so Lightning's ``model.train()`` at
-    the start of every epoch leaves frozen parts frozen.
+    Called by the encoders at every forward in training mode, so frozen parts stay frozen whatever
+    mode Lightning or the caller left them in.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5))
@@ -67,13 +68,17 @@ def hold_frozen_in_eval(module: nn.Module) -> None:
         module.get_submodule(name).eval()
 
 
-def tower_digest(module: nn.Module) -> bytes:
-    """A digest of every tensor in ``module``'s state dict (names, shapes and values)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in module.state_dict().items():
+def update_digest(digest: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Feed each ``(name, tensor)``'s name and raw bytes to a ``hashlib`` object, in order."""
+    for name, tensor in tensors:
         digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def tower_digest(module: nn.Module) -> bytes:
+    """A digest of every tensor in ``module``'s state dict (names and values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    update_digest(digest, module.state_dict().items())
     return digest.digest()
 
 
@@ -179,10 +184,9 @@ class FrozenTower(nn.Module):
     """Base of the encoders: frozen → eval mode, and embeddings from an attached cache.
 
     Frozen parts are put in eval mode at every forward in training mode (Lightning 2.6 leaves
-    each submodule's mode as it finds it instead of calling ``train()``), and by ``train()``.
-    ``embedding_cache`` is None until :func:`attach_embedding_cache` gives the tower its site's
-    cache; only a frozen tower in eval mode uses it. The weights' digest is recomputed after
-    ``load_state_dict`` and mode changes.
+    each submodule's mode as it finds it instead of calling ``train()``). ``embedding_cache`` is
+    None until :func:`attach_embedding_cache` gives the tower its site's cache; only a frozen
+    tower in eval mode uses it. The weights' digest is recomputed after ``load_state_dict``.
     """
 
     embedding_cache: EmbeddingCache | None = None
@@ -196,13 +200,6 @@ class FrozenTower(nn.Module):
     def _weights_loaded(tower: nn.Module, _incompatible: object) -> None:
         if isinstance(tower, FrozenTower):
             tower._digest = None
-
-    def train(self, mode: bool = True) -> FrozenTower:
-        super().train(mode)
-        self._digest = None
-        if mode:
-            hold_frozen_in_eval(self)
-        return self
 
     def hold_frozen(self) -> None:
         """What every forward starts with: in training mode, put the frozen parts in eval mode."""

@@ -60,10 +60,9 @@ def check_private_trainable(module: nn.Module) -> None:
     problems = []
     held = set(held_batchnorms(module))
     for name, submodule in module.named_modules():
-        if isinstance(submodule, nn.modules.batchnorm._BatchNorm) and name in held:
-            continue
         if isinstance(submodule, nn.modules.batchnorm._BatchNorm):
-            problems.append(f"{name} ({type(submodule).__name__}): BatchNorm mixes the samples of a batch")
+            if name not in held:
+                problems.append(f"{name} ({type(submodule).__name__}): BatchNorm mixes the samples of a batch")
         elif type(submodule) in ModuleValidator.VALIDATORS:
             reasons = ModuleValidator.VALIDATORS[type(submodule)](submodule)
             problems.extend(f"{name} ({type(submodule).__name__}): {reason}" for reason in reasons)
